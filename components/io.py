@@ -1,0 +1,219 @@
+"""Safe file I/O: validated JSON Lines reading, atomic writes, append-only journals.
+
+Every reader error names the file, the 1-based line and the field. Every writer goes through a
+temporary file in the same folder and an atomic rename, so a crash never leaves a half-written
+output that DVC or the next stage would trust. Journals are appended and fsynced record by
+record; a torn last line (a kill mid-write) is ignored on resume.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from collections.abc import Callable, Iterable, Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any, TypeVar
+
+from pydantic import BaseModel, ValidationError
+
+T = TypeVar("T", bound=BaseModel)
+
+
+class DataError(ValueError):
+    """Bad input data: carries the file, the 1-based line and the field at fault."""
+
+    def __init__(self, path: str | Path, line: int | None, field: str | None, message: str):
+        self.path, self.line, self.field, self.message = str(path), line, field, message
+        where = self.path + (f":{line}" if line is not None else "")
+        what = f" field '{field}'" if field else ""
+        super().__init__(f"{where}:{what} {message}")
+
+
+def _first_error(err: ValidationError) -> tuple[str, str]:
+    e = err.errors()[0]
+    field = ".".join(str(p) for p in e["loc"]) or "<record>"
+    kind = e["type"]
+    if kind == "missing":
+        return field, "missing field"
+    if kind == "extra_forbidden":
+        return field, "unknown field"
+    return field, f"{e['msg']} (got {str(e.get('input'))[:80]!r})"
+
+
+def iter_json_lines(path: str | Path) -> Iterator[tuple[int, Any]]:
+    """Yield (line number, parsed JSON) for each non-blank line; DataError on bad bytes or JSON."""
+    path = Path(path)
+    if not path.exists():
+        raise DataError(path, None, None, "file not found")
+    with path.open("rb") as fh:
+        for lineno, raw in enumerate(fh, start=1):
+            try:
+                text = raw.decode("utf-8")
+            except UnicodeDecodeError as err:
+                raise DataError(path, lineno, None, f"not valid UTF-8 ({err.reason} at byte {err.start})") from None
+            if not text.strip():
+                continue
+            try:
+                yield lineno, json.loads(text)
+            except json.JSONDecodeError as err:
+                raise DataError(path, lineno, None, f"invalid JSON: {err.msg} (column {err.colno})") from None
+
+
+def parse_record(model: type[T], obj: Any, path: str | Path, line: int | None) -> T:
+    """Validate one decoded object against a record type; DataError names file, line, field."""
+    if not isinstance(obj, dict):
+        raise DataError(path, line, None, f"expected a JSON object, got {type(obj).__name__}")
+    try:
+        return model.model_validate(obj)
+    except ValidationError as err:
+        field, msg = _first_error(err)
+        raise DataError(path, line, field, msg) from None
+
+
+def read_jsonl(
+    path: str | Path,
+    model: type[T],
+    *,
+    key: Callable[[T], Any] | None = None,
+    allow_empty: bool = False,
+) -> list[T]:
+    """Read and validate a whole JSONL file; with `key`, duplicate keys are an error."""
+    out: list[T] = []
+    seen: dict[Any, int] = {}
+    for lineno, obj in iter_json_lines(path):
+        rec = parse_record(model, obj, path, lineno)
+        if key is not None:
+            k = key(rec)
+            if k in seen:
+                raise DataError(path, lineno, "id", f"duplicate id {k!r} (first on line {seen[k]})")
+            seen[k] = lineno
+        out.append(rec)
+    if not out and not allow_empty:
+        raise DataError(path, None, None, "no records")
+    return out
+
+
+def read_json(path: str | Path) -> Any:
+    """Read a JSON document; DataError on bad bytes or JSON."""
+    path = Path(path)
+    if not path.exists():
+        raise DataError(path, None, None, "file not found")
+    try:
+        return json.loads(path.read_bytes().decode("utf-8"))
+    except UnicodeDecodeError as err:
+        raise DataError(path, None, None, f"not valid UTF-8 ({err.reason})") from None
+    except json.JSONDecodeError as err:
+        raise DataError(path, err.lineno, None, f"invalid JSON: {err.msg}") from None
+
+
+@contextmanager
+def atomic_path(path: str | Path, mode: str = "w") -> Iterator[Any]:
+    """Open a temp file beside `path`; on success fsync and rename it over `path`."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, mode, encoding=None if "b" in mode else "utf-8") as fh:
+            yield fh
+            fh.flush()
+            os.fsync(fh.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        try:
+            os.unlink(tmp)
+        except FileNotFoundError:
+            pass
+        raise
+
+
+def _to_obj(rec: Any) -> Any:
+    return rec.model_dump(mode="json") if isinstance(rec, BaseModel) else rec
+
+
+def write_jsonl(path: str | Path, records: Iterable[Any]) -> int:
+    """Atomically write records (pydantic models or dicts) as JSON Lines; return the count."""
+    n = 0
+    with atomic_path(path) as fh:
+        for rec in records:
+            fh.write(json.dumps(_to_obj(rec), ensure_ascii=False) + "\n")
+            n += 1
+    return n
+
+
+def write_json(path: str | Path, obj: Any) -> None:
+    """Atomically write a JSON document (sorted keys, indented)."""
+    with atomic_path(path) as fh:
+        json.dump(_to_obj(obj), fh, indent=2, sort_keys=True, ensure_ascii=False)
+        fh.write("\n")
+
+
+def write_text(path: str | Path, text: str) -> None:
+    """Atomically write a text file."""
+    with atomic_path(path) as fh:
+        fh.write(text)
+
+
+class Journal:
+    """Append-only JSONL journal of finished work units, keyed by a string key.
+
+    `done()` returns what a previous (possibly killed) run finished; `append()` writes one
+    record and fsyncs it. A torn final line from a kill mid-write is dropped on load and
+    truncated away before new appends, so no record is ever lost or duplicated.
+    """
+
+    def __init__(self, path: str | Path, key: str = "key"):
+        self.path = Path(path)
+        self.key = key
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        self._records: dict[str, dict[str, Any]] = {}
+        self._load()
+        self._fh = self.path.open("a", encoding="utf-8")
+
+    def _load(self) -> None:
+        if not self.path.exists():
+            return
+        good_bytes = 0
+        with self.path.open("rb") as fh:
+            for raw in fh:
+                if not raw.endswith(b"\n"):
+                    break  # torn tail from a kill mid-write
+                try:
+                    obj = json.loads(raw.decode("utf-8"))
+                except (UnicodeDecodeError, json.JSONDecodeError):
+                    break
+                self._records[str(obj[self.key])] = obj
+                good_bytes += len(raw)
+        if good_bytes != self.path.stat().st_size:
+            with self.path.open("r+b") as fh:
+                fh.truncate(good_bytes)
+
+    def done(self) -> dict[str, dict[str, Any]]:
+        """Finished records by key."""
+        return self._records
+
+    def __contains__(self, key: str) -> bool:
+        return key in self._records
+
+    def __len__(self) -> int:
+        return len(self._records)
+
+    def append(self, record: dict[str, Any]) -> None:
+        """Durably append one finished record (ignored if its key is already journaled)."""
+        k = str(record[self.key])
+        if k in self._records:
+            return
+        self._fh.write(json.dumps(record, ensure_ascii=False) + "\n")
+        self._fh.flush()
+        os.fsync(self._fh.fileno())
+        self._records[k] = record
+
+    def close(self) -> None:
+        self._fh.close()
+
+    def __enter__(self) -> Journal:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()

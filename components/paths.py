@@ -1,0 +1,50 @@
+"""Where every stage reads and writes (relative to the project root; all DVC outputs)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+MODELS = Path("models")
+BASE_MODEL = MODELS / "base"
+SFT_MODEL = MODELS / "sft"
+DPO_MODEL = MODELS / "dpo"
+CHECKPOINTS = Path("checkpoints")  # trainer checkpoints (resume); persisted DVC outs
+
+PREPARED = Path("data/prepared")
+STEPS_TRAIN = PREPARED / "steps_train.jsonl"  # StepSample, training problems
+STEPS_VAL = PREPARED / "steps_val.jsonl"  # StepSample, held-out problems
+PROCESSBENCH = PREPARED / "processbench.jsonl"  # ProcessBenchItem (profile subset)
+PRMBENCH = PREPARED / "prmbench.jsonl"  # PRMBenchItem (profile subset)
+PREPARE_COUNTS = Path("reports/prepare.json")
+
+SYNTH = Path("data/synth")
+SYNTH_JOURNAL = SYNTH / "journal.jsonl"  # teacher analyses as they finish
+SYNTH_CRITIQUES = SYNTH / "critiques.jsonl"  # every analysis, verdict, kept flag
+SFT_TRAIN = SYNTH / "sft_train.jsonl"
+SFT_VAL = SYNTH / "sft_val.jsonl"
+
+PAIRS = Path("data/pairs")
+PAIRS_JOURNAL = PAIRS / "journal.jsonl"
+PAIRS_CRITIQUES = PAIRS / "critiques.jsonl"
+DPO_TRAIN = PAIRS / "dpo_train.jsonl"
+DPO_VAL = PAIRS / "dpo_val.jsonl"
+
+SCORES = Path("data/scores")  # evaluate: per-model journals and StepScores
+BON = Path("data/bon")  # best-of-n: generated pools, scores
+
+REPORTS = Path("reports")
+PLOTS = Path("plots")
+
+
+def model_dir(name: str) -> Path:
+    """Folder of a pipeline model by name (base, sft, dpo)."""
+    return {"base": BASE_MODEL, "sft": SFT_MODEL, "dpo": DPO_MODEL}[name]
+
+
+def project_root() -> Path:
+    """The project root (the folder holding params.yaml), from the current directory up."""
+    here = Path.cwd().resolve()
+    for p in [here, *here.parents]:
+        if (p / "dvc.yaml").exists() or (p / "params.yaml").exists():
+            return p
+    return here
