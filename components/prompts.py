@@ -139,12 +139,10 @@ def postprocess_response(text: str) -> str:
     The official `strip("\\\\n")` also eats leading/trailing `n` characters (a bug); we strip only
     backslashes and literal `\\\\n` sequences, which is what was intended.
     """
-    text = text.strip().strip("\\")
-    while text.startswith("\\n"):
-        text = text[2:]
-    while text.endswith("\\n"):
-        text = text[:-2]
     text = text.strip()
+    while text.startswith("\\n") or text.endswith("\\n"):
+        text = text.removeprefix("\\n").removesuffix("\\n").strip()
+    text = text.strip("\\").strip()
     lines: list[str] = []
     for line in text.split("\n"):
         lines.extend(part.strip() for part in line.split("\\n"))
