@@ -61,12 +61,17 @@ def iter_json_lines(path: str | Path) -> Iterator[tuple[int, Any]]:
                 raise DataError(path, lineno, None, f"invalid JSON: {err.msg} (column {err.colno})") from None
 
 
-def parse_record(model: type[T], obj: Any, path: str | Path, line: int | None) -> T:
-    """Validate one decoded object against a record type; DataError names file, line, field."""
+def parse_record(
+    model: type[T], obj: Any, path: str | Path, line: int | None, *, strict: bool = False
+) -> T:
+    """Validate one decoded object against a record type; DataError names file, line, field.
+
+    With `strict`, no type coercion (a string "3" is not an int, 1 is not a bool).
+    """
     if not isinstance(obj, dict):
         raise DataError(path, line, None, f"expected a JSON object, got {type(obj).__name__}")
     try:
-        return model.model_validate(obj)
+        return model.model_validate(obj, strict=strict)
     except ValidationError as err:
         field, msg = _first_error(err)
         raise DataError(path, line, field, msg) from None

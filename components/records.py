@@ -26,6 +26,44 @@ class StepSample(Record):
     source: str = ""
 
 
+class PRM800KCompletion(Record):
+    """One candidate step of a PRM800K solution and its human rating (-1, 0, +1; None = unrated)."""
+
+    text: str = Field(min_length=1)
+    rating: int | None = Field(None, ge=-1, le=1)
+
+
+class PRM800KStep(Record):
+    """One PRM800K step: the rated candidates and the one the trajectory continued with."""
+
+    completions: list[PRM800KCompletion]
+    human_completion: str | None = Field(None, description="Step written by the labeler, if any.")
+    chosen_completion: int | None = Field(None, ge=0, description="Index into completions, or None.")
+    chose_human_completion: bool = False
+
+    def chosen_text(self) -> str | None:
+        """Text the trajectory continued with: the chosen completion, else the human one, else None."""
+        if self.chosen_completion is not None and not self.chose_human_completion:
+            return self.completions[self.chosen_completion].text
+        return self.human_completion
+
+    def chosen_rating(self) -> int | None:
+        """Rating of the chosen completion (None for a human-written step or none chosen)."""
+        if self.chosen_completion is not None and not self.chose_human_completion:
+            return self.completions[self.chosen_completion].rating
+        return None
+
+
+class PRM800KSolution(Record):
+    """A PRM800K labelled solution (read from either the per-step or the official line format)."""
+
+    id: str = Field(min_length=1)
+    problem: str = Field(min_length=1)
+    steps: list[PRM800KStep] = Field(min_length=1)
+    finish_reason: str | None = Field(None, description="Official format only (lost in the re-format).")
+    source: str = Field("", description="File (or hub dataset/file) the solution was read from.")
+
+
 class Critique(Record):
     """One sampled analysis of a StepSample, with its parsed verdict."""
 
