@@ -1,0 +1,242 @@
+"""The `hf` generation backend: per-row seeded sampling, batching, stop strings, and the verdict
+probability read in the generation pass (equal to the teacher-forced reference)."""
+
+from __future__ import annotations
+
+import importlib.util
+import math
+import shutil
+from pathlib import Path
+
+import pytest
+
+from components.backends import BackendError, load_backend
+from components.backends.base import GenerationBackend
+from components.backends.hf import HFBackend
+from components.config import BackendParams, SamplingParams
+from components.prompts import VERDICT_PHRASE, cut_at_verdict, parse_verdict, student_messages
+
+CONVERSATIONS = [
+    student_messages("What is 7 + 5?", [], "7 + 5 = 12"),
+    student_messages(
+        "A rectangle has sides 3 and 4. What is the length of its diagonal?",
+        ["The diagonal is the hypotenuse of a right triangle with legs 3 and 4."],
+        "So the diagonal is $\\sqrt{3^2 + 4^2} = \\sqrt{25} = 5$.",
+    ),
+    [{"role": "user", "content": "Say something."}],
+]
+
+
+def _backend(model_dir: Path, **overrides: object) -> HFBackend:
+    backend = load_backend(BackendParams(**overrides), model_dir)
+    assert isinstance(backend, HFBackend)
+    return backend
+
+
+@pytest.fixture(scope="module")
+def tiny_backend(tiny_model_dir: Path) -> HFBackend:
+    return _backend(tiny_model_dir)
+
+
+@pytest.fixture(scope="module")
+def verdict_backend(verdict_model_dir: Path) -> HFBackend:
+    return _backend(verdict_model_dir)
+
+
+def _texts(result: list[list]) -> list[list[tuple[str, int, str]]]:
+    return [[(g.text, g.num_tokens, g.finish_reason) for g in per] for per in result]
+
+
+def test_load_backend_builds_the_protocol(tiny_backend: HFBackend) -> None:
+    assert isinstance(tiny_backend, GenerationBackend)
+    assert tiny_backend.name == "hf"
+
+
+def test_same_conversation_same_samples_alone_or_in_any_batch(tiny_model_dir: Path) -> None:
+    sampling = SamplingParams(n=3, temperature=1.0, top_p=0.9, max_new_tokens=10, seed=11)
+    seeds = [11, 12, 13]
+    wide = _backend(tiny_model_dir, batch_size=16).generate(CONVERSATIONS, sampling, seeds=seeds)
+    narrow = _backend(tiny_model_dir, batch_size=1, token_budget=256).generate(
+        CONVERSATIONS, sampling, seeds=seeds
+    )
+    assert _texts(wide) == _texts(narrow)
+    alone = _backend(tiny_model_dir).generate(CONVERSATIONS[1:2], sampling, seeds=[12])
+    assert _texts(alone)[0] == _texts(wide)[1]
+    # sample j depends on (seed, j) only: asking for fewer samples gives the first ones
+    fewer = _backend(tiny_model_dir).generate(
+        CONVERSATIONS[1:2], sampling.model_copy(update={"n": 2}), seeds=[12]
+    )
+    assert _texts(fewer)[0] == _texts(wide)[1][:2]
+    # the samples of one conversation differ from each other (a random model, T=1)
+    assert len({g.text for g in wide[1]}) == 3
+
+
+def test_default_seeds_follow_sampling_seed(tiny_backend: HFBackend) -> None:
+    sampling = SamplingParams(n=2, temperature=1.0, top_p=1.0, max_new_tokens=6, seed=5)
+    default = tiny_backend.generate(CONVERSATIONS[:2], sampling)
+    explicit = tiny_backend.generate(CONVERSATIONS[:2], sampling, seeds=[5, 6])
+    other = tiny_backend.generate(CONVERSATIONS[:2], sampling, seeds=[105, 106])
+    assert _texts(default) == _texts(explicit)
+    assert _texts(default) != _texts(other)
+
+
+def test_temperature_zero_is_greedy_like_transformers_generate(tiny_backend: HFBackend) -> None:
+    import torch
+
+    sampling = SamplingParams(n=2, temperature=0.0, top_p=1.0, max_new_tokens=8, seed=0)
+    ours = tiny_backend.generate(CONVERSATIONS, sampling)
+    tok, model = tiny_backend.tokenizer, tiny_backend.model
+    for conv, per in zip(CONVERSATIONS, ours, strict=True):
+        ids = tok(tiny_backend.render(conv), add_special_tokens=False, return_tensors="pt").input_ids
+        with torch.inference_mode():
+            out = model.generate(ids, do_sample=False, max_new_tokens=8, pad_token_id=tok.pad_token_id)
+        reference = tok.decode(out[0, ids.shape[1] :], skip_special_tokens=True)
+        assert [g.text for g in per] == [reference, reference]
+
+
+def _branch(backend: HFBackend) -> tuple[list[dict[str, str]], str, object]:
+    """A conversation, an assistant prefix ending where the verdict model chooses between
+    " correct" and " wrong", and the next-token probabilities there (T=1)."""
+    import torch
+    from conftest import synthetic_analysis
+
+    conv = CONVERSATIONS[0]
+    prefix = synthetic_analysis(True).split(" correct.")[0]
+    tok, model = backend.tokenizer, backend.model
+    ids = tok(backend.render(conv, prefix), add_special_tokens=False, return_tensors="pt").input_ids
+    with torch.inference_mode():
+        probs = torch.softmax(model(ids).logits[0, -1].float(), dim=-1)
+    return conv, prefix, probs
+
+
+def test_sampling_matches_the_model_distribution(verdict_backend: HFBackend) -> None:
+    """Gumbel-max sampling is exact: next-token frequencies follow softmax(logits / T)."""
+    conv, prefix, probs = _branch(verdict_backend)
+    top = int(probs.argmax())
+    p = float(probs[top])
+    assert 0.05 < p < 0.95, "the verdict model should hesitate between correct and wrong here"
+    n = 400
+    sampling = SamplingParams(n=n, temperature=1.0, top_p=1.0, max_new_tokens=1, seed=0)
+    result = verdict_backend.generate([conv], sampling, assistant_prefixes=[prefix])[0]
+    expected_text = verdict_backend.tokenizer.decode([top], skip_special_tokens=True)
+    hits = sum(g.text == expected_text for g in result)
+    assert abs(hits - n * p) < 4 * math.sqrt(n * p * (1 - p)) + 1
+
+
+def test_top_p_keeps_only_the_nucleus(verdict_backend: HFBackend) -> None:
+    conv, prefix, probs = _branch(verdict_backend)
+    order = probs.argsort(descending=True)
+    top_p = float(probs[order[0]]) + 1e-6  # nucleus = the best token plus the next one
+    tok = verdict_backend.tokenizer
+    allowed = {tok.decode([int(order[0])]), tok.decode([int(order[1])])}
+    sampling = SamplingParams(n=60, temperature=1.0, top_p=min(top_p, 1.0), max_new_tokens=1, seed=3)
+    texts = {g.text for g in verdict_backend.generate([conv], sampling, assistant_prefixes=[prefix])[0]}
+    assert texts <= allowed and len(texts) == 2
+
+
+def test_verdict_model_writes_analyses_that_reach_the_verdict(verdict_backend: HFBackend) -> None:
+    sampling = SamplingParams(n=8, temperature=0.95, top_p=0.95, max_new_tokens=120, seed=0)
+    result = verdict_backend.generate(CONVERSATIONS[:2], sampling)
+    gens = [g for per in result for g in per]
+    valid = [g for g in gens if parse_verdict(g.text).valid]
+    assert len(valid) >= 0.75 * len(gens)
+    assert {parse_verdict(g.text).verdict for g in valid} == {"yes", "no"}
+    for g in gens:
+        if VERDICT_PHRASE in g.text:
+            assert g.p_yes is not None and 0.0 <= g.p_yes <= 1.0
+        if g.finish_reason == "stop":
+            assert "<|im_end|>" not in g.text and g.num_tokens >= 1
+
+
+def test_one_pass_verdict_probability_equals_teacher_forced(verdict_backend: HFBackend) -> None:
+    """rprm-method 5.3-5.4: cut each analysis at the first phrase, forward pass, last position."""
+    sampling = SamplingParams(n=6, temperature=1.0, top_p=0.95, max_new_tokens=120, seed=21)
+    result = verdict_backend.generate(CONVERSATIONS[:2], sampling)
+    convs, prefixes, one_pass = [], [], []
+    for conv, per in zip(CONVERSATIONS[:2], result, strict=True):
+        for g in per:
+            prefix, found = cut_at_verdict(g.text)
+            if found:
+                assert g.p_yes is not None
+                convs.append(conv)
+                prefixes.append(prefix)
+                one_pass.append(g.p_yes)
+            else:
+                assert g.p_yes is None
+    assert len(one_pass) >= 6
+    teacher_forced = verdict_backend.verdict_probability(convs, prefixes)
+    for a, b in zip(one_pass, teacher_forced, strict=True):
+        assert b is not None and abs(a - b) < 1e-4
+    # and the numbers carry information: not all the same
+    assert max(one_pass) - min(one_pass) > 0.01
+    # teacher-forced values do not depend on batching either
+    single = [verdict_backend.verdict_probability([c], [p])[0] for c, p in zip(convs[:3], prefixes[:3], strict=True)]
+    assert all(abs(a - b) < 1e-5 for a, b in zip(single, teacher_forced[:3], strict=True))
+
+
+def test_assistant_prefix_continues_the_turn_and_reads_a_verdict_at_once(verdict_backend: HFBackend) -> None:
+    conv = CONVERSATIONS[1]
+    prefix = "Analysis:\nThe step is fine.\nVerification: " + VERDICT_PHRASE
+    sampling = SamplingParams(n=2, temperature=0.0, top_p=1.0, max_new_tokens=1, seed=0)
+    gens = verdict_backend.generate([conv], sampling, assistant_prefixes=[prefix])[0]
+    reference = verdict_backend.verdict_probability([conv], [prefix])[0]
+    for g in gens:
+        assert g.p_yes is not None and abs(g.p_yes - reference) < 1e-5
+        assert g.text in {" Yes", " No"} and g.num_tokens == 1 and g.finish_reason == "length"
+    # the prompt is the chat template with generation prompt, then the prefix, unchanged
+    assert verdict_backend.render(conv, prefix).endswith("<|im_start|>assistant\n" + prefix)
+
+
+def test_stop_strings_end_and_are_excluded(verdict_backend: HFBackend) -> None:
+    sampling = SamplingParams(n=1, temperature=0.0, top_p=1.0, max_new_tokens=120, seed=0)
+    full = verdict_backend.generate(CONVERSATIONS[:1], sampling)[0][0]
+    assert full.finish_reason == "stop"  # the end-of-turn token
+    stop_at = full.text.index("\n")
+    stopped = verdict_backend.generate(CONVERSATIONS[:1], sampling, stop=["\n"])[0][0]
+    assert stopped.text == full.text[:stop_at]
+    assert stopped.finish_reason == "stop" and stopped.num_tokens < full.num_tokens
+    short = verdict_backend.generate(CONVERSATIONS[:1], sampling.model_copy(update={"max_new_tokens": 3}))[0][0]
+    assert short.finish_reason == "length" and short.num_tokens == 3
+    assert full.text.startswith(short.text)
+
+
+def test_batches_respect_batch_size_and_token_budget(tiny_model_dir: Path) -> None:
+    backend = _backend(tiny_model_dir, batch_size=2, token_budget=1000)
+    lengths = [300, 50, 120, 700, 10]
+    batches = backend._batches(lengths, n=3, max_new=100)
+    rows = [row for batch in batches for row in batch]
+    assert sorted(rows) == [(i, j) for i in range(5) for j in range(3)]
+    for batch in batches:
+        convs = {i for i, _ in batch}
+        assert len(convs) <= 2
+        width = max(lengths[i] for i in convs) + 100
+        assert len(batch) == 1 or len(batch) * width <= 1000
+
+
+def test_progress_bar(tiny_backend: HFBackend, capsys: pytest.CaptureFixture[str]) -> None:
+    sampling = SamplingParams(n=2, temperature=1.0, top_p=1.0, max_new_tokens=2, seed=0)
+    tiny_backend.generate(CONVERSATIONS[:2], sampling, progress=True)
+    assert "generate (hf)" in capsys.readouterr().err
+
+
+def test_folder_without_tokenizer_is_a_clear_error(tmp_path: Path, tiny_model_dir: Path) -> None:
+    bare = tmp_path / "weights-only"
+    bare.mkdir()
+    for name in ("config.json", "model.safetensors"):
+        shutil.copy(tiny_model_dir / name, bare / name)
+    with pytest.raises(Exception, match="no tokenizer files"):
+        load_backend(BackendParams(), bare)
+
+
+@pytest.mark.skipif(importlib.util.find_spec("vllm") is not None, reason="vLLM is installed here")
+def test_vllm_backend_without_the_gpu_extra_says_so(tiny_model_dir: Path) -> None:
+    with pytest.raises(BackendError, match="gpu"):
+        load_backend(BackendParams(kind="vllm"), tiny_model_dir)
+
+
+def test_mismatched_arguments_are_errors(tiny_backend: HFBackend) -> None:
+    sampling = SamplingParams(n=1, temperature=0.0, top_p=1.0, max_new_tokens=1, seed=0)
+    with pytest.raises(ValueError, match="one entry per conversation"):
+        tiny_backend.generate(CONVERSATIONS, sampling, seeds=[1])
+    with pytest.raises(ValueError, match="differ in length"):
+        tiny_backend.verdict_probability(CONVERSATIONS, ["x"])
