@@ -327,7 +327,9 @@ def load_prm800k(
     for rel in files if files is not None else data.prm800k_files:
         label, rows = _rows(data, source, rel, hub_name=data.hub_prm800k, hub_files=[rel])
         src = f"{data.hub_prm800k}/{rel}" if source == "hub" else rel
+        n_rows = 0
         for line, obj in tqdm(rows, desc=f"read {rel}", unit=" lines", disable=None, leave=False):
+            n_rows += 1
             sol = parse_prm800k_line(obj, label, line, src)
             if sol is None:
                 continue
@@ -335,6 +337,8 @@ def load_prm800k(
                 raise DataError(label, line, "id", f"duplicate id {sol.id!r} (first in {seen[sol.id]})")
             seen[sol.id] = f"{label}:{line}"
             out.append(sol)
+        if not n_rows:
+            raise DataError(label, None, None, "no records")
     return out
 
 

@@ -42,13 +42,26 @@ def _first_error(err: ValidationError) -> tuple[str, str]:
     return field, f"{e['msg']} (got {str(e.get('input'))[:80]!r})"
 
 
-def iter_json_lines(path: str | Path) -> Iterator[tuple[int, Any]]:
-    """Yield (line number, parsed JSON) for each non-blank line; DataError on bad bytes or JSON."""
+# Longest accepted JSON Lines record, line end included (the largest real record, a PRM800K
+# solution, is ~130 KB). Reading stops there, so a file without line breaks (a JSON array, a
+# binary blob) fails fast with bounded memory instead of being parsed whole.
+MAX_LINE_BYTES = 8 * 1024 * 1024
+
+
+def iter_json_lines(path: str | Path, *, max_line_bytes: int = MAX_LINE_BYTES) -> Iterator[tuple[int, Any]]:
+    """Yield (line number, parsed JSON) for each non-blank line; DataError on bad bytes, JSON or a too-long line."""
     path = Path(path)
     if not path.exists():
         raise DataError(path, None, None, "file not found")
+    if path.is_dir():
+        raise DataError(path, None, None, "is a folder, expected a JSON Lines file")
     with path.open("rb") as fh:
-        for lineno, raw in enumerate(fh, start=1):
+        for lineno, raw in enumerate(iter(lambda: fh.readline(max_line_bytes + 1), b""), start=1):
+            if len(raw) > max_line_bytes:
+                raise DataError(
+                    path, lineno, None,
+                    f"line longer than {max_line_bytes} bytes (expected one JSON object per line)",
+                )
             try:
                 text = raw.decode("utf-8")
             except UnicodeDecodeError as err:
@@ -105,6 +118,8 @@ def read_json(path: str | Path) -> Any:
     path = Path(path)
     if not path.exists():
         raise DataError(path, None, None, "file not found")
+    if path.is_dir():
+        raise DataError(path, None, None, "is a folder, expected a JSON file")
     try:
         return json.loads(path.read_bytes().decode("utf-8"))
     except UnicodeDecodeError as err:

@@ -2,9 +2,9 @@
 
 from __future__ import annotations
 
-from typing import Literal
+from typing import Annotated, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationInfo, field_validator
 
 
 class Record(BaseModel):
@@ -149,6 +149,20 @@ class ProcessBenchItem(Record):
     label: int = Field(ge=-1)
     subset: str = ""
 
+    @field_validator("label")
+    @classmethod
+    def _label_within_steps(cls, label: int, info: ValidationInfo) -> int:
+        steps = info.data.get("steps")
+        if steps is not None and label >= len(steps):
+            raise ValueError(f"first-error index {label} out of range for {len(steps)} steps (-1..{len(steps) - 1})")
+        return label
+
+
+def _one_based_step(index: int) -> int:
+    if index < 1:
+        raise ValueError(f"step index {index} out of range (1-based)")
+    return index
+
 
 class PRMBenchItem(Record):
     """A PRMBench item; `modified_process` is the solution to grade, `error_steps` 1-based."""
@@ -158,7 +172,9 @@ class PRMBenchItem(Record):
     classification: str
     modified_question: str
     modified_process: list[str] = Field(min_length=1)
-    error_steps: list[int]
+    error_steps: list[Annotated[int, AfterValidator(_one_based_step)]] = Field(
+        description="1-based wrong steps (indices past the end occur upstream and are kept)."
+    )
     position: int = Field(0, ge=0, description="Line position in the source file (idx is not unique).")
 
 
