@@ -14,6 +14,7 @@ from typing import Annotated
 
 import typer
 
+from components.backends.base import BackendError
 from components.config import Params, ParamsError, load_params
 from components.io import DataError
 
@@ -45,7 +46,7 @@ def _call(target: str, *args, **kwargs):
     module, func = target.split(":")
     try:
         return getattr(importlib.import_module(f"components.{module}"), func)(*args, **kwargs)
-    except (DataError, ParamsError) as err:
+    except (DataError, ParamsError, BackendError) as err:
         _fail(str(err))
     except KeyboardInterrupt:
         _fail("interrupted; finished work is journaled, rerun to resume", 130)
@@ -128,9 +129,10 @@ def score_prmbench(
     benchmark: Annotated[Path, typer.Option(help="PRMBench preview .jsonl.")] = Path("../shared/data/prmbench/prmbench_preview.jsonl"),
     threshold: Annotated[float, typer.Option(help="Label = score >= threshold.")] = 0.5,
     out: Annotated[Path | None, typer.Option(help="Write the report JSON here.")] = None,
+    comparison: Annotated[str, typer.Option(help="'>=' (R-PRM) or '>' (PRMBench's own models).")] = ">=",
 ) -> None:
     """Compute PRMScore (overall, per class, per group) of any PRM's PRMBench results."""
-    _call("benchmarks:cli_score_prmbench", results, benchmark, threshold, out)
+    _call("benchmarks:cli_score_prmbench", results, benchmark, threshold, out, comparison)
 
 
 @app.command("validate-params")

@@ -237,6 +237,12 @@ class SamplePairsParams(Section):
     )
     max_samples: int | None = Field(None, ge=1, description="Step samples to sample analyses for.")
     max_pairs_per_step: int | None = Field(None, ge=1, description="Cap on chosen x rejected pairs.")
+    max_prompt_tokens: int | None = Field(
+        None,
+        ge=16,
+        description="Only step samples whose student prompt (chat template applied) has at most this "
+        "many tokens are sampled, so pairs fit dpo.max_length (null: every sample).",
+    )
     balance: bool = True
     val_size: int = Field(20, ge=0)
     seed: int = 42

@@ -16,6 +16,8 @@ STEPS_VAL = PREPARED / "steps_val.jsonl"  # StepSample, held-out problems
 PROCESSBENCH = PREPARED / "processbench.jsonl"  # ProcessBenchItem (profile subset)
 PRMBENCH = PREPARED / "prmbench.jsonl"  # PRMBenchItem (profile subset)
 PREPARE_COUNTS = Path("reports/prepare.json")
+INCOMING = Path("data/incoming")  # drop folder for new labelled PRM800K-format files (git-ignored)
+LABELLED = Path("data/labelled")  # files accepted from INCOMING by flows/retrain.py; prepare reads them
 
 SYNTH = Path("data/synth")
 SYNTH_JOURNAL = SYNTH / "journal.jsonl"  # teacher analyses as they finish
@@ -31,6 +33,13 @@ DPO_VAL = PAIRS / "dpo_val.jsonl"
 
 SCORES = Path("data/scores")  # evaluate: per-model journals and StepScores
 BON = Path("data/bon")  # best-of-n: generated pools, scores
+BON_POOLS = BON / "pools"  # best-of-n: policy-generated candidate pools (journals, reused)
+BON_SCORES = BON / "scores"  # best-of-n: step-scorer journals of the candidates
+BON_GUIDED = BON / "guided"  # best-of-n: guided-search results and PRM journal
+BON_REPORT = Path("reports/bon.json")
+GUIDED_SEARCH_REPORT = Path("reports/guided_search.json")
+BON_CURVE_CSV = Path("plots/bon_curve.csv")  # DVC plots data: n, accuracy, dataset, method
+BON_CURVE_PNG = Path("plots/bon_curve.png")
 
 REPORTS = Path("reports")
 PLOTS = Path("plots")

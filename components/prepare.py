@@ -24,7 +24,7 @@ from pathlib import Path
 from typing import Any
 
 from components import paths
-from components.config import Params
+from components.config import DataParams, Params
 from components.data import (
     PRMBENCH_FILE,
     Source,
@@ -231,7 +231,7 @@ def stage_benchmarks(params: Params) -> tuple[list[ProcessBenchItem], list[PRMBe
 def build(params: Params) -> Prepared:
     """Load, flatten, decontaminate, cap, split and stage benchmarks; nothing is written."""
     pp = params.prepare
-    solutions = load_prm800k(params.data)
+    solutions = with_labelled(params.data, load_prm800k(params.data))
     samples, fc = flatten(solutions, pp.neutral_rating)
     all_problems = {problem_id(s.problem) for s in solutions}
     decon: dict[str, Any] = {"enabled": pp.decontaminate, "removed_problems": 0, "removed_samples": 0}
@@ -313,6 +313,8 @@ def input_paths(params: Params) -> list[str]:
     root = source_root(params.data)
     if local:
         out += [root / f for f in params.data.prm800k_files]
+    if any(paths.LABELLED.glob("*.jsonl")):
+        out.append(paths.LABELLED)
     if params.prepare.decontaminate:
         out.append(source_root(params.data, "bundled" if not local else None) / "bon/testsets/math500.jsonl")
         if local:
@@ -322,6 +324,32 @@ def input_paths(params: Params) -> list[str]:
         broot = source_root(params.data, bench)
         out += [broot / "processbench", broot / PRMBENCH_FILE]
     return [str(p) for p in dict.fromkeys(out)]
+
+
+# --------------------------------------------------------------------------------------
+# Labelled data added for retraining (data/labelled; flows/retrain.py fills it)
+# --------------------------------------------------------------------------------------
+
+
+def load_labelled(data: DataParams, folder: str | Path = paths.LABELLED) -> list[PRM800KSolution]:
+    """PRM800K-format solutions of every `*.jsonl` in `folder` (either PRM800K line format)."""
+    files = sorted(p.name for p in Path(folder).glob("*.jsonl"))
+    if not files:
+        return []
+    return load_prm800k(data.model_copy(update={"source": "dir", "dir": str(folder)}), files)
+
+
+def with_labelled(
+    data: DataParams, solutions: list[PRM800KSolution], folder: str | Path = paths.LABELLED
+) -> list[PRM800KSolution]:
+    """`solutions` plus those of `folder`; DataError on an id that is already used."""
+    seen = {s.id for s in solutions}
+    added = load_labelled(data, folder)
+    for sol in added:
+        if sol.id in seen:
+            raise DataError(Path(folder) / sol.source, None, "id", f"solution id {sol.id!r} is already in the training data")
+        seen.add(sol.id)
+    return solutions + added
 
 
 def run(params: Params) -> dict[str, Any]:

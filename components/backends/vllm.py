@@ -63,6 +63,13 @@ class VLLMBackend:
         }
         if opts.max_model_len is not None:
             kwargs["max_model_len"] = opts.max_model_len
+        from vllm.platforms import current_platform
+
+        if current_platform.is_cpu():
+            # Seeded requests + chunked prefill crash the CPU build ("CPU Generator does not
+            # use offset": vLLM rewinds the generator of a request whose prefill was split).
+            kwargs["enable_chunked_prefill"] = False
+            kwargs["max_num_batched_tokens"] = max(32768, opts.max_model_len or 0)
         self.llm = vllm.LLM(**kwargs)
         self.tokenizer = self.llm.get_tokenizer()
         if not getattr(self.tokenizer, "chat_template", None):

@@ -1,0 +1,403 @@
+"""Sections a, b and m: step-scoring throughput against a naive baseline, early exit against full
+scoring, and memory on the longest ProcessBench solutions.
+
+The naive baseline is what the official code does, one step and one analysis at a time: one
+`generate` call with n=1 per analysis, then a second teacher-forced forward pass per analysis to
+read P(" Yes") (rprm-method.md section 5, point 4). It asks for exactly the random streams the
+batched scorer uses (analysis j of step i of solution s is stream row_seed(step_seed(seed, s, i),
+j)), so both see the same analyses and must give the same step rewards; the bench checks it.
+"""
+
+from __future__ import annotations
+
+import cProfile
+import io
+import json
+import pstats
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from bench.common import (
+    CountingBackend,
+    SectionResult,
+    measure_memory,
+    ratio,
+    single_sample_seed,
+    timed,
+)
+from components import prompts
+from components.backends.base import Generation, row_seed
+from components.config import ScoringParams
+from components.records import Solution
+from components.scoring import (
+    NEUTRAL_REWARD,
+    StepScorer,
+    sampled_verdict_value,
+    step_conversation,
+    step_seed,
+)
+
+
+class RecordingBackend(CountingBackend):
+    """A counting backend that also keeps each sampled text by (prompt, random stream)."""
+
+    def __init__(self, inner: Any) -> None:
+        super().__init__(inner)
+        self.texts: dict[tuple[str, int], Generation] = {}
+
+    def generate(self, conversations, sampling, **kwargs):  # noqa: ANN001, ANN201 (protocol)
+        """Forward, count, and remember every text under (prompt, row seed)."""
+        out = super().generate(conversations, sampling, **kwargs)
+        seeds = kwargs.get("seeds") or [sampling.seed + i for i in range(len(conversations))]
+        for conv, seed, gens in zip(conversations, seeds, out, strict=True):
+            key = json.dumps(conv, ensure_ascii=False)
+            for j, g in enumerate(gens):
+                self.texts[(key, row_seed(seed, j))] = g
+        return out
+
+
+def canonical_tokens(backend: Any, gen: Generation) -> bool | None:
+    """Whether re-encoding the analysis gives as many tokens as were sampled (None: unknown).
+
+    The one-pass verdict probability is read on the sampled token sequence; the official
+    second pass re-tokenizes the text. When the model sampled a non-canonical split (e.g.
+    "l" + "l" where the tokenizer merges "ll"), the two passes see different inputs.
+    """
+    tok = getattr(backend, "tokenizer", None)
+    if tok is None or not gen.num_tokens:
+        return None
+    content = gen.num_tokens - (1 if gen.finish_reason == "stop" else 0)
+    return len(tok(gen.text, add_special_tokens=False).input_ids) == content
+
+
+@dataclass
+class NaiveResult:
+    """Per-analysis values and step rewards of the naive baseline."""
+
+    values: list[list[list[float | None]]]  # solution -> step -> analysis
+    rewards: list[list[float]]
+
+
+def naive_score(backend: Any, solutions: Sequence[Solution], scoring: ScoringParams) -> NaiveResult:
+    """Official-style scoring: per step, per analysis: generate(n=1), then a teacher-forced pass."""
+    one = scoring.sampling.model_copy(update={"n": 1})
+    k = scoring.sampling.n
+    all_values: list[list[list[float | None]]] = []
+    all_rewards: list[list[float]] = []
+    for sol in solutions:
+        sol_values: list[list[float | None]] = []
+        for i in range(len(sol.steps)):
+            conv = step_conversation(sol, i)
+            seed = step_seed(scoring.sampling.seed, sol.id, i)
+            vals: list[float | None] = []
+            for j in range(k):
+                gen = backend.generate([conv], one, seeds=[single_sample_seed(seed, j)])[0][0]
+                if gen.error:
+                    raise RuntimeError(f"naive baseline: {sol.id} step {i} analysis {j}: {gen.error}")
+                prefix = prompts.cut_at_verdict(prompts.postprocess_response(gen.text))[0]
+                p = backend.verdict_probability([conv], [prefix])[0]
+                vals.append(float(p) if p is not None else sampled_verdict_value(gen.text))
+            sol_values.append(vals)
+        all_values.append(sol_values)
+        all_rewards.append([_mean(v) for v in sol_values])
+    return NaiveResult(all_values, all_rewards)
+
+
+def all_steps_at_once(backend: Any, solutions: Sequence[Solution], scoring: ScoringParams) -> list[list[float]]:
+    """Full scoring as ONE generate call over every step (the schedule proposed for full scoring),
+    then one batched teacher-forced pass for analyses without a verdict; step rewards per solution."""
+    pairs = [(sol, i) for sol in solutions for i in range(len(sol.steps))]
+    convs = [step_conversation(sol, i) for sol, i in pairs]
+    seeds = [step_seed(scoring.sampling.seed, sol.id, i) for sol, i in pairs]
+    outputs = backend.generate(convs, scoring.sampling, seeds=seeds)
+    values = [[g.p_yes for g in gens] for gens in outputs]
+    forced = [(r, j, g.text) for r, gens in enumerate(outputs) for j, g in enumerate(gens) if g.p_yes is None]
+    if forced:
+        prefixes = [prompts.cut_at_verdict(prompts.postprocess_response(t))[0] for _, _, t in forced]
+        probs = backend.verdict_probability([convs[r] for r, _, _ in forced], prefixes)
+        for (r, j, t), p in zip(forced, probs, strict=True):
+            values[r][j] = float(p) if p is not None else sampled_verdict_value(t)
+    rewards: list[list[float]] = []
+    it = iter(values)
+    for sol in solutions:
+        rewards.append([_mean(next(it)) for _ in sol.steps])
+    return rewards
+
+
+def _mean(values: Sequence[float | None]) -> float:
+    kept = [v for v in values if v is not None]
+    return sum(kept) / len(kept) if kept else NEUTRAL_REWARD
+
+
+def _max_abs_diff(a: Sequence[Sequence[float | None]], b: Sequence[Sequence[float | None]]) -> float:
+    worst = 0.0
+    for xs, ys in zip(a, b, strict=True):
+        for x, y in zip(xs, ys, strict=True):
+            if (x is None) != (y is None):
+                return float("inf")
+            if x is not None and y is not None:
+                worst = max(worst, abs(x - y))
+    return worst
+
+
+def warm_up(backend: Any, scoring: ScoringParams) -> None:
+    """One tiny generation and one teacher-forced pass, so neither side pays first-call costs."""
+    conv = prompts.student_messages("What is 1 + 1?", [], "1 + 1 = 2.")
+    few = scoring.sampling.model_copy(update={"n": 1, "max_new_tokens": 4})
+    backend.generate([conv], few, seeds=[0])
+    backend.verdict_probability([conv], ["Analysis: fine. " + prompts.VERDICT_PHRASE])
+
+
+def _profile_text(profiler: cProfile.Profile, limit: int = 30) -> str:
+    buf = io.StringIO()
+    stats = pstats.Stats(profiler, stream=buf)
+    stats.sort_stats("cumulative").print_stats(limit)
+    stats.sort_stats("tottime").print_stats(limit)
+    return buf.getvalue()
+
+
+def bench_throughput(
+    backend: Any,
+    solutions: Sequence[Solution],
+    scoring: ScoringParams,
+    *,
+    profile_to: Path | None = None,
+) -> SectionResult:
+    """Section a: our StepScorer (full scoring) against the naive baseline on the same inputs."""
+    res = SectionResult("a_throughput")
+    rec = RecordingBackend(backend)
+    warm_up(rec, scoring)
+    rec.reset()
+    rec.texts.clear()
+    n_steps = sum(len(s.steps) for s in solutions)
+    k = scoring.sampling.n
+
+    scorer = StepScorer(rec, scoring, early_exit=False, progress=False)
+    profiler = cProfile.Profile() if profile_to is not None else None
+    with measure_memory() as mem_ours, timed() as t_ours:
+        if profiler is not None:
+            profiler.enable()
+        detailed = scorer.score_detailed(solutions)
+        if profiler is not None:
+            profiler.disable()
+    ours_counts = rec.reset()
+    ours_texts, rec.texts = rec.texts, {}
+    if profiler is not None and profile_to is not None:
+        profile_to.parent.mkdir(parents=True, exist_ok=True)
+        profile_to.write_text(_profile_text(profiler), encoding="utf-8")
+
+    with measure_memory() as mem_naive, timed() as t_naive:
+        naive = naive_score(rec, solutions, scoring)
+    naive_counts = rec.reset()
+    naive_texts, rec.texts = rec.texts, {}
+
+    with timed() as t_once:
+        once_rewards = all_steps_at_once(rec, solutions, scoring)
+    once_counts = rec.reset()
+
+    ours_values = [v for s in detailed for v in s.values]
+    naive_values = [v for sol in naive.values for v in sol]
+    ours_rewards = [s.rewards(k) for s in detailed]
+    value_diff = _max_abs_diff(ours_values, naive_values)
+    reward_diff = _max_abs_diff(ours_rewards, naive.rewards)
+    mismatches = sorted(
+        (
+            {"solution": sol.id, "step": i, "analysis": j, "fallback": det.fallback[i][j],
+             "ours": x, "naive": y, "abs_diff": abs(x - y)}
+            for sol, det, nvals in zip(solutions, detailed, naive.values, strict=True)
+            for i, (xs, ys) in enumerate(zip(det.values, nvals, strict=True))
+            for j, (x, y) in enumerate(zip(xs, ys, strict=True))
+            if x is not None and y is not None and abs(x - y) > 1e-4
+        ),
+        key=lambda m: -m["abs_diff"],
+    )
+    for m in mismatches:
+        sol = next(x for x in solutions if x.id == m["solution"])
+        key = (json.dumps(step_conversation(sol, m["step"]), ensure_ascii=False),
+               row_seed(step_seed(scoring.sampling.seed, sol.id, m["step"]), m["analysis"]))
+        m["canonical_tokens"] = canonical_tokens(backend, ours_texts[key]) if key in ours_texts else None
+    explained = all(m["canonical_tokens"] is False for m in mismatches)
+    same_texts = sum(naive_texts[key].text == g.text for key, g in ours_texts.items() if key in naive_texts)
+    ours_sps, naive_sps = n_steps / t_ours.wall_s, n_steps / t_naive.wall_s
+    ours_cpu_sps, naive_cpu_sps = n_steps / t_ours.cpu_s, n_steps / t_naive.cpu_s
+    speedup = ratio(ours_sps, naive_sps)
+    res.data = {
+        "solutions": [s.id for s in solutions],
+        "scored_steps": n_steps,
+        "k": k,
+        "sampling": scoring.sampling.model_dump(mode="json"),
+        "ours": {
+            **t_ours.as_dict(),
+            "steps_per_s": round(ours_sps, 3),
+            "steps_per_cpu_s": round(ours_cpu_sps, 3),
+            "generated_tokens_per_s": round(ours_counts.generated_tokens / t_ours.wall_s, 1),
+            "backend_calls": ours_counts.as_dict(),
+            "memory": mem_ours.as_dict(),
+        },
+        "naive": {
+            **t_naive.as_dict(),
+            "steps_per_s": round(naive_sps, 3),
+            "steps_per_cpu_s": round(naive_cpu_sps, 3),
+            "generated_tokens_per_s": round(naive_counts.generated_tokens / t_naive.wall_s, 1),
+            "backend_calls": naive_counts.as_dict(),
+            "memory": mem_naive.as_dict(),
+        },
+        "all_steps_one_call": {
+            **t_once.as_dict(),
+            "steps_per_s": round(n_steps / t_once.wall_s, 3),
+            "steps_per_cpu_s": round(n_steps / t_once.cpu_s, 3),
+            "speedup_vs_naive": ratio(n_steps / t_once.wall_s, naive_sps),
+            "speedup_vs_naive_cpu": ratio(n_steps / t_once.cpu_s, naive_cpu_sps),
+            "max_abs_diff_step_reward_vs_ours": _max_abs_diff(once_rewards, ours_rewards),
+            "backend_calls": once_counts.as_dict(),
+        },
+        "speedup_steps_per_s": speedup,
+        "speedup_cpu": ratio(ours_cpu_sps, naive_cpu_sps),
+        "target_speedup": 8.0,
+        "target_met": bool(speedup is not None and speedup >= 8.0),
+        "identical_analyses": same_texts,
+        "analyses": len(ours_texts),
+        "max_abs_diff_analysis_p_yes": value_diff,
+        "max_abs_diff_step_reward": reward_diff,
+        "rewards_match_1e-4": reward_diff <= 1e-4,
+        "analyses_differing_over_1e-4": len(mismatches),
+        "differences_all_non_canonical_tokens": explained,
+        "rewards_check": "pass" if reward_diff <= 1e-4 or explained else "FAIL",
+        "worst_differences": mismatches[:5],
+        "one_pass_share": round(ours_counts.reached_verdict / max(1, ours_counts.generated_rows), 4),
+        "profile": str(profile_to) if profile_to is not None else None,
+    }
+    res.rows = [
+        ("scorer steps/s (ours vs naive)", f"{ours_sps:.2f} vs {naive_sps:.2f}",
+         f"**{speedup}x** wall ({res.data['speedup_cpu']}x CPU); target >= 8x: "
+         + ("met" if res.data["target_met"] else "MISSED")),
+        ("generated tokens/s (ours vs naive)",
+         f"{res.data['ours']['generated_tokens_per_s']:.0f} vs {res.data['naive']['generated_tokens_per_s']:.0f}",
+         f"{ours_counts.generated_tokens} vs {naive_counts.generated_tokens} tokens"),
+        ("backend calls (generate / teacher-forced)",
+         f"{ours_counts.generate_calls}/{ours_counts.verdict_probability_calls} vs "
+         f"{naive_counts.generate_calls}/{naive_counts.verdict_probability_calls}",
+         f"{n_steps} steps x K={k}; one-pass verdicts {res.data['one_pass_share']:.0%}"),
+        ("same step rewards (max abs diff)", f"{reward_diff:.2e}",
+         f"check {res.data['rewards_check']}; analyses identical: {same_texts}/{len(ours_texts)}; "
+         f"{len(mismatches)} analyses differ > 1e-4 (max {value_diff:.2e})"
+         + (", all sampled as non-canonical token splits (one pass reads the sampled tokens, "
+            "the second pass re-tokenizes)" if mismatches and explained else "")),
+        ("all steps in one backend call (proposed full-scoring schedule)",
+         f"{res.data['all_steps_one_call']['steps_per_s']:.2f} steps/s",
+         f"{res.data['all_steps_one_call']['speedup_vs_naive']}x naive wall "
+         f"({res.data['all_steps_one_call']['speedup_vs_naive_cpu']}x CPU); rewards vs ours "
+         f"{res.data['all_steps_one_call']['max_abs_diff_step_reward_vs_ours']:.1e}"),
+        ("peak RSS delta (ours / naive)", f"{mem_ours.rss_peak_delta_mb:.0f} / {mem_naive.rss_peak_delta_mb:.0f} MiB",
+         f"RSS peak {mem_ours.rss_peak_mb:.0f} / {mem_naive.rss_peak_mb:.0f} MiB"),
+    ]
+    return res
+
+
+def bench_early_exit(
+    backend: Any,
+    solutions: Sequence[Solution],
+    scoring: ScoringParams,
+    *,
+    source: str = "",
+    oracle: dict[str, float] | None = None,
+    oracle_source: str = "",
+) -> SectionResult:
+    """Section b: early exit against full scoring: generations saved and identical predictions.
+
+    `oracle` gives the savings a PRM whose predictions equal the gold labels would reach
+    (model-independent; on the full benchmark when available).
+    """
+    res = SectionResult("b_early_exit")
+    counted = CountingBackend(backend)
+    with timed() as t_full:
+        full = StepScorer(counted, scoring, early_exit=False, progress=False).score(solutions)
+    full_counts = counted.reset()
+    with timed() as t_early:
+        early = StepScorer(counted, scoring, early_exit=True, progress=False).score(solutions)
+    early_counts = counted.reset()
+    gen_full = sum(s.generations for s in full)
+    gen_early = sum(s.generations for s in early)
+    saved = 1 - gen_early / gen_full if gen_full else 0.0
+    same = [a.first_error == b.first_error for a, b in zip(full, early, strict=True)]
+    gold = [s.first_error for s in solutions]
+    res.data = {
+        "source": source,
+        "solutions": len(solutions),
+        "steps": sum(len(s.steps) for s in solutions),
+        "k": scoring.sampling.n,
+        "threshold": scoring.threshold,
+        "generations_full": gen_full,
+        "generations_early_exit": gen_early,
+        "generations_saved_pct": round(100 * saved, 2),
+        "generated_tokens_full": full_counts.generated_tokens,
+        "generated_tokens_early_exit": early_counts.generated_tokens,
+        "identical_predictions": all(same),
+        "identical_count": sum(same),
+        "full": t_full.as_dict(),
+        "early_exit": t_early.as_dict(),
+        "wall_speedup": ratio(t_full.wall_s, t_early.wall_s),
+        "predicted_erroneous": sum(s.first_error != -1 for s in full),
+        "gold_erroneous": sum(g not in (None, -1) for g in gold),
+        "prediction_matches_gold": sum(s.first_error == g for s, g in zip(full, gold, strict=True)),
+        "target_saved_pct": 20.0,
+        "target_met": bool(all(same) and saved >= 0.2),
+        "oracle_saved_pct": oracle or {},
+        "oracle_source": oracle_source,
+    }
+    res.rows = [
+        ("early exit: generations saved", f"{100 * saved:.1f}%",
+         f"{gen_early} vs {gen_full} analyses; target >= 20%: {'met' if res.data['target_met'] else 'MISSED'}"),
+        ("early exit: identical predictions", f"{sum(same)}/{len(same)}",
+         f"wall {t_early.wall_s:.1f}s vs {t_full.wall_s:.1f}s full ({res.data['wall_speedup']}x); "
+         f"this model predicts an error in {res.data['predicted_erroneous']}/{len(same)} "
+         f"(gold: {res.data['gold_erroneous']}); {source}"),
+    ]
+    if oracle:
+        res.rows.append((
+            "early exit with gold-exact predictions (model-independent)", f"{oracle.get('all', 0):.1f}% saved",
+            ", ".join(f"{k} {v:.1f}%" for k, v in oracle.items() if k != "all") + f" ({oracle_source})",
+        ))
+    return res
+
+
+def bench_memory(
+    backend: Any, solutions: Sequence[Solution], scoring: ScoringParams, prompt_tokens: Sequence[int], source: str
+) -> SectionResult:
+    """Section m: full scoring of the longest solutions; peak memory with the batch capped by the budget."""
+    res = SectionResult("m_memory")
+    counted = CountingBackend(backend)
+    with measure_memory(python_heap=True) as mem, timed() as t:
+        scores = StepScorer(counted, scoring, early_exit=False, progress=False).score(solutions)
+    counts = counted.reset()
+    budget = getattr(backend, "token_budget", None)
+    if budget is None:
+        budget = getattr(getattr(backend, "params", None), "token_budget", None)
+    res.data = {
+        "source": source,
+        "solutions": [s.id for s in solutions],
+        "steps": sum(len(s.steps) for s in solutions),
+        "longest_prompt_tokens": max(prompt_tokens) if prompt_tokens else None,
+        "k": scoring.sampling.n,
+        "max_new_tokens": scoring.sampling.max_new_tokens,
+        "token_budget": budget,
+        "largest_wave_rows": counts.largest_call_rows,
+        "largest_wave_tokens_upper_bound": (
+            counts.largest_call_rows * (max(prompt_tokens) + scoring.sampling.max_new_tokens)
+            if prompt_tokens else None
+        ),
+        "scored": len(scores),
+        **t.as_dict(),
+        "memory": mem.as_dict(),
+    }
+    bound = res.data["largest_wave_tokens_upper_bound"]
+    res.rows = [
+        ("longest solutions: peak RSS", f"{mem.rss_peak_mb:.0f} MiB (+{mem.rss_peak_delta_mb:.0f})",
+         f"{len(solutions)} longest from {source}; longest prompt {res.data['longest_prompt_tokens']} tokens; "
+         f"wave {counts.largest_call_rows} rows (<= {bound} tokens) under token_budget {budget}; no OOM"),
+        ("longest solutions: Python heap peak (tracemalloc)", f"{mem.tracemalloc_peak_mb:.1f} MiB",
+         mem.torch_peak_note if mem.torch_peak_mb is None else f"torch peak {mem.torch_peak_mb:.0f} MiB"),
+    ]
+    return res

@@ -1,0 +1,659 @@
+"""The `best-of-n` stage: answer grading, baselines, PRM selection, accuracy curves, guided search.
+
+For each dataset in `best_of_n.datasets` (test sets in `bon/testsets/`, gold answers as
+`data.load_bon_testset` gives them):
+
+1. Candidates. With `candidates: pool`, a dataset's real pool when the data has one
+   (OlympiadBench: Qwen2.5-7B-Instruct, T=1, 8 per problem, already split into steps), the first
+   `n` candidates of each problem (problems with a candidate longer than `max_solution_steps`
+   left out and counted: small profiles only); otherwise (and with `candidates: policy` always) `n`
+   candidates per problem sampled from the policy model (`policy_model`, default the base
+   model) with the Qwen2.5-Math chain-of-thought prompt, split into steps on blank lines. A
+   generated pool is journaled under `data/bon/pools/` as it is sampled (file name carries a
+   hash of the settings) and reused by a rerun with the same settings.
+2. Grading (`components.grading`): last `\\boxed{}` (documented fallbacks), math-verify with a
+   per-request deadline; outcomes correct / incorrect / no_answer / bad_reference / timeout /
+   error are counted, only `correct` counts as solved.
+3. Baselines: pass@1 (mean over the n candidates), maj@n (majority over answer classes),
+   pass@n (any correct). When a pool carries its publishers' `correct` flags, the same
+   baselines from those flags and the per-candidate agreement of our grading with them.
+4. PRM: every step of every candidate scored by the step scorer (full scoring, no early exit;
+   `scoring` params; all datasets in one scorer call; journaled under `data/bon/scores/`),
+   solution score = `aggregation` of the step rewards, best-of-n selection and PRM-weighted
+   voting (`components.search`).
+5. Accuracy curves for n = 1, 2, 4, ..., N (`curve_repeats` random subsets per point, or the
+   first n): `plots/bon_curve.csv` (n, accuracy, dataset, method) and `plots/bon_curve.png`
+   (a panel per dataset).
+6. Guided search (`guided_search` params): every strategy on the first `max_problems`
+   problems of each dataset, policy = the policy model, PRM = the step scorer.
+
+Bad input is counted, never fatal: a candidate without steps (not scored, never selected by the
+PRM), empty steps (dropped before scoring), an unparseable answer, a reference math-verify
+cannot parse. Reports: `reports/bon.json`, `reports/guided_search.json`; the stage's MLflow run
+gets both, the plots and tables of per-problem choices.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import random
+import time
+from collections import Counter
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from tqdm.auto import tqdm
+
+from components import paths, prompts, search
+from components.backends.base import BackendError, GenerationBackend
+from components.config import BestOfNParams, Params, SamplingParams
+from components.data import CANDIDATE_POOLS, load_bon_testset, load_candidate_pool, split_steps
+from components.grading import EXTRACTIONS, OUTCOMES, Grade, Grader, reference_answers
+from components.io import Journal, write_json
+from components.records import BonProblem, Candidate, CandidatePool, Solution
+from components.scoring import (
+    NEUTRAL_REWARD,
+    StepScorer,
+    sampled_verdict_value,
+    step_conversation,
+    step_seed,
+)
+
+log = logging.getLogger(__name__)
+
+# Published figures of the real OlympiadBench pool (rprm-method.md section 8; data README).
+PUBLISHED = {"olympiadbench": {"pass@1": 0.380, "pass@8": 0.585}}
+CURVE_METHODS = ("pass@1", "maj", "prm", "prm_vote", "pass@n")
+_SETTINGS_KEY = "__settings__"
+
+
+# --------------------------------------------------------------------------------------
+# Graded candidates
+# --------------------------------------------------------------------------------------
+
+
+@dataclass
+class GradedCandidate:
+    """One candidate: its (non-empty) steps, grade, PRM step rewards and solution score."""
+
+    index: int
+    steps: list[str]
+    grade: Grade
+    empty_steps: int = 0
+    published_correct: bool | None = None
+    step_rewards: list[float | None] = field(default_factory=list)
+    score: float | None = None
+
+
+@dataclass
+class GradedProblem:
+    """A problem's references, graded candidates and answer classes (for voting)."""
+
+    id: str
+    dataset: str
+    question: str
+    references: list[str]
+    candidates: list[GradedCandidate]
+    classes: list[int | None] = field(default_factory=list)
+
+    def selection_view(self) -> search.ProblemCandidates:
+        """What `components.search` selection needs."""
+        return search.ProblemCandidates(
+            self.id,
+            [c.grade.correct for c in self.candidates],
+            list(self.classes),
+            [c.score for c in self.candidates],
+        )
+
+
+def candidate_text(steps: Sequence[str]) -> str:
+    """A candidate's solution text: steps joined by a blank line (how they were split)."""
+    return "\n\n".join(steps)
+
+
+def grade_pool(
+    problem: BonProblem, pool: CandidatePool, grader: Grader, n: int | None = None
+) -> GradedProblem:
+    """Grade the first n candidates of a pool against the problem's references; classes set."""
+    references = reference_answers(problem.answer)
+    graded = []
+    for i, cand in enumerate(pool.candidates[:n]):
+        steps = [s for s in cand.steps if s.strip()]
+        text = candidate_text(steps) if steps else (cand.response or "")
+        graded.append(
+            GradedCandidate(
+                index=i,
+                steps=steps,
+                grade=grader.grade(text, references),
+                empty_steps=len(cand.steps) - len(steps),
+                published_correct=cand.correct,
+            )
+        )
+    gp = GradedProblem(problem.id, problem.dataset, problem.problem, references, graded)
+    gp.classes = grader.answer_classes(
+        [c.grade.answer if c.grade.outcome in ("correct", "incorrect") else None for c in graded]
+    )
+    return gp
+
+
+def baselines(problems: Sequence[GradedProblem]) -> dict[str, Any]:
+    """pass@1, maj@n, pass@n and the bad-input counts of graded problems (n = largest pool)."""
+    views = [p.selection_view() for p in problems]
+    n = max((len(p.candidates) for p in problems), default=0)
+    cands = [c for p in problems for c in p.candidates]
+    outcomes = Counter(c.grade.outcome for c in cands)
+    extraction = Counter(c.grade.extraction for c in cands)
+    return {
+        "problems": len(problems),
+        "n": n,
+        "candidates": len(cands),
+        "pass@1": search.accuracy(views, "pass@1"),
+        f"maj@{n}": search.accuracy(views, "maj"),
+        f"pass@{n}": search.accuracy(views, "pass@n"),
+        "counts": {
+            "outcomes": {k: outcomes.get(k, 0) for k in OUTCOMES},
+            "extraction": {k: extraction.get(k, 0) for k in EXTRACTIONS},
+            "fallback_extractions": extraction.get("answer_phrase", 0) + extraction.get("last_number", 0),
+            "candidates_without_steps": sum(not c.steps for c in cands),
+            "empty_steps_dropped": sum(c.empty_steps for c in cands),
+            "unparseable_answers": outcomes.get("no_answer", 0),
+            "bad_reference_problems": sum(
+                any(c.grade.outcome == "bad_reference" for c in p.candidates) for p in problems
+            ),
+        },
+    }
+
+
+def published_agreement(problems: Sequence[GradedProblem], max_listed: int = 100) -> dict[str, Any] | None:
+    """Baselines from a pool's own `correct` flags and our grading's agreement with them."""
+    pairs = [(p, c) for p in problems for c in p.candidates if c.published_correct is not None]
+    if not pairs:
+        return None
+    flagged = [p for p in problems if all(c.published_correct is not None for c in p.candidates)]
+    n = max((len(p.candidates) for p in flagged), default=0)
+    views = [
+        search.ProblemCandidates(p.id, [bool(c.published_correct) for c in p.candidates], p.classes, [None] * len(p.candidates))
+        for p in flagged
+    ]
+    mismatches = [
+        {
+            "problem_id": p.id,
+            "candidate": c.index,
+            "references": p.references,
+            "answer": c.grade.answer,
+            "outcome": c.grade.outcome,
+            "published_correct": c.published_correct,
+        }
+        for p, c in pairs
+        if c.grade.correct != c.published_correct
+    ]
+    return {
+        "pass@1": search.accuracy(views, "pass@1"),
+        f"maj@{n}": search.accuracy(views, "maj"),  # our answer classes, the publishers' flags
+        f"pass@{n}": search.accuracy(views, "pass@n"),
+        "candidates": len(pairs),
+        "agreeing": len(pairs) - len(mismatches),
+        "agreement": (len(pairs) - len(mismatches)) / len(pairs),
+        "ours_correct_published_incorrect": sum(m["outcome"] == "correct" for m in mismatches),
+        "ours_not_correct_published_correct": sum(m["outcome"] != "correct" for m in mismatches),
+        "mismatches": mismatches[:max_listed],
+    }
+
+
+# --------------------------------------------------------------------------------------
+# Candidate pools
+# --------------------------------------------------------------------------------------
+
+
+def _settings_hash(settings: dict[str, Any]) -> str:
+    return hashlib.sha256(json.dumps(settings, sort_keys=True).encode()).hexdigest()[:12]
+
+
+def _problem_seed(seed: int, problem_id: str) -> int:
+    return random.Random(f"{seed}:{problem_id}").randrange(2**31 - 1)
+
+
+def generate_pools(
+    problems: Sequence[BonProblem],
+    policy: Callable[[], GenerationBackend],
+    bp: BestOfNParams,
+    policy_name: str,
+    out_dir: Path = paths.BON_POOLS,
+    batch_size: int = 8,
+) -> tuple[list[CandidatePool], Path]:
+    """Sample n candidates per problem (journaled, reused with the same settings); steps split on blank lines.
+
+    `policy` builds the backend; it is called only when some problem is not journaled yet.
+    """
+    sampling = SamplingParams(
+        n=bp.n,
+        temperature=bp.policy_temperature,
+        top_p=1.0,
+        max_new_tokens=bp.policy_max_new_tokens,
+        seed=bp.seed,
+    )
+    settings = {"policy": policy_name, "sampling": sampling.model_dump(mode="json")}
+    dataset = problems[0].dataset if problems else "none"
+    path = out_dir / f"{dataset}.{_settings_hash(settings)}.jsonl"
+    with Journal(path) as journal:
+        journal.append({"key": _SETTINGS_KEY, "settings": settings})
+        todo = [p for p in problems if p.id not in journal]
+        bar = tqdm(total=len(problems), initial=len(problems) - len(todo), desc=f"policy {dataset}", unit="problem")
+        for start in range(0, len(todo), batch_size):
+            batch = todo[start : start + batch_size]
+            outputs = policy().generate(
+                [search.policy_messages(p.problem) for p in batch],
+                sampling,
+                seeds=[_problem_seed(bp.seed, p.id) for p in batch],
+            )
+            for prob, gens in zip(batch, outputs, strict=True):
+                journal.append(
+                    {
+                        "key": prob.id,
+                        "responses": [g.text for g in gens],
+                        "errors": [g.error for g in gens],
+                        "finish_reasons": [g.finish_reason for g in gens],
+                    }
+                )
+            bar.update(len(batch))
+        bar.close()
+        done = journal.done()
+    pools = []
+    for prob in problems:
+        rec = done[prob.id]
+        cands = [Candidate(steps=split_steps(text), response=text) for text in rec["responses"]]
+        pools.append(CandidatePool(id=prob.id, dataset=prob.dataset, problem=prob.problem, answer=prob.answer, candidates=cands))
+    return pools, path
+
+
+# --------------------------------------------------------------------------------------
+# PRM scoring
+# --------------------------------------------------------------------------------------
+
+
+def score_candidates(problems: Sequence[GradedProblem], scorer: StepScorer, aggregation: str) -> None:
+    """Full scoring of every candidate's steps; step rewards and aggregated score set in place.
+
+    All problems go to the scorer in one call (solution id `<dataset>/<problem id>#<index>`),
+    so its waves advance every dataset's candidates together: the number of backend calls is
+    the longest candidate's step count, not the sum over datasets.
+    """
+    solutions = []
+    owners = []
+    for p in problems:
+        for c in p.candidates:
+            if c.steps:
+                solutions.append(
+                    Solution(id=f"{p.dataset}/{p.id}#{c.index}", question=p.question, steps=c.steps, subset=p.dataset)
+                )
+                owners.append(c)
+    for cand, scored in zip(owners, scorer.score_detailed(solutions), strict=True):
+        cand.step_rewards = scored.rewards()
+        cand.score = search.aggregate(cand.step_rewards, aggregation)
+
+
+class ScorerRewarder:
+    """The step scorer as a `search.StepRewarder`: the reward of each path's last step.
+
+    Only the last step of each path is analysed, every request of a call in one backend call,
+    so a search costs M proposals per step rather than re-scoring every prefix. The numbers are
+    the scorer's own: path p of problem q is the Solution (`<q>#guided`, question, p); its last
+    step's K analyses are seeded with `scoring.step_seed(sampling.seed, that id, step index)`
+    and an analysis without a verdict probability gets the scorer's `scoring.fallback` (a test
+    pins equality with `StepScorer.score_detailed(...).reward(last)`).
+    """
+
+    def __init__(self, scorer: StepScorer):
+        self.scorer = scorer
+
+    @staticmethod
+    def solution_id(problem_id: str) -> str:
+        """Id under which the paths of a problem are scored."""
+        return f"{problem_id}#guided"
+
+    def __call__(self, requests: Sequence[tuple[str, str, Sequence[str]]]) -> list[float | None]:
+        """One reward per (problem id, question, path): its last step's K-analysis mean."""
+        keys = [(pid, question, tuple(path)) for pid, question, path in requests]
+        unique = list(dict.fromkeys(keys))
+        if not unique:
+            return []
+        sols = [Solution(id=self.solution_id(pid), question=q, steps=list(path)) for pid, q, path in unique]
+        sampling, fallback = self.scorer.sampling, self.scorer.params.fallback
+        convs = [step_conversation(sol, len(sol.steps) - 1) for sol in sols]
+        seeds = [step_seed(sampling.seed, sol.id, len(sol.steps) - 1) for sol in sols]
+        outputs = self.scorer.backend.generate(convs, sampling, seeds=seeds)
+        values: list[list[float | None]] = []
+        forced: list[tuple[int, int, str]] = []
+        for row, gens in enumerate(outputs):
+            vals: list[float | None] = []
+            for j, g in enumerate(gens):
+                if g.error:
+                    raise BackendError(f"{sols[row].id} step {len(sols[row].steps) - 1} analysis {j}: {g.error}")
+                if g.p_yes is not None:
+                    vals.append(float(g.p_yes))
+                elif fallback == "teacher_forced":
+                    vals.append(None)
+                    forced.append((row, j, g.text))
+                elif fallback == "sampled_verdict":
+                    vals.append(sampled_verdict_value(g.text))
+                else:
+                    vals.append(None)
+            values.append(vals)
+        if forced:
+            cut = [prompts.cut_at_verdict(prompts.postprocess_response(text))[0] for _, _, text in forced]
+            probs = self.scorer.backend.verdict_probability([convs[row] for row, _, _ in forced], cut)
+            for (row, j, text), prob in zip(forced, probs, strict=True):
+                values[row][j] = float(prob) if prob is not None else sampled_verdict_value(text)
+        rewards = {}
+        for key, vals in zip(unique, values, strict=True):
+            kept = [v for v in vals if v is not None]
+            rewards[key] = sum(kept) / len(kept) if kept else NEUTRAL_REWARD
+        return [rewards[k] for k in keys]
+
+
+# --------------------------------------------------------------------------------------
+# Reports
+# --------------------------------------------------------------------------------------
+
+
+def prm_metrics(problems: Sequence[GradedProblem]) -> dict[str, float]:
+    """Best-of-n and PRM-weighted voting accuracy at the full n."""
+    views = [p.selection_view() for p in problems]
+    n = max((len(p.candidates) for p in problems), default=0)
+    return {f"prm@{n}": search.accuracy(views, "prm"), f"prm_vote@{n}": search.accuracy(views, "prm_vote")}
+
+
+def choice_rows(problems: Sequence[GradedProblem]) -> list[dict[str, Any]]:
+    """One row per problem: answers, grades, scores and what each method chose."""
+    rows = []
+    for p in problems:
+        v = p.selection_view()
+        picks = {
+            "prm": search.best_of_n(v.scores),
+            "prm_vote": search.weighted_vote(v.classes, v.scores),
+            "maj": search.majority_vote(v.classes),
+        }
+        row: dict[str, Any] = {
+            "dataset": p.dataset,
+            "problem_id": p.id,
+            "references": json.dumps(p.references, ensure_ascii=False),
+            "answers": json.dumps([c.grade.answer for c in p.candidates], ensure_ascii=False),
+            "outcomes": json.dumps([c.grade.outcome for c in p.candidates]),
+            "scores": json.dumps([None if c.score is None else round(c.score, 4) for c in p.candidates]),
+            "pass@1": search.pass_at_1(v.correct),
+            "pass@n": search.pass_at_n(v.correct),
+        }
+        for name, idx in picks.items():
+            row[f"{name}_choice"] = idx
+            row[f"{name}_correct"] = idx is not None and v.correct[idx]
+        rows.append(row)
+    return rows
+
+
+def curve_plot(rows: Sequence[dict[str, Any]], out: Path) -> Path:
+    """One panel per dataset: accuracy against n (log2 axis), one line per method; PNG."""
+    from matplotlib.figure import Figure
+
+    from components.io import atomic_path
+
+    datasets = list(dict.fromkeys(r["dataset"] for r in rows)) or ["(none)"]
+    cols = min(3, len(datasets))
+    nrows = -(-len(datasets) // cols)
+    fig = Figure(figsize=(4.2 * cols, 3.4 * nrows))
+    for k, dataset in enumerate(datasets):
+        ax = fig.add_subplot(nrows, cols, k + 1)
+        for method in CURVE_METHODS:
+            pts = sorted((r["n"], r["accuracy"]) for r in rows if r["dataset"] == dataset and r["method"] == method)
+            if pts:
+                ax.plot([x for x, _ in pts], [y for _, y in pts], marker="o", label=method,
+                        linestyle="--" if method in ("pass@1", "pass@n") else "-")
+                ax.set_xscale("log", base=2)
+                ax.set_xticks([x for x, _ in pts], [str(x) for x, _ in pts])
+        ax.set_title(dataset)
+        ax.set_xlabel("N")
+        ax.set_ylabel("accuracy")
+        ax.set_ylim(-0.02, 1.02)
+        ax.grid(True, alpha=0.3)
+        if k == 0 and ax.get_legend_handles_labels()[0]:
+            ax.legend(fontsize=7)
+    fig.tight_layout()
+    with atomic_path(out, "wb") as fh:
+        fig.savefig(fh, format="png", dpi=110)
+    return out
+
+
+# --------------------------------------------------------------------------------------
+# The stage
+# --------------------------------------------------------------------------------------
+
+
+def _without(obj: Any, key: str) -> Any:
+    """A copy of nested dicts without `key` anywhere (keeps per-item lists out of the metrics)."""
+    if isinstance(obj, dict):
+        return {k: _without(v, key) for k, v in obj.items() if k != key}
+    return obj
+
+
+def _model_path(name: str) -> Path | str:
+    if name in ("base", "sft", "dpo"):
+        return paths.model_dir(name)
+    return name
+
+
+def _pool_for(
+    dataset: str,
+    problems: list[BonProblem],
+    params: Params,
+    policy: Callable[[], GenerationBackend],
+    policy_name: str,
+) -> tuple[list[BonProblem], list[CandidatePool], dict[str, Any]]:
+    bp = params.best_of_n
+    if bp.candidates == "pool" and dataset in CANDIDATE_POOLS:
+        pools = {p.id: p for p in load_candidate_pool(params.data, dataset)}
+        in_pool = [p for p in problems if p.id in pools]
+        limit = bp.max_solution_steps
+        fits = [
+            p for p in in_pool
+            if limit is None or all(len(c.steps) <= limit for c in pools[p.id].candidates[: bp.n])
+        ]
+        kept = fits[: bp.max_problems]
+        info = {"pool": f"real:{CANDIDATE_POOLS[dataset][0]}", "pool_problems": len(in_pool),
+                "left_out_long": len(in_pool) - len(fits)}
+        return kept, [pools[p.id] for p in kept], info
+    kept = problems[: bp.max_problems]
+    pools, path = generate_pools(kept, policy, bp, policy_name)
+    return kept, pools, {"pool": f"generated:{path.as_posix()}"}
+
+
+def search_config(params: Params) -> search.SearchConfig:
+    """The guided-search settings from params."""
+    gs = params.best_of_n.guided_search
+    return search.SearchConfig(
+        candidates_per_step=gs.candidates_per_step,
+        beam_width=gs.beam_width,
+        max_steps=gs.max_steps,
+        step_max_new_tokens=gs.step_max_new_tokens,
+        temperature=gs.temperature,
+        top_p=gs.top_p,
+        aggregation=params.best_of_n.aggregation,
+        seed=params.best_of_n.seed,
+    )
+
+
+def run_guided_search(
+    problems_by_dataset: dict[str, list[BonProblem]],
+    policy: Callable[[], GenerationBackend],
+    scorer: StepScorer,
+    grader: Grader,
+    params: Params,
+    journal_path: Path,
+) -> tuple[dict[str, Any], list[dict[str, Any]]]:
+    """Every strategy on the first guided_search.max_problems problems per dataset; report + rows.
+
+    Each strategy runs on all datasets' problems in lockstep (one policy and one PRM call per
+    iteration); results are journaled per (strategy, dataset, problem) and reused on a rerun.
+    `policy` builds the policy backend (called only when something is not journaled yet).
+    """
+    gs = params.best_of_n.guided_search
+    config = search_config(params)
+    report: dict[str, Any] = {
+        "config": {**config.__dict__, "strategies": list(gs.strategies)},
+        "datasets": {d: {} for d in problems_by_dataset},
+    }
+    rows: list[dict[str, Any]] = []
+    chosen = [(d, prob) for d, probs in problems_by_dataset.items() for prob in probs[: gs.max_problems]]
+    with Journal(journal_path) as journal:
+        for strategy in gs.strategies:
+            todo = [(d, prob) for d, prob in chosen if f"{strategy}|{d}|{prob.id}" not in journal]
+            if todo:
+                log.info("guided search (%s) on %d problems", strategy, len(todo))
+                results = search.run_strategy_many(
+                    strategy, [prob for _, prob in todo], policy(), ScorerRewarder(scorer), config
+                )
+                for (d, prob), res in zip(todo, results, strict=True):
+                    journal.append({"key": f"{strategy}|{d}|{prob.id}", "dataset": d, **res.to_dict()})
+            graded: dict[str, list[tuple[dict[str, Any], Grade]]] = {d: [] for d in problems_by_dataset}
+            for d, prob in chosen:
+                rec = journal.done()[f"{strategy}|{d}|{prob.id}"]
+                grade = grader.grade(rec["text"], reference_answers(prob.answer))
+                graded[d].append((rec, grade))
+                rows.append(
+                    {
+                        "dataset": d,
+                        "strategy": strategy,
+                        "problem_id": prob.id,
+                        "steps": len(rec["steps"]),
+                        "score": rec["score"],
+                        "stop_reason": rec["stop_reason"],
+                        "answer": grade.answer,
+                        "outcome": grade.outcome,
+                        "generated": rec["generated"],
+                        "scored": rec["scored"],
+                        "text": rec["text"][:2000],
+                    }
+                )
+            for d, results in graded.items():
+                k = len(results)
+                report["datasets"][d][strategy] = {
+                    "problems": k,
+                    "accuracy": sum(g.correct for _, g in results) / k if k else 0.0,
+                    "mean_steps": sum(len(r["steps"]) for r, _ in results) / k if k else 0.0,
+                    "stop_reasons": dict(Counter(r["stop_reason"] for r, _ in results)),
+                    "outcomes": dict(Counter(g.outcome for _, g in results)),
+                    "generated_steps": sum(r["generated"] for r, _ in results),
+                    "scored_steps": sum(r["scored"] for r, _ in results),
+                }
+    return report, rows
+
+
+def run(params: Params) -> dict[str, Any]:
+    """The `rprm best-of-n` stage (see the module docstring); returns the bon report."""
+    from components import tracking
+    from components.backends import load_backend
+    from components.plots import write_csv
+
+    bp = params.best_of_n
+    # Every input file is read and validated before any model, MLflow run or journal: bad data
+    # fails here (file, line, field) and nothing is written.
+    testsets = {d: load_bon_testset(params.data, d) for d in bp.datasets}
+    for d in bp.datasets:
+        if bp.candidates == "pool" and d in CANDIDATE_POOLS:
+            load_candidate_pool(params.data, d)
+    prm_path = _model_path(bp.prm_model)
+    policy_path = _model_path(bp.policy_model or "base")
+    backends: dict[str, GenerationBackend] = {}
+
+    def get_backend(path: Path | str) -> GenerationBackend:
+        if str(path) not in backends:
+            backends[str(path)] = load_backend(params.backend, path)
+        return backends[str(path)]
+
+    def policy() -> GenerationBackend:
+        return get_backend(policy_path)
+
+    scoring_settings = {"prm": str(prm_path), "scoring": params.scoring.model_dump(mode="json")}
+    scoring_hash = _settings_hash(scoring_settings)
+
+    def scorer_for(journal: Path, desc: str) -> StepScorer:
+        return StepScorer(
+            get_backend(prm_path), params.scoring, early_exit=False,
+            journal=journal, journal_tag=f"best-of-n prm={prm_path}", desc=desc,
+        )
+
+    inputs = [Path(params.data.dir if params.data.source == "dir" else params.data.bundled_dir) / "bon", Path(prm_path)]
+    report: dict[str, Any] = {"aggregation": bp.aggregation, "prm_model": str(prm_path), "datasets": {}}
+    curve_rows: list[dict[str, Any]] = []
+    choice_table: list[dict[str, Any]] = []
+    guided_problems: dict[str, list[BonProblem]] = {}
+    with tracking.stage_run("best-of-n", params, sections=["backend", "scoring", "best_of_n"], inputs=[p for p in inputs if Path(p).exists()]):
+        with Grader(bp.grading_timeout_s) as grader:
+            try:
+                graded_by: dict[str, list[GradedProblem]] = {}
+                origins: dict[str, dict[str, Any]] = {}
+                seconds: dict[str, dict[str, float]] = {}
+                for dataset in bp.datasets:
+                    t0 = time.monotonic()
+                    testset = testsets[dataset]
+                    guided_problems[dataset] = testset
+                    problems, pools, origins[dataset] = _pool_for(dataset, testset, params, policy, str(policy_path))
+                    t1 = time.monotonic()
+                    graded_by[dataset] = [
+                        grade_pool(prob, pool, grader, bp.n)
+                        for prob, pool in tqdm(list(zip(problems, pools, strict=True)), desc=f"grading {dataset}", unit="problem")
+                    ]
+                    seconds[dataset] = {"pool": t1 - t0, "grading": time.monotonic() - t1}
+                t0 = time.monotonic()
+                scorer = scorer_for(paths.BON_SCORES / f"candidates.{scoring_hash}.jsonl", "prm candidates")
+                score_candidates([p for gs in graded_by.values() for p in gs], scorer, bp.aggregation)
+                report["seconds"] = {"prm_scoring": time.monotonic() - t0}
+                for dataset, graded in graded_by.items():
+                    origin = origins[dataset]
+                    entry = {**origin, **baselines(graded), **prm_metrics(graded)}
+                    entry["seconds"] = seconds[dataset]
+                    agreement = published_agreement(graded)
+                    if agreement is not None:
+                        entry["publisher_labels"] = agreement
+                    if dataset in PUBLISHED and origin["pool"].startswith("real:"):
+                        entry["published"] = PUBLISHED[dataset]
+                    report["datasets"][dataset] = entry
+                    for row in search.accuracy_curve(
+                        [p.selection_view() for p in graded], CURVE_METHODS, repeats=bp.curve_repeats, seed=bp.seed
+                    ):
+                        curve_rows.append({**row, "dataset": dataset})
+                    choice_table.extend(choice_rows(graded))
+                report["grader_restarts"] = grader.restarts
+                report["answer_class_fallbacks"] = grader.class_fallbacks
+                guided: dict[str, Any] = {"enabled": bp.guided_search.enabled}
+                guided_rows: list[dict[str, Any]] = []
+                if bp.guided_search.enabled and bp.guided_search.strategies:
+                    gs_scorer = StepScorer(get_backend(prm_path), params.scoring, early_exit=False, progress=False)
+                    gs_settings = {**scoring_settings, "policy": str(policy_path), **search_config(params).__dict__}
+                    t0 = time.monotonic()
+                    g_report, guided_rows = run_guided_search(
+                        guided_problems, policy, gs_scorer, grader, params,
+                        paths.BON_GUIDED / f"results.{_settings_hash(gs_settings)}.jsonl",
+                    )
+                    guided.update(g_report)
+                    guided["seconds"] = time.monotonic() - t0
+            finally:
+                for b in backends.values():
+                    b.close()
+        write_csv(paths.BON_CURVE_CSV, curve_rows, ["n", "accuracy", "dataset", "method"])
+        png = curve_plot(curve_rows, paths.BON_CURVE_PNG)
+        write_json(paths.BON_REPORT, report)
+        write_json(paths.GUIDED_SEARCH_REPORT, guided)
+        import mlflow
+
+        tracking.log_report(_without(report, "mismatches"))  # metrics (lists stay in the JSON)
+        tracking.log_report(_without(guided, "config"))
+        mlflow.log_text(json.dumps(report, indent=2, sort_keys=True), "bon.json")
+        mlflow.log_text(json.dumps(guided, indent=2, sort_keys=True), "guided_search.json")
+        tracking.log_table(choice_table, "bon_choices.json")
+        tracking.log_table(guided_rows, "guided_search_choices.json")
+        mlflow.log_artifact(str(png), "plots")
+        mlflow.log_artifact(str(paths.BON_CURVE_CSV), "plots")
+    return report

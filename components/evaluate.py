@@ -1,0 +1,425 @@
+"""The `evaluate` stage: ProcessBench and PRMBench with inference-time scaling and threshold curves.
+
+For each model in `evaluate.models` (`models/<name>`; a model not trained yet is replaced by the
+base model, and the report says so) the stage scores the prepared benchmark subsets
+(`data/prepared/processbench.jsonl`, `data/prepared/prmbench.jsonl`) with the step scorer and
+writes `reports/{processbench,prmbench,scaling}.json`, `plots/{scaling,threshold}.csv` (DVC
+plots), PNG figures in `plots/`, per-model StepScores and an official-format PRMBench results
+file in `data/scores/<model>/`, and logs all of it to the stage's MLflow run with a table of
+per-solution predictions.
+
+K and the scaling sweep. `scoring.sampling.n` is the headline K (the reported numbers);
+`evaluate.k_sweep` lists the other K of the scaling curve. Sampling happens ONCE, at
+K_max = max(scoring.sampling.n, *k_sweep): analysis j of a step is drawn from its own seeded
+stream (components.scoring.step_seed), so the first k of the K_max analyses are exactly the
+analyses a run at K = k would draw, and every k of the sweep is read from the same samples.
+The threshold sweep (`evaluate.thresholds`, plus `scoring.threshold`) reads the same rewards.
+
+Early exit and the sweeps. The stage reports ProcessBench at the points (k, headline
+threshold) for every k of the K sweep and (headline K, t) for every t of the threshold sweep.
+With `evaluate.early_exit`, a solution stops being scored once the prediction at every one of
+these points is determined, i.e. once for each point some scored step has a mean over its
+first k analyses below that threshold (the first such step is then among the scored steps,
+and later steps cannot change it). Stopping at the first step below the headline threshold at
+the headline K alone would be wrong for the sweeps: a smaller k or a lower threshold can flag
+a later step (rewards 0.4 then 0.2 at K = 4 but 0.6 then 0.3 at k = 1; at threshold 0.3 only
+the second step is flagged). So every reported number equals the one full scoring gives; the
+report states the generations this saved, and what a plain early exit at the headline
+(K, threshold) alone would have needed. PRMBench needs a verdict for every step and is always
+scored fully.
+
+Resume: scoring journals live in `data/scores/journals/` (a DVC output kept across runs),
+named by the evaluated model and a hash of everything the values depend on (model files,
+backend, sampling, fallback), so a crashed or interrupted stage resumes where it stopped, a
+second requested model that falls back to the same base model reuses the first one's work,
+and a changed setting starts a fresh journal (stale ones are removed).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import warnings
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from rich.console import Console
+
+from components import benchmarks, paths, plots
+from components.config import Params, ScoringParams
+from components.io import DataError, read_jsonl, write_json, write_jsonl
+from components.records import PRMBenchItem, ProcessBenchItem, Solution
+from components.scoring import ScoredSolution, StepScorer, scoring_fingerprint
+
+console = Console(stderr=True)
+
+PROCESSBENCH_REPORT = paths.REPORTS / "processbench.json"
+PRMBENCH_REPORT = paths.REPORTS / "prmbench.json"
+SCALING_REPORT = paths.REPORTS / "scaling.json"
+SCALING_CSV = paths.PLOTS / "scaling.csv"
+THRESHOLD_CSV = paths.PLOTS / "threshold.csv"
+SCALING_PNG = paths.PLOTS / "scaling.png"
+THRESHOLD_PNG = paths.PLOTS / "threshold.png"
+PRMBENCH_PNG = paths.PLOTS / "prmbench.png"
+JOURNALS = paths.SCORES / "journals"
+
+
+@dataclass(frozen=True)
+class SweepPlan:
+    """The K and thresholds the stage reports, and the K it samples at."""
+
+    k: int  # headline K (scoring.sampling.n)
+    ks: list[int]  # every K reported (sweep plus headline), ascending
+    threshold: float  # headline threshold (scoring.threshold)
+    thresholds: list[float]  # every threshold reported, ascending
+
+    @property
+    def k_max(self) -> int:
+        """The K sampled once."""
+        return self.ks[-1]
+
+    @property
+    def points(self) -> list[tuple[int, float]]:
+        """Every (k, threshold) whose ProcessBench prediction is reported."""
+        return sorted({(k, self.threshold) for k in self.ks} | {(self.k, t) for t in self.thresholds})
+
+
+def sweep_plan(params: Params) -> SweepPlan:
+    """K and thresholds from params: the headline values plus the sweeps."""
+    k = params.scoring.sampling.n
+    if any(x < 1 for x in params.evaluate.k_sweep):
+        raise ValueError(f"evaluate.k_sweep values must be >= 1, got {params.evaluate.k_sweep}")
+    thresholds = sorted(set(params.evaluate.thresholds) | {params.scoring.threshold})
+    if not all(0.0 <= t <= 1.0 for t in thresholds):
+        raise ValueError(f"evaluate.thresholds must be in [0, 1], got {params.evaluate.thresholds}")
+    return SweepPlan(k, sorted(set(params.evaluate.k_sweep) | {k}), params.scoring.threshold, thresholds)
+
+
+def sampling_scoring(params: Params, plan: SweepPlan) -> ScoringParams:
+    """Scoring params with sampling.n raised to the K sampled once (K_max)."""
+    sampling = params.scoring.sampling.model_copy(update={"n": plan.k_max})
+    return params.scoring.model_copy(update={"sampling": sampling})
+
+
+def resolve_model(name: str) -> tuple[Path, str]:
+    """(model folder, name of the model actually evaluated): the base model if `name` is not built."""
+    path = paths.model_dir(name)
+    if (path / "config.json").exists():
+        return path, name
+    if name != "base" and (paths.BASE_MODEL / "config.json").exists():
+        return paths.BASE_MODEL, "base"
+    raise DataError(path, None, None, f"model {name!r} not found (and no base model): run the pipeline first")
+
+
+def model_fingerprint(path: Path) -> str:
+    """Identity of a model folder: names, sizes and modification times of its files."""
+    h = hashlib.sha256()
+    for f in sorted(p for p in path.rglob("*") if p.is_file()):
+        st = f.stat()
+        h.update(f"{f.relative_to(path).as_posix()}:{st.st_size}:{st.st_mtime_ns}\n".encode())
+    return h.hexdigest()[:16]
+
+
+def processbench_solutions(items: Sequence[ProcessBenchItem]) -> list[Solution]:
+    """ProcessBench items as Solutions (gold first error and subset kept)."""
+    return [
+        Solution(id=it.id, question=it.problem, steps=it.steps, first_error=it.label,
+                 subset=benchmarks.processbench_subset(it))
+        for it in items
+    ]
+
+
+def prmbench_solution_id(item: PRMBenchItem, occurrence: int) -> str:
+    """Unique solution id of a PRMBench item: its idx, plus `#n` for a repeated idx."""
+    return item.idx if occurrence == 0 else f"{item.idx}#{occurrence}"
+
+
+def prmbench_solutions(items: Sequence[PRMBenchItem]) -> list[Solution]:
+    """PRMBench items as Solutions (the modified question and process).
+
+    Built without validation: three official items contain a blank step, which the benchmark
+    grades as is (the prompt then shows an empty Now Step), as upstream does.
+    """
+    occ = benchmarks.prmbench_occurrences(items)
+    return [
+        Solution.model_construct(
+            id=prmbench_solution_id(it, o), question=it.modified_question, steps=list(it.modified_process),
+            first_error=None, step_labels=None, subset=it.classification,
+        )
+        for it, o in zip(items, occ, strict=True)
+    ]
+
+
+def journal_path(model: str, bench: str, fingerprint: dict[str, Any]) -> Path:
+    """Scoring journal of (evaluated model, benchmark, settings); stale ones are removed."""
+    digest = hashlib.sha256(json.dumps(fingerprint, sort_keys=True).encode()).hexdigest()[:12]
+    path = JOURNALS / f"{model}-{bench}-{digest}.jsonl"
+    for stale in JOURNALS.glob(f"{model}-{bench}-*.jsonl"):
+        if stale != path:
+            stale.unlink()
+    return path
+
+
+# --------------------------------------------------------------------------------------
+# Metrics from scored solutions
+# --------------------------------------------------------------------------------------
+
+
+def processbench_at(items: Sequence[ProcessBenchItem], scored: Sequence[ScoredSolution], subsets: Sequence[str],
+                    k: int, threshold: float) -> dict[str, Any]:
+    """ProcessBench metrics with rewards over the first k analyses at a threshold."""
+    rows = []
+    for it, s in zip(items, scored, strict=True):
+        pred = s.first_error(threshold, k)
+        if pred is None:
+            raise RuntimeError(f"{it.id}: prediction at k={k}, threshold={threshold} not determined")
+        rows.append((benchmarks.processbench_subset(it), it.label, pred))
+    return benchmarks.processbench_metrics(rows, subsets)
+
+
+def processbench_cost(items: Sequence[ProcessBenchItem], scored: Sequence[ScoredSolution],
+                      plan: SweepPlan, early_exit: bool) -> dict[str, Any]:
+    """Steps and analyses used, against full scoring and a plain headline-only early exit."""
+    total = sum(len(it.steps) for it in items)
+    used = sum(len(s.values) for s in scored)
+    needed = 0
+    for s in scored:
+        fe = s.first_error(plan.threshold, plan.k)
+        needed += s.n_steps if fe in (-1, None) else fe + 1
+    return {
+        "early_exit": early_exit,
+        "steps_total": total,
+        "steps_scored": used,
+        "steps_headline_early_exit": needed,
+        "generations": used * plan.k_max,
+        "generations_full": total * plan.k_max,
+        "saved_fraction": 1 - used / total if total else None,
+        "saved_fraction_headline_early_exit": 1 - needed / total if total else None,
+        "fallbacks": sum(s.fallbacks() for s in scored),
+        "dropped": sum(s.dropped() for s in scored),
+    }
+
+
+def prmbench_at(items: Sequence[PRMBenchItem], scored: Sequence[ScoredSolution], k: int, threshold: float,
+                comparison: benchmarks.Comparison) -> dict[str, Any]:
+    """PRMBench metrics (first occurrence of each idx, as upstream) at (k, threshold)."""
+    rows = []
+    for it, o, s in zip(items, benchmarks.prmbench_occurrences(items), scored, strict=True):
+        if o == 0:
+            rewards = [r for r in s.rewards(k) if r is not None]
+            rows.append((it.classification, list(it.error_steps), benchmarks.step_labels(rewards, threshold, comparison)))
+    report = benchmarks.prmbench_metrics(rows)
+    report["duplicates_skipped"] = len(items) - len(rows)
+    return report
+
+
+# --------------------------------------------------------------------------------------
+# The stage
+# --------------------------------------------------------------------------------------
+
+
+def _load_benchmarks() -> tuple[list[ProcessBenchItem], list[PRMBenchItem]]:
+    for p in (paths.PROCESSBENCH, paths.PRMBENCH):
+        if not p.exists():
+            raise DataError(p, None, None, "benchmark file not found: run `rprm prepare` first")
+    pb = read_jsonl(paths.PROCESSBENCH, ProcessBenchItem, key=lambda r: r.id)
+    prmb = read_jsonl(paths.PRMBENCH, PRMBenchItem)
+    return pb, prmb
+
+
+def _prediction_rows(model: str, pb_items: Sequence[ProcessBenchItem], pb_scored: Sequence[ScoredSolution],
+                     prmb_items: Sequence[PRMBenchItem], prmb_scored: Sequence[ScoredSolution], plan: SweepPlan,
+                     prmb_threshold: float, comparison: benchmarks.Comparison) -> list[dict[str, Any]]:
+    rows = []
+    for it, s in zip(pb_items, pb_scored, strict=True):
+        pred = s.first_error(plan.threshold, plan.k)
+        rows.append({
+            "model": model, "benchmark": "processbench", "id": it.id, "group": benchmarks.processbench_subset(it),
+            "label": str(it.label), "prediction": str(pred), "correct": pred == it.label,
+            "steps": s.n_steps, "steps_scored": len(s.values), "generations": s.generations(),
+            "fallbacks": s.fallbacks(),
+            "step_rewards": json.dumps([None if r is None else round(r, 4) for r in s.rewards(plan.k)]),
+        })
+    for it, s in zip(prmb_items, prmb_scored, strict=True):
+        rewards = [r for r in s.rewards(plan.k) if r is not None]
+        labels = benchmarks.step_labels(rewards, prmb_threshold, comparison)
+        wrong = [i + 1 for i, ok in enumerate(labels) if not ok]
+        gold = {e for e in it.error_steps if e <= len(labels)}
+        rows.append({
+            "model": model, "benchmark": "prmbench", "id": s.id, "group": it.classification,
+            "label": json.dumps(sorted(gold)), "prediction": json.dumps(wrong), "correct": set(wrong) == gold,
+            "steps": s.n_steps, "steps_scored": len(s.values), "generations": s.generations(),
+            "fallbacks": s.fallbacks(), "step_rewards": json.dumps([round(r, 4) for r in rewards]),
+        })
+    return rows
+
+
+def _evaluate_model(params: Params, name: str, plan: SweepPlan, pb_items: list[ProcessBenchItem],
+                    prmb_items: list[PRMBenchItem], subsets: list[str]) -> dict[str, Any]:
+    from components.backends import load_backend
+
+    ev = params.evaluate
+    path, evaluated = resolve_model(name)
+    if evaluated != name:
+        console.print(f"[yellow]model {name!r} not found at {paths.model_dir(name)}: evaluating the base model "
+                      f"({path}) in its place[/yellow]")
+    scoring = sampling_scoring(params, plan)
+    tag = f"{evaluated}:{model_fingerprint(path)}:{params.model.dtype}"
+    backend = load_backend(params.backend, path, dtype=params.model.dtype)
+    try:
+        fingerprint = scoring_fingerprint(backend, scoring, tag)
+        pb_scored = StepScorer(
+            backend, scoring, ev.early_exit, exit_points=plan.points,
+            journal=journal_path(evaluated, "processbench", fingerprint), journal_tag=tag,
+            desc=f"{name} processbench",
+        ).score_detailed(processbench_solutions(pb_items))
+        prmb_scored = StepScorer(
+            backend, scoring, False, journal=journal_path(evaluated, "prmbench", fingerprint), journal_tag=tag,
+            desc=f"{name} prmbench",
+        ).score_detailed(prmbench_solutions(prmb_items))
+    finally:
+        backend.close()
+
+    info = {"model": name, "evaluated_model": evaluated, "model_path": str(path), "substituted": evaluated != name}
+    thr, cmp_ = ev.prmbench.threshold, ev.prmbench.comparison
+    pb = {**info, "k": plan.k, "threshold": plan.threshold,
+          **processbench_at(pb_items, pb_scored, subsets, plan.k, plan.threshold),
+          "cost": processbench_cost(pb_items, pb_scored, plan, ev.early_exit)}
+    prmb = {**info, "k": plan.k, "threshold": thr, "comparison": cmp_,
+            **prmbench_at(prmb_items, prmb_scored, plan.k, thr, cmp_),
+            "generations": sum(s.generations() for s in prmb_scored),
+            "fallbacks": sum(s.fallbacks() for s in prmb_scored)}
+    scaling = {
+        "processbench_k": {str(k): _curve_point(processbench_at(pb_items, pb_scored, subsets, k, plan.threshold))
+                           for k in plan.ks},
+        "processbench_threshold": {f"{t:g}": _curve_point(processbench_at(pb_items, pb_scored, subsets, plan.k, t))
+                                   for t in plan.thresholds},
+        "prmbench_k": {str(k): prmbench_at(prmb_items, prmb_scored, k, thr, cmp_)["prmscore"] for k in plan.ks},
+        "prmbench_threshold": {f"{t:g}": prmbench_at(prmb_items, prmb_scored, plan.k, t, cmp_)["prmscore"]
+                               for t in plan.thresholds},
+    }
+
+    out = paths.SCORES / name
+    write_jsonl(out / "processbench.jsonl", (s.to_step_scores(plan.threshold, plan.k) for s in pb_scored))
+    write_jsonl(out / "prmbench.jsonl", (s.to_step_scores(thr, plan.k) for s in prmb_scored))
+    write_jsonl(out / "prmbench_results.jsonl", (
+        benchmarks.prmbench_result_line(it, [r for r in s.rewards(plan.k) if r is not None], thr, cmp_)
+        for it, s in zip(prmb_items, prmb_scored, strict=True)
+    ))
+    rows = _prediction_rows(name, pb_items, pb_scored, prmb_items, prmb_scored, plan, thr, cmp_)
+    console.print(benchmarks.processbench_table(pb, f"ProcessBench: {name} (K={plan.k}, threshold {plan.threshold})"))
+    console.print(benchmarks.prmbench_table(prmb, f"PRMBench: {name} (K={plan.k}, score {cmp_} {thr})"))
+    c = pb["cost"]
+    console.print(f"{name}: ProcessBench scored {c['steps_scored']}/{c['steps_total']} steps "
+                  f"({c['generations']} analyses; early exit saved {_pct(c['saved_fraction'])}, a headline-only "
+                  f"early exit would save {_pct(c['saved_fraction_headline_early_exit'])})")
+    return {"processbench": pb, "prmbench": prmb, "scaling": scaling, "rows": rows}
+
+
+def _pct(x: float | None) -> str:
+    return "-" if x is None else f"{100 * x:.1f}%"
+
+
+def _curve_point(report: dict[str, Any]) -> dict[str, Any]:
+    return {"avg_f1": report["avg_f1"], "subsets": {s: r["f1"] for s, r in report["subsets"].items()}}
+
+
+def _write_plots(models: list[str], scaling: dict[str, Any], prmb: dict[str, Any], subsets: list[str],
+                 plan: SweepPlan) -> list[Path]:
+    head = models[-1]
+    k_rows, t_rows = [], []
+    for k in plan.ks:
+        point = scaling[head]["processbench_k"][str(k)]
+        row = {"k": k, "f1_avg": point["avg_f1"], "model": head, **{f"f1_{s}": point["subsets"][s] for s in subsets}}
+        row.update({f"f1_avg_{m}": scaling[m]["processbench_k"][str(k)]["avg_f1"] for m in models})
+        row.update({f"prmscore_{m}": scaling[m]["prmbench_k"][str(k)] for m in models})
+        k_rows.append(row)
+    for t in plan.thresholds:
+        point = scaling[head]["processbench_threshold"][f"{t:g}"]
+        row = {"threshold": t, "f1_avg": point["avg_f1"], "model": head,
+               **{f"f1_{s}": point["subsets"][s] for s in subsets}}
+        row.update({f"f1_avg_{m}": scaling[m]["processbench_threshold"][f"{t:g}"]["avg_f1"] for m in models})
+        row.update({f"prmscore_{m}": scaling[m]["prmbench_threshold"][f"{t:g}"] for m in models})
+        t_rows.append(row)
+    extra = [f"f1_{s}" for s in subsets] + [f"f1_avg_{m}" for m in models] + [f"prmscore_{m}" for m in models]
+    out = [
+        plots.write_csv(SCALING_CSV, k_rows, ["k", "f1_avg", "model", *extra]),
+        plots.write_csv(THRESHOLD_CSV, t_rows, ["threshold", "f1_avg", "model", *extra]),
+    ]
+    k_series: dict[str, dict[float, float | None]] = {
+        f"{m} avg": {k: scaling[m]["processbench_k"][str(k)]["avg_f1"] for k in plan.ks} for m in models
+    }
+    k_series.update({f"{head} {s}": {k: scaling[head]["processbench_k"][str(k)]["subsets"][s] for k in plan.ks}
+                     for s in subsets})
+    out.append(plots.line_plot(k_series, SCALING_PNG, title="ProcessBench F1 vs sampled analyses K",
+                               x_label="K (analyses per step)", y_label="F1", log2_x=True,
+                               dashed=[f"{head} {s}" for s in subsets]))
+    t_series: dict[str, dict[float, float | None]] = {
+        f"{m} avg": {t: scaling[m]["processbench_threshold"][f"{t:g}"]["avg_f1"] for t in plan.thresholds}
+        for m in models
+    }
+    t_series.update({f"{head} {s}": {t: scaling[head]["processbench_threshold"][f"{t:g}"]["subsets"][s]
+                                     for t in plan.thresholds} for s in subsets})
+    out.append(plots.line_plot(t_series, THRESHOLD_PNG, title=f"ProcessBench F1 vs threshold (K={plan.k})",
+                               x_label="threshold", y_label="F1", dashed=[f"{head} {s}" for s in subsets]))
+    bars = {
+        m: {"overall": r["prmscore"], **r["groups"], **{c: v["prmscore"] for c, v in r["classes"].items()}}
+        for m, r in prmb.items()
+    }
+    out.append(plots.bar_plot(bars, PRMBENCH_PNG, title=f"PRMBench PRMScore (K={plan.k})", y_label="PRMScore"))
+    return out
+
+
+def run(params: Params) -> dict[str, Any]:
+    """Evaluate every model of evaluate.models; write reports, plots and scores; log to MLflow."""
+    import mlflow
+
+    from components import tracking
+
+    ev = params.evaluate
+    if not ev.models:
+        raise DataError("params", None, "evaluate.models", "no model to evaluate")
+    plan = sweep_plan(params)
+    pb_items, prmb_items = _load_benchmarks()
+    seen = {benchmarks.processbench_subset(it) for it in pb_items}
+    subsets = [s for s in ev.processbench.subsets if s in seen] + sorted(seen - set(ev.processbench.subsets))
+    inputs = [paths.PROCESSBENCH, paths.PRMBENCH, *dict.fromkeys(resolve_model(m)[0] for m in ev.models)]
+    with tracking.stage_run("evaluate", params, sections=["backend", "scoring", "evaluate"], inputs=inputs):
+        results = {m: _evaluate_model(params, m, plan, pb_items, prmb_items, subsets) for m in dict.fromkeys(ev.models)}
+        models = list(results)
+        head = models[-1]
+        pb_report = {
+            "processbench_avg_f1": results[head]["processbench"]["avg_f1"],
+            "headline_model": head, "k": plan.k, "k_sampled": plan.k_max, "threshold": plan.threshold,
+            "models": {m: r["processbench"] for m, r in results.items()},
+        }
+        prmb_report = {
+            "prmbench_prmscore": results[head]["prmbench"]["prmscore"],
+            "headline_model": head, "k": plan.k, "threshold": ev.prmbench.threshold,
+            "comparison": ev.prmbench.comparison,
+            "models": {m: r["prmbench"] for m, r in results.items()},
+        }
+        scaling = {m: r["scaling"] for m, r in results.items()}
+        scaling_report = {"ks": plan.ks, "thresholds": plan.thresholds, "k": plan.k, "threshold": plan.threshold,
+                          "models": scaling}
+        write_json(PROCESSBENCH_REPORT, pb_report)
+        write_json(PRMBENCH_REPORT, prmb_report)
+        write_json(SCALING_REPORT, scaling_report)
+        figures = _write_plots(models, scaling, {m: r["prmbench"] for m, r in results.items()}, subsets, plan)
+
+        tracking.log_report(pb_report, "reports/processbench.json")
+        tracking.log_report(prmb_report, "reports/prmbench.json")
+        tracking.log_report(scaling_report, "reports/scaling.json")
+        for m in models:
+            for k in plan.ks:
+                f1 = scaling[m]["processbench_k"][str(k)]["avg_f1"]
+                if f1 is not None:
+                    mlflow.log_metric(f"{m}.processbench_avg_f1_vs_k", f1, step=k)
+        for f in figures:
+            mlflow.log_artifact(str(f), artifact_path="plots")
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", UserWarning)  # MLflow's schema hint about integer columns
+            tracking.log_table([row for r in results.values() for row in r["rows"]], "predictions.json")
+    return {"processbench": pb_report, "prmbench": prmb_report, "scaling": scaling_report}

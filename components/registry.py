@@ -1,0 +1,305 @@
+"""Model registry: the `register` stage (challenger) and the promotion gate (champion).
+
+`rprm register` logs the trained PRM folder (`models/<register.model>`, normally the DPO
+model) as an MLflow pyfunc model from code (`components/serving.py`), with its signature
+(question + steps in; step rewards, first error and verdicts out) and the scoring and backend
+parameters as the model config; registers it as a new version of `tracking.registered_model`,
+points the alias `register.alias` (`challenger`) at it, and tags the version with the
+headline metrics of `reports/processbench.json` and `reports/prmbench.json`, the run, the git
+commit and the model folder's hash. It writes `reports/registration.json`.
+
+`rprm promote` moves the alias `champion` to the challenger when the challenger's
+`promote.metric` (ProcessBench average F1) beats the champion's by more than `promote.margin`,
+or when there is no champion; otherwise it leaves the champion and says why. The decision is
+recorded as tags on both versions. Registry stages are deprecated in MLflow; only aliases are
+used.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import warnings
+from datetime import UTC, datetime
+from importlib import metadata
+from pathlib import Path
+from typing import Any
+
+import components
+from components import paths, serving, tracking
+from components.config import Params
+from components.io import DataError, write_json
+
+log = logging.getLogger(__name__)
+
+CHAMPION = "champion"
+PROCESSBENCH_REPORT = paths.REPORTS / "processbench.json"
+PRMBENCH_REPORT = paths.REPORTS / "prmbench.json"
+REGISTRATION_REPORT = paths.REPORTS / "registration.json"
+LOGGED_MODEL_NAME = "prm"  # the pyfunc's name inside the register run
+SERVING_REQUIREMENTS = (
+    "mlflow", "torch", "transformers", "tokenizers", "safetensors", "accelerate",
+    "pydantic", "pyyaml", "numpy", "pandas",
+)
+
+
+# --------------------------------------------------------------------------------------
+# Headline metrics
+# --------------------------------------------------------------------------------------
+
+
+def _read_report(path: Path) -> dict[str, Any]:
+    if not path.exists():
+        raise DataError(path, None, None, "report not found; run the evaluate stage first")
+    try:
+        obj = json.loads(path.read_text(encoding="utf-8"))
+    except json.JSONDecodeError as err:
+        raise DataError(path, err.lineno, None, f"invalid JSON: {err.msg}") from None
+    if not isinstance(obj, dict):
+        raise DataError(path, None, None, "expected a JSON object")
+    return obj
+
+
+def _number(value: Any) -> float | None:
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        return None
+    return float(value) if math.isfinite(value) else None
+
+
+def _model_section(report: dict[str, Any], path: Path, model: str) -> dict[str, Any]:
+    """The metrics of `model` in an evaluate report (`{"models": {name: {...}}}`, or flat)."""
+    models = report.get("models")
+    if not isinstance(models, dict):
+        return report
+    section = models.get(model)
+    if not isinstance(section, dict):
+        raise DataError(path, None, f"models.{model}",
+                        f"model '{model}' was not evaluated (add it to evaluate.models)")
+    return section
+
+
+def headline_metrics(model: str, reports: Path = paths.REPORTS) -> dict[str, float]:
+    """The model's headline metrics from the evaluate reports (ProcessBench F1s, PRMScore).
+
+    Keys: `processbench_avg_f1`, `processbench_<subset>_f1`, `prmbench_prmscore`,
+    `prmbench_<group>`. Undefined values (null: e.g. a ProcessBench subset without correct or
+    without erroneous solutions has no F1) are left out.
+    """
+    out: dict[str, float] = {}
+    pb_path = reports / PROCESSBENCH_REPORT.name
+    pb = _model_section(_read_report(pb_path), pb_path, model)
+    if (v := _number(pb.get("avg_f1"))) is not None:
+        out["processbench_avg_f1"] = v
+    for subset, row in (pb.get("subsets") or {}).items():
+        if isinstance(row, dict) and (v := _number(row.get("f1"))) is not None:
+            out[f"processbench_{subset}_f1"] = v
+    prm_path = reports / PRMBENCH_REPORT.name
+    prm = _model_section(_read_report(prm_path), prm_path, model)
+    if (v := _number(prm.get("prmscore"))) is not None:
+        out["prmbench_prmscore"] = v
+    for group, value in (prm.get("groups") or {}).items():
+        if (v := _number(value)) is not None:
+            out[f"prmbench_{group}"] = v
+    return out
+
+
+# --------------------------------------------------------------------------------------
+# register
+# --------------------------------------------------------------------------------------
+
+
+def model_config(params: Params) -> dict[str, Any]:
+    """What the served model is built from: scoring and backend parameters, weights dtype."""
+    return {
+        "scoring": params.scoring.model_dump(mode="json"),
+        "backend": params.backend.model_dump(mode="json"),
+        "dtype": params.model.dtype,
+    }
+
+
+def serving_requirements() -> list[str]:
+    """Pinned pip requirements of the serving environment (this environment's versions)."""
+    return [f"{name}=={metadata.version(name)}" for name in SERVING_REQUIREMENTS]
+
+
+def _log_pyfunc(params: Params, model_dir: Path, model_hash: str) -> Any:
+    """Log the PRM folder as a models-from-code pyfunc in the active run."""
+    import mlflow
+
+    return mlflow.pyfunc.log_model(
+        name=LOGGED_MODEL_NAME,
+        python_model=Path(serving.__file__),
+        artifacts={serving.MODEL_ARTIFACT: str(model_dir)},
+        code_paths=[str(Path(components.__file__).parent)],
+        model_config=model_config(params),
+        signature=serving.signature(),
+        pip_requirements=serving_requirements(),
+        metadata={"rprm": {"model": params.register.model, "model_md5": model_hash,
+                           "scoring": params.scoring.model_dump(mode="json")}},
+    )
+
+
+def _check_model_dir(model_dir: Path) -> None:
+    if not (model_dir / "config.json").exists():
+        raise DataError(model_dir, None, None, "not a model folder (no config.json); run the training stages first")
+    if not any(model_dir.glob("tokenizer*")):
+        raise DataError(model_dir, None, None, "model folder has no tokenizer")
+
+
+def run_register(params: Params) -> dict[str, Any]:
+    """`rprm register`: log the PRM as a pyfunc, register a version with alias challenger."""
+    import mlflow
+
+    model_dir = paths.model_dir(params.register.model)
+    _check_model_dir(model_dir)
+    metrics = headline_metrics(params.register.model)
+    name = params.tracking.registered_model
+    inputs = [model_dir, PROCESSBENCH_REPORT, PRMBENCH_REPORT]
+    sections = ["backend", "scoring", "tracking", "register"]
+    with tracking.stage_run("register", params, sections, inputs=inputs) as run:
+        model_hash = tracking.data_hash(model_dir)
+        with warnings.catch_warnings():
+            # No input example on purpose (validating one would load the model and sample K
+            # analyses at registration); the signature is explicit.
+            warnings.filterwarnings("ignore", message=".*input example was not provided")
+            info = _log_pyfunc(params, model_dir, model_hash)
+        client = mlflow.MlflowClient()
+        _ensure_registered_model(client, name)
+        commit = tracking.git_commit()
+        tags = {
+            **{k: f"{v:.6g}" for k, v in metrics.items()},
+            "source.run_id": run.info.run_id,
+            "source.model": params.register.model,
+            "source.model_md5": model_hash,
+            **({"source.git_commit": commit} if commit else {}),
+            "scoring.k": str(params.scoring.sampling.n),
+            "scoring.threshold": str(params.scoring.threshold),
+        }
+        version = mlflow.register_model(info.model_uri, name, tags=tags)
+        client.set_registered_model_alias(name, params.register.alias, version.version)
+        tracking.log_report({f"headline.{k}": v for k, v in metrics.items()})
+        report = {
+            "registered_model": name,
+            "version": int(version.version),
+            "alias": params.register.alias,
+            "model_uri": f"models:/{name}/{version.version}",
+            "alias_uri": f"models:/{name}@{params.register.alias}",
+            "logged_model_uri": info.model_uri,
+            "run_id": run.info.run_id,
+            "model": params.register.model,
+            "model_md5": model_hash,
+            "metrics": metrics,
+        }
+        mlflow.log_text(json.dumps(report, indent=2, sort_keys=True), "reports/registration.json")
+    write_json(REGISTRATION_REPORT, report)
+    gate_metric = metrics.get(params.promote.metric)
+    print(f"registered {name} version {version.version} as @{params.register.alias} "
+          + (f"({params.promote.metric}={gate_metric:.4g})" if gate_metric is not None else
+             f"(no {params.promote.metric}: undefined on this evaluation; the promotion gate "
+             "cannot compare this version with a champion)"))
+    return report
+
+
+def _ensure_registered_model(client: Any, name: str) -> None:
+    from mlflow.exceptions import MlflowException
+
+    try:
+        client.get_registered_model(name)
+    except MlflowException:
+        client.create_registered_model(
+            name,
+            description="R-PRM generative process reward model: question + steps -> per-step "
+            "rewards (mean P(Yes) over K analyses), predicted first error, verdicts. "
+            "Aliases: challenger (latest registered), champion (promoted, served).",
+        )
+
+
+# --------------------------------------------------------------------------------------
+# promote
+# --------------------------------------------------------------------------------------
+
+
+def _version_by_alias(client: Any, name: str, alias: str) -> Any | None:
+    from mlflow.exceptions import MlflowException
+
+    try:
+        return client.get_model_version_by_alias(name, alias)
+    except MlflowException:
+        return None
+
+
+def _metric(version: Any, key: str) -> float | None:
+    raw = (version.tags or {}).get(key)
+    try:
+        value = float(raw) if raw is not None else None
+    except ValueError:
+        return None
+    return value if value is not None and math.isfinite(value) else None
+
+
+def promote(params: Params) -> dict[str, Any]:
+    """`rprm promote`: move `champion` to the challenger if it wins by the margin; record why."""
+    import mlflow
+
+    tracking.setup(params)
+    client = mlflow.MlflowClient()
+    name, key, margin = params.tracking.registered_model, params.promote.metric, params.promote.margin
+    challenger = _version_by_alias(client, name, params.register.alias)
+    champion = _version_by_alias(client, name, CHAMPION)
+    decision: dict[str, Any] = {
+        "registered_model": name,
+        "metric": key,
+        "margin": margin,
+        "challenger": int(challenger.version) if challenger else None,
+        "champion_before": int(champion.version) if champion else None,
+        "challenger_metric": _metric(challenger, key) if challenger else None,
+        "champion_metric": _metric(champion, key) if champion else None,
+    }
+    if challenger is None:
+        promoted, reason = False, f"no version has the alias '{params.register.alias}'; run `rprm register`"
+    elif champion is not None and champion.version == challenger.version:
+        promoted, reason = False, f"version {challenger.version} is already the champion"
+    elif champion is None:
+        promoted, reason = True, "no champion yet" + (
+            "" if decision["challenger_metric"] is not None else f" (the challenger has no '{key}')")
+    elif decision["challenger_metric"] is None:
+        promoted, reason = False, (f"challenger version {challenger.version} has no '{key}' "
+                                   "(undefined on its evaluation); the champion stays")
+    elif decision["champion_metric"] is None:
+        promoted, reason = False, (f"champion version {champion.version} has no '{key}' tag; "
+                                   "compare by hand and move the alias if intended")
+    else:
+        gain = decision["challenger_metric"] - decision["champion_metric"]
+        decision["gain"] = gain
+        promoted = gain > margin
+        verb = "beats" if promoted else "does not beat"
+        reason = (f"challenger {key}={decision['challenger_metric']:.6g} {verb} champion "
+                  f"{decision['champion_metric']:.6g} by more than {margin:g} (gain {gain:+.6g})")
+    decision.update(promoted=promoted, reason=reason,
+                    champion_after=int(challenger.version) if promoted else decision["champion_before"],
+                    decided_at=datetime.now(UTC).isoformat(timespec="seconds"))
+    if promoted:
+        client.set_registered_model_alias(name, CHAMPION, challenger.version)
+    _record(client, name, decision, challenger, champion)
+    print(("promoted: " if promoted else "no promotion: ") + reason)
+    return decision
+
+
+def _record(client: Any, name: str, decision: dict[str, Any], challenger: Any, champion: Any) -> None:
+    """Tag the decision on the challenger and on the champion it was compared with."""
+    if challenger is None:
+        return
+    outcome = "promoted" if decision["promoted"] else "kept"
+    if champion is not None and champion.version == challenger.version:
+        return  # nothing was compared
+    common = {"promotion.decision": outcome, "promotion.reason": decision["reason"],
+              "promotion.decided_at": decision["decided_at"]}
+    for k, v in common.items():
+        client.set_model_version_tag(name, challenger.version, k, v)
+    if champion is not None:
+        client.set_model_version_tag(name, challenger.version, "promotion.compared_with", champion.version)
+        role = "replaced_by" if decision["promoted"] else "defended_against"
+        client.set_model_version_tag(name, champion.version, f"promotion.{role}", challenger.version)
+        client.set_model_version_tag(name, champion.version, "promotion.reason", decision["reason"])
+        client.set_model_version_tag(name, champion.version, "promotion.decided_at", decision["decided_at"])

@@ -1,0 +1,810 @@
+"""SFT and DPO stages (TRL), with checkpoint resume and multi-process launch (rprm-method.md 3, 4).
+
+`rprm sft` trains the base model on the synthesized analyses with TRL's `SFTTrainer`; `rprm dpo`
+trains the SFT model on its own preference pairs with `DPOTrainer`, the SFT model being the
+reference. Both follow the same path:
+
+1. Preflight, before any training: the training files are read and validated (an empty file, a
+   record whose verdict does not match its analysis, or a file whose rarer verdict is below
+   `<stage>.min_verdict_share` stops the stage naming file, line and field); the input model
+   folder must hold a config, a tokenizer and a chat template; the checkpoint folder is
+   inspected (see *Checkpoints*).
+2. Loss masking (one approach for every model): each example is a *conversational
+   prompt-completion* record, prompt = [system, user] messages and completion = [assistant
+   analysis]. TRL renders both with the model's own chat template and computes the loss on the
+   completion only (`completion_only_loss=True`): every prompt token has label -100, the
+   analysis and the end-of-turn token are trained. This needs no `{% generation %}` markers, so
+   it works the same for the tiny model, SmolLM2 (GGUF) and Qwen2.5-Math. DPO uses the same
+   prompt / chosen / rejected conversational form.
+3. Examples longer than `max_length` tokens (DPO: prompt + either answer; or prompts longer
+   than `dpo.max_prompt_length`) are dropped and counted instead of truncated, because
+   truncation would cut the verdict line, the one thing the model must learn to write.
+4. Training reports to MLflow (`report_to=["mlflow"]`) into the stage's run, opened with
+   :func:`components.tracking.stage_run`; the report JSON is logged there too.
+5. The final model is saved as a Hugging Face folder (LoRA adapters merged into the weights) to
+   a temporary folder beside the target and renamed into place.
+
+Checkpoints live in `checkpoints/<stage>/checkpoint-<step>`. When a checkpoint is fully written
+(after the trainer's own save), a marker `rprm_checkpoint.json` records the run's fingerprint
+(the stage's training params, the hashes of the data files and of the input model) and the size
+of every file. On a rerun the stage resumes from the newest checkpoint automatically:
+- a checkpoint without a marker was interrupted while saving: it is deleted with a warning and
+  the previous one is used;
+- a checkpoint whose fingerprint differs (params, data or input model changed) is stale: the
+  folder is cleared with a warning and training starts over;
+- a marked checkpoint whose files are missing, truncated or unreadable is corrupt: the stage
+  stops before training with a message naming the file (delete that checkpoint to resume from
+  the previous one).
+
+Multi-process: when `<stage>.num_processes > 1` the stage relaunches itself as
+`accelerate launch --config_file <accelerate_config> --num_processes N -m components.training
+<stage> --params <file>`; the workers see `RPRM_TRAINING_WORKER=1` and never relaunch. The
+launcher keeps the MLflow run open and hands its id to the workers (`RPRM_TRAINING_RUN_ID`); rank 0
+reopens it, so its trainer logs the curves into the stage's run.
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import logging
+import os
+import shutil
+import socket
+import subprocess
+import sys
+import tempfile
+import warnings
+from collections import Counter
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from components import paths
+from components.config import DPOParams, Params, TrainParams, dump_params, load_params
+from components.io import DataError, iter_json_lines, parse_record, read_json, write_json
+from components.prompts import VERDICT_NO, VERDICT_YES, parse_verdict
+from components.records import PreferencePair, SFTExample
+
+log = logging.getLogger(__name__)
+
+WORKER_ENV = "RPRM_TRAINING_WORKER"
+RUN_ID_ENV = "RPRM_TRAINING_RUN_ID"  # the stage's MLflow run, reopened by rank 0 of a launch
+MARKER = "rprm_checkpoint.json"
+STAGES = ("sft", "dpo")
+# Params that change how often things are logged or saved, never the trained weights.
+_NON_TRAJECTORY_KEYS = ("logging_steps", "eval_steps", "save_steps", "save_total_limit", "accelerate_config")
+_TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "vocab.json")
+_HEAD_BYTES = 1024 * 1024
+
+
+class TrainingError(RuntimeError):
+    """A training stage could not run (launcher failure, nothing left to train on)."""
+
+
+# --------------------------------------------------------------------------------------
+# Stage entry points
+# --------------------------------------------------------------------------------------
+
+
+def run_sft(params: Params) -> dict[str, Any]:
+    """`rprm sft`: fine-tune models/base on data/synth into models/sft; return reports/sft.json."""
+    return _run_stage("sft", params)
+
+
+def run_dpo(params: Params) -> dict[str, Any]:
+    """`rprm dpo`: DPO of models/sft (also the reference) on data/pairs into models/dpo."""
+    return _run_stage("dpo", params)
+
+
+@dataclass(frozen=True)
+class StageIO:
+    """What one training stage reads and writes."""
+
+    stage: str
+    model_in: Path
+    train_file: Path
+    val_file: Path
+    model_out: Path
+    checkpoints: Path
+    report: Path
+
+
+def stage_io(stage: str) -> StageIO:
+    """Input/output paths of the `sft` or `dpo` stage (see components.paths)."""
+    if stage == "sft":
+        return StageIO("sft", paths.BASE_MODEL, paths.SFT_TRAIN, paths.SFT_VAL, paths.SFT_MODEL,
+                       paths.CHECKPOINTS / "sft", paths.REPORTS / "sft.json")
+    if stage == "dpo":
+        return StageIO("dpo", paths.SFT_MODEL, paths.DPO_TRAIN, paths.DPO_VAL, paths.DPO_MODEL,
+                       paths.CHECKPOINTS / "dpo", paths.REPORTS / "dpo.json")
+    raise ValueError(f"unknown training stage {stage!r} (expected one of {STAGES})")
+
+
+def _section(stage: str, params: Params) -> TrainParams:
+    return params.sft if stage == "sft" else params.dpo
+
+
+def _run_stage(stage: str, params: Params) -> dict[str, Any]:
+    from components import tracking
+
+    io_ = stage_io(stage)
+    section = _section(stage, params)
+    data = load_stage_data(stage, params)  # bad data fails here, before MLflow or training
+    check_model_dir(io_.model_in, "SFT" if stage == "dpo" else "base")
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # only a corrupt checkpoint matters here; train() warns
+        inspect_checkpoints(io_.checkpoints, fingerprint(stage, params), clean=False)
+    log.info("%s: %d training / %d validation examples", stage, len(data.train), len(data.val))
+    with tracking.stage_run(
+        stage, params, sections=[stage], inputs=[io_.model_in, io_.train_file, io_.val_file]
+    ) as run:
+        if section.num_processes > 1 and not os.environ.get(WORKER_ENV):
+            report = _launch(stage, params, run.info.run_id)
+        else:
+            report = train(stage, params)
+        tracking.log_report(report, f"{stage}.json")
+    return report
+
+
+# --------------------------------------------------------------------------------------
+# Data
+# --------------------------------------------------------------------------------------
+
+
+@dataclass
+class StageData:
+    """Validated training rows of one stage, as TRL conversational prompt-completion dicts."""
+
+    train: list[dict[str, Any]]
+    val: list[dict[str, Any]]
+    verdicts: dict[str, int] = field(default_factory=dict)
+
+
+def _sft_row(rec: SFTExample, path: Path, line: int) -> dict[str, Any]:
+    msgs = [m.model_dump() for m in rec.messages]
+    if msgs[-1]["role"] != "assistant":
+        raise DataError(path, line, "messages", "the last message must be the assistant's analysis")
+    if any(m["role"] == "assistant" for m in msgs[:-1]):
+        raise DataError(path, line, "messages", "only the last message may be the assistant's")
+    parsed = parse_verdict(msgs[-1]["content"])
+    if parsed.verdict != rec.verdict:
+        raise DataError(path, line, "verdict",
+                        f"record says {rec.verdict!r} but the analysis parses as {parsed.verdict!r}"
+                        + (f" ({parsed.reason})" if parsed.reason else ""))
+    return {"id": rec.id, "prompt": msgs[:-1], "completion": msgs[-1:], "verdict": rec.verdict}
+
+
+def _dpo_row(rec: PreferencePair, path: Path, line: int) -> dict[str, Any]:
+    chosen = parse_verdict(rec.chosen)
+    if chosen.verdict != rec.chosen_verdict:
+        raise DataError(path, line, "chosen",
+                        f"must end with the {rec.chosen_verdict!r} verdict, parses as {chosen.verdict!r}")
+    opposite = VERDICT_NO if rec.chosen_verdict == "yes" else VERDICT_YES
+    n_verdicts = rec.rejected.count(VERDICT_YES) + rec.rejected.count(VERDICT_NO)
+    if n_verdicts != 1 or opposite not in rec.rejected:
+        raise DataError(path, line, "rejected", "must hold exactly one verdict, the opposite of the chosen one")
+    if rec.prompt[-1].role == "assistant":
+        raise DataError(path, line, "prompt", "the prompt must end with the user's turn")
+    prompt = [m.model_dump() for m in rec.prompt]
+    return {
+        "id": rec.id,
+        "problem_id": rec.problem_id,
+        "prompt": prompt,
+        "chosen": [{"role": "assistant", "content": rec.chosen}],
+        "rejected": [{"role": "assistant", "content": rec.rejected}],
+        "verdict": rec.chosen_verdict,
+    }
+
+
+def read_stage_file(stage: str, path: Path, *, allow_empty: bool) -> list[dict[str, Any]]:
+    """Read and validate an SFT (SFTExample) or DPO (PreferencePair) file into trainer rows."""
+    model, convert = (SFTExample, _sft_row) if stage == "sft" else (PreferencePair, _dpo_row)
+    rows: list[dict[str, Any]] = []
+    seen: dict[str, int] = {}
+    for line, obj in iter_json_lines(path):
+        rec = parse_record(model, obj, path, line)
+        if rec.id in seen:
+            raise DataError(path, line, "id", f"duplicate id {rec.id!r} (first on line {seen[rec.id]})")
+        seen[rec.id] = line
+        rows.append(convert(rec, path, line))
+    if not rows and not allow_empty:
+        raise DataError(path, None, None, "no records: nothing to train on")
+    return rows
+
+
+def check_balance(path: Path, rows: Sequence[dict[str, Any]], min_share: float, what: str) -> dict[str, int]:
+    """Counts of yes/no verdicts; DataError if the rarer one is below `min_share` of the rows."""
+    counts = Counter(r["verdict"] for r in rows)
+    n_yes, n_no = counts.get("yes", 0), counts.get("no", 0)
+    share = min(n_yes, n_no) / max(1, n_yes + n_no)
+    if min_share > 0 and share < min_share:
+        raise DataError(path, None, "verdict",
+                        f"unbalanced {what}: {n_yes} yes vs {n_no} no (rarer verdict {share:.1%} "
+                        f"< min_verdict_share {min_share:.0%}); rebalance the data or lower the param")
+    return {"yes": n_yes, "no": n_no}
+
+
+def load_stage_data(stage: str, params: Params) -> StageData:
+    """Read, validate and balance-check the stage's train/val files (no tokenizer needed)."""
+    io_ = stage_io(stage)
+    section = _section(stage, params)
+    train = read_stage_file(stage, io_.train_file, allow_empty=False)
+    val = read_stage_file(stage, io_.val_file, allow_empty=True) if io_.val_file.exists() else []
+    what = "analysis verdicts" if stage == "sft" else "chosen verdicts"
+    verdicts = check_balance(io_.train_file, train, section.min_verdict_share, what)
+    return StageData(train=train, val=val, verdicts=verdicts)
+
+
+def _ids(tokenizer: Any, messages: list[dict[str, str]], *, generation_prompt: bool = False) -> list[int]:
+    out = tokenizer.apply_chat_template(
+        messages, tokenize=True, add_generation_prompt=generation_prompt, return_dict=True
+    )
+    return list(out["input_ids"])
+
+
+def filter_by_length(
+    stage: str, rows: list[dict[str, Any]], tokenizer: Any, section: TrainParams
+) -> tuple[list[dict[str, Any]], int]:
+    """Drop rows longer than max_length (DPO: either answer; or prompt > max_prompt_length)."""
+    kept: list[dict[str, Any]] = []
+    for r in rows:
+        if stage == "sft":
+            too_long = len(_ids(tokenizer, r["prompt"] + r["completion"])) > section.max_length
+        else:
+            too_long = any(len(_ids(tokenizer, r["prompt"] + r[k])) > section.max_length
+                           for k in ("chosen", "rejected"))
+            limit = getattr(section, "max_prompt_length", None)
+            if limit is not None and not too_long:
+                too_long = len(_ids(tokenizer, r["prompt"], generation_prompt=True)) > limit
+        if not too_long:
+            kept.append(r)
+    return kept, len(rows) - len(kept)
+
+
+# --------------------------------------------------------------------------------------
+# Input model and checkpoints
+# --------------------------------------------------------------------------------------
+
+
+def check_model_dir(path: Path, what: str) -> None:
+    """The input model folder must hold a config, a tokenizer and a chat template."""
+    hint = "run `rprm base-model`" if what == "base" else "run `rprm sft`"
+    if not path.is_dir():
+        raise DataError(path, None, None, f"{what} model folder not found ({hint})")
+    if not (path / "config.json").is_file():
+        raise DataError(path, None, "config.json", f"not a Hugging Face model folder ({hint})")
+    if not any((path / f).is_file() for f in _TOKENIZER_FILES):
+        raise DataError(path, None, "tokenizer",
+                        f"{what} model folder has no tokenizer ({' / '.join(_TOKENIZER_FILES)}); {hint}")
+    from transformers import AutoTokenizer
+
+    try:
+        tok = AutoTokenizer.from_pretrained(str(path))
+    except Exception as err:  # noqa: BLE001 - any load failure is reported the same way
+        raise DataError(path, None, "tokenizer", f"tokenizer does not load: {err}") from None
+    if not getattr(tok, "chat_template", None):
+        raise DataError(path, None, "chat_template",
+                        f"{what} model's tokenizer has no chat template (needed for the chat examples)")
+
+
+def _file_head_digest(path: Path) -> str:
+    h = hashlib.sha256()
+    with path.open("rb") as fh:
+        h.update(fh.read(_HEAD_BYTES))
+    h.update(str(path.stat().st_size).encode())
+    return h.hexdigest()
+
+
+def _tree_digest(path: Path) -> str:
+    """Cheap identity of a file or folder: name, size and the first MiB of each file."""
+    h = hashlib.sha256()
+    files = [path] if path.is_file() else sorted(p for p in path.rglob("*") if p.is_file())
+    for f in files:
+        h.update(f.relative_to(path).as_posix().encode() if f != path else b".")
+        h.update(_file_head_digest(f).encode())
+    return h.hexdigest()
+
+
+def fingerprint(stage: str, params: Params) -> str:
+    """Identity of a training trajectory: its params, its data and its input model."""
+    io_ = stage_io(stage)
+    section = _section(stage, params).model_dump(mode="json")
+    for key in _NON_TRAJECTORY_KEYS:
+        section.pop(key, None)
+    ident = {
+        "stage": stage,
+        "params": section,
+        "dtype": params.model.dtype,
+        "train": _tree_digest(io_.train_file) if io_.train_file.exists() else None,
+        "val": _tree_digest(io_.val_file) if io_.val_file.exists() else None,
+        "model": _tree_digest(io_.model_in) if io_.model_in.exists() else None,
+    }
+    return hashlib.sha256(json.dumps(ident, sort_keys=True).encode()).hexdigest()
+
+
+def _checkpoint_step(path: Path) -> int | None:
+    name = path.name
+    if path.is_dir() and name.startswith("checkpoint-") and name[len("checkpoint-"):].isdigit():
+        return int(name[len("checkpoint-"):])
+    return None
+
+
+def _check_safetensors(path: Path) -> str | None:
+    """None if the safetensors header parses and the data fits in the file, else why not."""
+    size = path.stat().st_size
+    try:
+        with path.open("rb") as fh:
+            n = int.from_bytes(fh.read(8), "little")
+            if n <= 0 or 8 + n > size:
+                return "header length out of range"
+            header = json.loads(fh.read(n).decode("utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
+        return f"unreadable header ({err})"
+    end = max((v["data_offsets"][1] for k, v in header.items() if k != "__metadata__"), default=0)
+    if 8 + n + end > size:
+        return f"truncated ({size} bytes, tensors need {8 + n + end})"
+    return None
+
+
+def verify_checkpoint(ckpt: Path) -> dict[str, Any]:
+    """Check a marked checkpoint against its marker; DataError naming the bad file if corrupt."""
+    marker_path = ckpt / MARKER
+    try:
+        marker = json.loads(marker_path.read_text(encoding="utf-8"))
+        files = dict(marker["files"])
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError, KeyError, TypeError) as err:
+        raise DataError(marker_path, None, None, f"corrupt checkpoint marker ({err}); {_fix_hint(ckpt)}") from None
+    for rel, size in files.items():
+        f = ckpt / rel
+        if not f.is_file():
+            raise DataError(f, None, None, f"corrupt checkpoint: file missing; {_fix_hint(ckpt)}")
+        if f.stat().st_size != size:
+            raise DataError(f, None, None,
+                            f"corrupt checkpoint: {f.stat().st_size} bytes, {size} when saved; {_fix_hint(ckpt)}")
+        if f.suffix == ".safetensors":
+            problem = _check_safetensors(f)
+            if problem:
+                raise DataError(f, None, None, f"corrupt checkpoint: {problem}; {_fix_hint(ckpt)}")
+    try:
+        state = read_json(ckpt / "trainer_state.json")
+        int(state["global_step"])
+    except (DataError, KeyError, TypeError, ValueError) as err:
+        raise DataError(ckpt / "trainer_state.json", None, "global_step",
+                        f"corrupt checkpoint trainer state ({err}); {_fix_hint(ckpt)}") from None
+    return marker
+
+
+def _fix_hint(ckpt: Path) -> str:
+    return f"delete {ckpt} to resume from the previous checkpoint, or {ckpt.parent} to start over"
+
+
+@dataclass
+class CheckpointPlan:
+    """What to do with a checkpoint folder before training."""
+
+    resume_from: Path | None
+    unfinished: list[Path] = field(default_factory=list)
+    stale: list[Path] = field(default_factory=list)
+
+
+def inspect_checkpoints(folder: Path, current: str, *, clean: bool) -> CheckpointPlan:
+    """Find the checkpoint to resume from; with `clean`, delete unfinished and stale ones."""
+    ckpts = sorted((p for p in folder.iterdir() if _checkpoint_step(p) is not None),
+                   key=_checkpoint_step, reverse=True) if folder.is_dir() else []
+    plan = CheckpointPlan(resume_from=None)
+    for ckpt in ckpts:
+        if not (ckpt / MARKER).exists():
+            plan.unfinished.append(ckpt)
+            continue
+        marker = verify_checkpoint(ckpt)
+        if marker.get("fingerprint") != current:
+            plan.stale = [c for c in ckpts if c not in plan.unfinished]
+            break
+        plan.resume_from = ckpt
+        break
+    for ckpt in plan.unfinished:
+        warnings.warn(f"{ckpt}: checkpoint was interrupted while saving; "
+                      + ("deleted" if clean else "it will be deleted"), stacklevel=2)
+    if plan.stale:
+        warnings.warn(f"{folder}: checkpoints were written with other params, data or input model; "
+                      + ("deleted, training starts over" if clean else "they will be deleted"), stacklevel=2)
+    if clean:
+        for ckpt in plan.unfinished + plan.stale:
+            shutil.rmtree(ckpt, ignore_errors=True)
+    return plan
+
+
+def _marker_callback(fp: str) -> Any:
+    from transformers import TrainerCallback
+
+    class CheckpointMarker(TrainerCallback):
+        """After the trainer has written a checkpoint, record its fingerprint and file sizes."""
+
+        def on_save(self, args: Any, state: Any, control: Any, **kwargs: Any) -> Any:
+            import torch.distributed as dist
+
+            if dist.is_available() and dist.is_initialized():
+                dist.barrier()  # every rank has written its shard
+            if state.is_world_process_zero:
+                ckpt = Path(args.output_dir) / f"checkpoint-{state.global_step}"
+                files = {p.relative_to(ckpt).as_posix(): p.stat().st_size
+                         for p in sorted(ckpt.rglob("*")) if p.is_file() and p.name != MARKER}
+                write_json(ckpt / MARKER, {"fingerprint": fp, "step": state.global_step, "files": files})
+            return control
+
+    return CheckpointMarker()
+
+
+# --------------------------------------------------------------------------------------
+# Training (one process, or every process of an accelerate launch)
+# --------------------------------------------------------------------------------------
+
+
+def _use_cpu() -> bool:
+    import torch
+
+    return not torch.cuda.is_available()
+
+
+def _common_args(stage: str, section: TrainParams, io_: StageIO, has_val: bool) -> dict[str, Any]:
+    return {
+        "output_dir": str(io_.checkpoints),
+        "run_name": stage,
+        "report_to": ["mlflow"],
+        "learning_rate": section.learning_rate,
+        "num_train_epochs": section.num_train_epochs,
+        "max_steps": section.max_steps,
+        "per_device_train_batch_size": section.per_device_train_batch_size,
+        "per_device_eval_batch_size": section.per_device_train_batch_size,
+        "gradient_accumulation_steps": section.gradient_accumulation_steps,
+        "max_length": section.max_length,
+        "warmup_steps": section.warmup_ratio,  # a float < 1 is a ratio of the total steps
+        "lr_scheduler_type": section.lr_scheduler_type,
+        "weight_decay": section.weight_decay,
+        "seed": section.seed,
+        "data_seed": section.seed,
+        "logging_steps": section.logging_steps,
+        "logging_first_step": True,
+        "eval_strategy": ("steps" if section.eval_steps else "epoch") if has_val else "no",
+        "eval_steps": section.eval_steps,
+        "save_strategy": "steps",
+        "save_steps": section.save_steps,
+        "save_total_limit": section.save_total_limit,
+        "bf16": section.bf16,
+        "activation_checkpointing": section.gradient_checkpointing,
+        "use_cpu": _use_cpu(),
+        "dataloader_pin_memory": not _use_cpu(),
+        "dataloader_num_workers": 0,
+        "ddp_find_unused_parameters": False,
+    }
+
+
+def _peft_config(section: TrainParams) -> Any:
+    if not section.lora.enabled:
+        return None
+    from peft import LoraConfig
+
+    lora = section.lora
+    return LoraConfig(r=lora.r, lora_alpha=lora.alpha, lora_dropout=lora.dropout,
+                      target_modules=list(lora.target_modules), task_type="CAUSAL_LM")
+
+
+def _load_model(path: Path, params: Params) -> Any:
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    return AutoModelForCausalLM.from_pretrained(str(path), dtype=getattr(torch, params.model.dtype))
+
+
+def build_trainer(stage: str, params: Params) -> tuple[Any, dict[str, Any]]:
+    """Validate inputs and build the TRL trainer of a stage; returns (trainer, preparation info)."""
+    from datasets import Dataset
+    from transformers import AutoTokenizer
+
+    io_ = stage_io(stage)
+    section = _section(stage, params)
+    data = load_stage_data(stage, params)
+    check_model_dir(io_.model_in, "SFT" if stage == "dpo" else "base")
+    tokenizer = AutoTokenizer.from_pretrained(str(io_.model_in))
+    train_rows, dropped_train = filter_by_length(stage, data.train, tokenizer, section)
+    val_rows, dropped_val = filter_by_length(stage, data.val, tokenizer, section)
+    if not train_rows:
+        raise DataError(io_.train_file, None, None,
+                        f"every example is longer than {stage}.max_length={section.max_length} tokens")
+    columns = ("prompt", "completion") if stage == "sft" else ("prompt", "chosen", "rejected")
+    train_ds = Dataset.from_list([{k: r[k] for k in columns} for r in train_rows])
+    val_ds = Dataset.from_list([{k: r[k] for k in columns} for r in val_rows]) if val_rows else None
+    args_kw = _common_args(stage, section, io_, val_ds is not None)
+    fp = fingerprint(stage, params)
+    callbacks = [_marker_callback(fp)]
+    model = _load_model(io_.model_in, params)
+    if stage == "sft":
+        from trl import SFTConfig, SFTTrainer
+
+        args = SFTConfig(**args_kw, completion_only_loss=True, assistant_only_loss=False, packing=False)
+        trainer = SFTTrainer(model=model, args=args, train_dataset=train_ds, eval_dataset=val_ds,
+                             processing_class=tokenizer, peft_config=_peft_config(section),
+                             callbacks=callbacks)
+    else:
+        from trl import DPOConfig, DPOTrainer
+
+        assert isinstance(section, DPOParams)
+        args = DPOConfig(**args_kw, beta=section.beta, loss_type=[section.loss_type],
+                         precompute_ref_log_probs=section.precompute_ref_log_probs)
+        ref_model = None
+        if not section.lora.enabled and not section.precompute_ref_log_probs:
+            ref_model = _load_model(io_.model_in, params)  # the SFT model, frozen
+        trainer = DPOTrainer(model=model, ref_model=ref_model, args=args, train_dataset=train_ds,
+                             eval_dataset=val_ds, processing_class=tokenizer,
+                             peft_config=_peft_config(section), callbacks=callbacks)
+    info = {
+        "train_examples": len(train_rows),
+        "val_examples": len(val_rows),
+        "dropped_too_long": {"train": dropped_train, "val": dropped_val},
+        "verdicts": data.verdicts,
+        "fingerprint": fp,
+    }
+    return trainer, info
+
+
+def train(stage: str, params: Params) -> dict[str, Any]:
+    """Train one stage in this process (or as one rank of a launch); write model and report."""
+    io_ = stage_io(stage)
+    section = _section(stage, params)
+    trainer, info = build_trainer(stage, params)
+    args = trainer.args
+    with args.main_process_first(desc="checkpoint inspection"):
+        plan = inspect_checkpoints(io_.checkpoints, info["fingerprint"], clean=args.process_index == 0)
+    if plan.resume_from is not None:
+        log.warning("%s: resuming from %s", stage, plan.resume_from)
+    result = trainer.train(resume_from_checkpoint=str(plan.resume_from) if plan.resume_from else None)
+    eval_metrics: dict[str, float] = trainer.evaluate() if trainer.eval_dataset is not None else {}
+    preference = preference_accuracy(trainer) if stage == "dpo" and trainer.eval_dataset is not None else None
+    save_final_model(trainer, io_.model_out, lora=section.lora.enabled, params=params)
+    report = _report(stage, trainer, result, eval_metrics, info, plan, preference)
+    if trainer.is_world_process_zero():
+        write_json(io_.report, report)
+    return report
+
+
+def _last_logged(history: list[dict[str, Any]], key: str) -> float | None:
+    for entry in reversed(history):
+        if key in entry:
+            return float(entry[key])
+    return None
+
+
+def _report(
+    stage: str,
+    trainer: Any,
+    result: Any,
+    eval_metrics: dict[str, float],
+    info: dict[str, Any],
+    plan: CheckpointPlan,
+    preference: dict[str, Any] | None,
+) -> dict[str, Any]:
+    args, state = trainer.args, trainer.state
+    history = state.log_history
+    report: dict[str, Any] = {
+        "stage": stage,
+        "train_examples": info["train_examples"],
+        "val_examples": info["val_examples"],
+        "dropped_too_long": info["dropped_too_long"],
+        "verdicts": info["verdicts"],
+        "global_step": state.global_step,
+        "epochs": state.epoch,
+        "world_size": args.world_size,
+        "global_batch_size": args.per_device_train_batch_size * args.gradient_accumulation_steps * args.world_size,
+        "train_loss": result.training_loss,  # mean over this session's steps (as TRL reports it)
+        "final_train_loss": _last_logged(history, "loss"),
+        "eval_loss": eval_metrics.get("eval_loss"),
+        "runtime_s": result.metrics.get("train_runtime"),
+        "resumed_from": plan.resume_from.name if plan.resume_from else None,
+        "checkpoints_deleted": {"unfinished": len(plan.unfinished), "stale": len(plan.stale)},
+    }
+    if stage == "sft":
+        ds = trainer.train_dataset
+        tokens = sum(len(x) for x in ds["input_ids"])
+        loss_tokens = sum(sum(1 for t in labels if t != -100) for labels in ds["labels"])
+        report["tokens"] = {
+            "train_per_epoch": tokens,
+            "completion_per_epoch": loss_tokens,
+            "seen": round(tokens * (state.epoch or 0.0)),
+        }
+    else:
+        for key in ("rewards/accuracies", "rewards/margins", "rewards/chosen", "rewards/rejected"):
+            report[f"eval_{key.replace('/', '_')}"] = eval_metrics.get(f"eval_{key}")
+            report[f"train_{key.replace('/', '_')}"] = _last_logged(history, key)
+        report["preference_accuracy"] = preference["accuracy"] if preference else None
+        report["preference_pairs_evaluated"] = preference["pairs"] if preference else 0
+        report["mean_reward_margin"] = preference["mean_margin"] if preference else None
+    return report
+
+
+def _sequence_logps(model: Any, batch: dict[str, Any]) -> Any:
+    """Sum of the completion tokens' log-probabilities per sequence (plain forward pass)."""
+    import torch
+
+    logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], use_cache=False).logits
+    logps = torch.log_softmax(logits[:, :-1].float(), dim=-1)
+    targets = batch["input_ids"][:, 1:]
+    token_logps = logps.gather(-1, targets.unsqueeze(-1)).squeeze(-1)
+    mask = batch["completion_mask"][:, 1:].to(token_logps.dtype)
+    return (token_logps * mask).sum(dim=1)
+
+
+def preference_accuracy(trainer: Any) -> dict[str, Any]:
+    """Held-out preference accuracy, pair by pair: beta*(logratio_chosen - logratio_rejected) > 0.
+
+    The reference is the SFT model: the trainer's frozen copy, the precomputed log-probs, or,
+    with LoRA, the model with its adapter disabled. Pairs are gathered across processes.
+    """
+    import contextlib
+
+    import torch
+
+    model = trainer.model
+    dataloader = trainer.get_eval_dataloader()
+    correct: list[Any] = []
+    margins: list[Any] = []
+    was_training = model.training
+    model.eval()
+    try:
+        with torch.no_grad():
+            for batch in dataloader:
+                policy = _sequence_logps(model, batch).chunk(2)
+                if "ref_chosen_logps" in batch:
+                    ref = (batch["ref_chosen_logps"], batch["ref_rejected_logps"])
+                else:
+                    ref_model = trainer.ref_model or model
+                    ctx = (model.disable_adapter() if trainer.ref_model is None and hasattr(model, "disable_adapter")
+                           else contextlib.nullcontext())
+                    with ctx:
+                        ref = _sequence_logps(ref_model, batch).chunk(2)
+                margin = trainer.beta * ((policy[0] - ref[0]) - (policy[1] - ref[1]))
+                margin = trainer.accelerator.gather_for_metrics(margin)
+                margins.append(margin.float().cpu())
+                correct.append((margin > 0).float().cpu())
+    finally:
+        model.train(was_training)
+    all_correct = torch.cat(correct) if correct else torch.zeros(0)
+    all_margins = torch.cat(margins) if margins else torch.zeros(0)
+    n = int(all_correct.numel())
+    return {
+        "pairs": n,
+        "accuracy": float(all_correct.mean()) if n else None,
+        "mean_margin": float(all_margins.mean()) if n else None,
+    }
+
+
+def _replace_dir(src: Path, dst: Path) -> None:
+    old = dst.parent / f".{dst.name}.old"
+    shutil.rmtree(old, ignore_errors=True)
+    if dst.exists():
+        os.replace(dst, old)
+    os.replace(src, dst)
+    shutil.rmtree(old, ignore_errors=True)
+
+
+def save_final_model(trainer: Any, out: Path, *, lora: bool, params: Params) -> None:
+    """Save the trained model as a HF folder at `out` (LoRA merged), via a temporary folder."""
+    tmp = out.parent / f".{out.name}.partial"
+    if trainer.is_world_process_zero():
+        shutil.rmtree(tmp, ignore_errors=True)
+        tmp.parent.mkdir(parents=True, exist_ok=True)
+    trainer.accelerator.wait_for_everyone()
+    trainer.save_model(str(tmp))  # every rank: FSDP / ZeRO-3 gather the full state dict
+    trainer.accelerator.wait_for_everyone()
+    if trainer.is_world_process_zero():
+        if lora:
+            import torch
+            from peft import AutoPeftModelForCausalLM
+
+            merged = AutoPeftModelForCausalLM.from_pretrained(
+                str(tmp), dtype=getattr(torch, params.model.dtype)
+            ).merge_and_unload()
+            shutil.rmtree(tmp)
+            merged.save_pretrained(str(tmp))
+        from transformers import AutoConfig
+
+        config = AutoConfig.from_pretrained(str(tmp))
+        config.use_cache = True  # gradient checkpointing turns it off while training
+        config.save_pretrained(str(tmp))
+        trainer.processing_class.save_pretrained(str(tmp))
+        for stray in ("training_args.bin", "README.md"):
+            (tmp / stray).unlink(missing_ok=True)
+        _replace_dir(tmp, out)
+    trainer.accelerator.wait_for_everyone()
+
+
+# --------------------------------------------------------------------------------------
+# Multi-process launch
+# --------------------------------------------------------------------------------------
+
+
+def _repo_root() -> Path:
+    return Path(__file__).resolve().parents[1]
+
+
+def resolve_accelerate_config(section: TrainParams) -> Path:
+    """The accelerate config file: the param (cwd, then repository relative), else DDP by device."""
+    if section.accelerate_config is None:
+        name = "ddp_cpu.yaml" if _use_cpu() else "ddp_gpu.yaml"
+        return _repo_root() / "configs" / "accelerate" / name
+    p = Path(section.accelerate_config)
+    for candidate in (p, _repo_root() / p):
+        if candidate.is_file():
+            return candidate
+    raise DataError(p, None, "accelerate_config", "accelerate config file not found")
+
+
+def _free_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def launch_command(stage: str, section: TrainParams, params_file: Path) -> list[str]:
+    """`accelerate launch ... -m components.training <stage> --params <file>` for this stage."""
+    config = resolve_accelerate_config(section)
+    accel = Path(sys.executable).parent / "accelerate"
+    cmd = [str(accel), "launch"] if accel.exists() else [sys.executable, "-m", "accelerate.commands.launch"]
+    cmd += ["--config_file", str(config), "--num_processes", str(section.num_processes)]
+    cfg = yaml.safe_load(config.read_text(encoding="utf-8")) or {}
+    single_node = int(cfg.get("num_machines", 1) or 1) == 1
+    if single_node and not cfg.get("main_process_port") and not os.environ.get("MASTER_PORT"):
+        cmd += ["--main_process_port", str(_free_port())]  # never collide with another local run
+    cmd += ["-m", "components.training", stage, "--params", str(params_file)]
+    return cmd
+
+
+def _launch(stage: str, params: Params, run_id: str) -> dict[str, Any]:
+    from components import tracking
+
+    section = _section(stage, params)
+    io_ = stage_io(stage)
+    with tempfile.TemporaryDirectory(prefix=f"rprm-{stage}-") as tmp:
+        params_file = Path(tmp) / "params.yaml"
+        params_file.write_text(dump_params(params), encoding="utf-8")
+        cmd = launch_command(stage, section, params_file)
+        env = dict(os.environ)
+        env[WORKER_ENV] = "1"
+        env[RUN_ID_ENV] = run_id
+        env["MLFLOW_TRACKING_URI"] = tracking.tracking_uri(params)
+        env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(_repo_root()), env.get("PYTHONPATH")]))
+        log.info("launching: %s", " ".join(cmd))
+        proc = subprocess.run(cmd, env=env, check=False)
+    if proc.returncode != 0:
+        raise TrainingError(f"{stage}: accelerate launch exited with code {proc.returncode}; "
+                            f"rerun `rprm {stage}` to resume from the last checkpoint")
+    return read_json(io_.report)
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+    """Worker entry point for `accelerate launch -m components.training <stage> --params <file>`."""
+    parser = argparse.ArgumentParser(prog="components.training", description=main.__doc__)
+    parser.add_argument("stage", choices=STAGES)
+    parser.add_argument("--params", required=True, type=Path)
+    ns = parser.parse_args(argv)
+    os.environ[WORKER_ENV] = "1"
+    logging.basicConfig(level=logging.INFO)
+    params = load_params(ns.params)
+    run_id = os.environ.get(RUN_ID_ENV)
+    if run_id and os.environ.get("RANK", "0") == "0":
+        import mlflow
+
+        # Rank 0 reopens the launcher's run, so the trainer's MLflow callback logs into it.
+        with mlflow.start_run(run_id=run_id):
+            train(ns.stage, params)
+    else:
+        train(ns.stage, params)
+
+
+if __name__ == "__main__":
+    main()
+

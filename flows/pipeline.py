@@ -1,0 +1,212 @@
+"""Prefect flow `rprm-pipeline`: the DVC stages as tasks, in DAG order; DVC decides what reruns.
+
+Each task runs `dvc repro --single-item <stage>` in the project folder, so DVC's lock file
+and cache decide whether the stage reruns or is skipped, and streams the stage's output into
+the Prefect logger (progress bars are logged when they finish, or every 30 s while they run).
+The stages that call generation engines, which may be remote (`synthesize`, `sample-pairs`,
+`evaluate`, `best-of-n`), are retried with exponential backoff; they journal finished work,
+so a retry resumes instead of starting over.
+
+The flow creates the MLflow parent run of this pipeline execution and exports its id as
+`RPRM_PARENT_RUN_ID` to the stages, whose runs nest under it. At the end it logs the headline
+metrics on the parent run and publishes a markdown artifact (`rprm-pipeline`) with the
+per-stage outcome, the headline metrics of `reports/*.json` and the MLflow run link.
+
+    python -m flows.pipeline                     # the whole chain, in this folder
+    python -m flows.pipeline --stages evaluate register
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import select
+import subprocess
+import sys
+import time
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+from prefect import flow, get_run_logger, task
+from prefect.artifacts import create_markdown_artifact
+from prefect.runtime import flow_run
+from prefect.tasks import exponential_backoff
+
+from components import tracking
+from components.config import load_params
+
+STAGES: tuple[str, ...] = (
+    "base-model", "prepare", "synthesize", "sft", "sample-pairs", "dpo", "evaluate", "best-of-n",
+    "register",
+)
+REMOTE_STAGES = frozenset({"synthesize", "sample-pairs", "evaluate", "best-of-n"})
+PROGRESS_LOG_INTERVAL_S = 30.0
+
+
+def stage_env(parent_run_id: str | None = None, tracking_uri: str | None = None) -> dict[str, str]:
+    """Environment of the stage subprocesses: parent run, tracking store, unbuffered output."""
+    env = dict(os.environ)
+    bin_dir = str(Path(sys.executable).parent)  # where `dvc` and `rprm` are installed
+    env["PATH"] = bin_dir + os.pathsep + env.get("PATH", "")
+    env["PYTHONUNBUFFERED"] = "1"
+    if tracking_uri:
+        env["MLFLOW_TRACKING_URI"] = tracking_uri
+    if parent_run_id:
+        env[tracking.PARENT_RUN_ENV] = parent_run_id
+    return env
+
+
+def stream_command(cmd: Sequence[str], cwd: Path, env: dict[str, str], log: Any) -> tuple[int, list[str]]:
+    """Run `cmd`, logging each output line (progress-bar redraws throttled); (exit code, tail)."""
+    proc = subprocess.Popen(cmd, cwd=cwd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+    assert proc.stdout is not None
+    fd = proc.stdout.fileno()
+    buffer, tail = b"", []
+    last_progress = time.monotonic()
+
+    def emit(raw: bytes) -> None:
+        text = raw.decode("utf-8", errors="replace").rstrip()
+        if text:
+            log.info(text)
+            tail.append(text)
+            del tail[:-40]
+
+    while True:
+        ready, _, _ = select.select([fd], [], [], 1.0)
+        chunk = os.read(fd, 65536) if ready else b""
+        if ready and not chunk:
+            break
+        buffer += chunk
+        while b"\n" in buffer:
+            line, buffer = buffer.split(b"\n", 1)
+            emit(_latest(line))  # a progress bar's final state, or a plain line
+        if b"\r" in buffer:  # a progress bar being redrawn: keep only its latest state
+            cut = buffer.rfind(b"\r")
+            shown, buffer = _latest(buffer[:cut]), buffer[cut:]
+            if shown and time.monotonic() - last_progress >= PROGRESS_LOG_INTERVAL_S:
+                emit(shown)
+                last_progress = time.monotonic()
+    emit(_latest(buffer))
+    return proc.wait(), tail
+
+
+def _latest(segment: bytes) -> bytes:
+    """The last non-blank carriage-return-separated state of a terminal line."""
+    parts = [p for p in segment.split(b"\r") if p.strip()]
+    return parts[-1] if parts else b""
+
+
+@task(name="dvc-stage", task_run_name="{stage}")
+def run_stage(stage: str, project_dir: str, parent_run_id: str, tracking_uri: str) -> dict[str, Any]:
+    """`dvc repro --single-item <stage>`; returns whether DVC ran or skipped it, and the time.
+
+    The environment is built here, not passed in: task inputs must not carry secrets.
+    """
+    log = get_run_logger()
+    start = time.monotonic()
+    cmd = [sys.executable, "-m", "dvc", "repro", "--single-item", stage]
+    log.info("$ %s", " ".join(cmd[2:]))
+    code, tail = stream_command(cmd, Path(project_dir), stage_env(parent_run_id, tracking_uri), log)
+    seconds = round(time.monotonic() - start, 1)
+    if code != 0:
+        raise RuntimeError(f"stage {stage} failed (exit {code}) after {seconds}s:\n" + "\n".join(tail[-15:]))
+    skipped = any("didn't change, skipping" in line for line in tail)
+    return {"stage": stage, "status": "skipped" if skipped else "ran", "seconds": seconds}
+
+
+def headline_metrics(project_dir: str | Path) -> dict[str, float]:
+    """The top-level numbers of every reports/*.json (`<report>.<key>`): each stage's headline."""
+    out: dict[str, float] = {}
+    for path in sorted((Path(project_dir) / "reports").glob("*.json")):
+        try:
+            report = json.loads(path.read_text(encoding="utf-8"))
+        except (OSError, UnicodeDecodeError, json.JSONDecodeError):
+            continue
+        if not isinstance(report, dict):
+            continue
+        for key, value in report.items():
+            if isinstance(value, (int, float)) and not isinstance(value, bool):
+                out[f"{path.stem}.{key}"] = value
+    return out
+
+
+def summary_markdown(results: Sequence[dict[str, Any]], metrics: dict[str, float], run_link: str | None,
+                     failed: str | None = None) -> str:
+    """The pipeline's markdown artifact: stage outcomes, headline metrics, MLflow link."""
+    lines = ["# R-PRM pipeline", ""]
+    if run_link:
+        lines += [f"MLflow parent run: [{run_link}]({run_link})", ""]
+    if failed:
+        lines += [f"**Failed at stage `{failed}`.**", ""]
+    lines += ["| stage | outcome | seconds |", "| --- | --- | ---: |"]
+    lines += [f"| {r['stage']} | {r['status']} | {r['seconds']} |" for r in results]
+    lines += ["", "| metric | value |", "| --- | ---: |"]
+    for key, value in metrics.items():
+        shown = f"{value:.4g}" if isinstance(value, float) else str(value)
+        lines.append(f"| {key} | {shown} |")
+    return "\n".join(lines) + "\n"
+
+
+@flow(name="rprm-pipeline", log_prints=True)
+def pipeline(
+    project_dir: str = ".",
+    stages: list[str] | None = None,
+    retries: int = 3,
+    retry_backoff_s: float = 10.0,
+) -> dict[str, Any]:
+    """Run the DVC stages (all, or `stages`, in DAG order) under one MLflow parent run."""
+    log = get_run_logger()
+    root = Path(project_dir).resolve()
+    os.chdir(root)  # relative paths (params, SQLite store) are the project's; one run per process
+    selected = list(STAGES) if stages is None else [s for s in STAGES if s in stages]
+    unknown = sorted(set(stages or ()) - set(STAGES))
+    if unknown:
+        raise ValueError(f"unknown stages {unknown}; known: {list(STAGES)}")
+    params = load_params(root / "params.yaml")
+    uri = tracking.tracking_uri(params, root)
+    parent = tracking.start_pipeline_run(
+        params, run_name=f"pipeline {flow_run.get_name() or ''}".strip(),
+        tags={"prefect.flow_run_id": str(flow_run.get_id() or ""), "rprm.stages": ",".join(selected)},
+        root=root,
+    )
+    link = tracking.run_url(params, parent, root=root)
+    log.info("MLflow parent run %s: %s", parent, link)
+    results: list[dict[str, Any]] = []
+    failed: str | None = None
+    try:
+        for stage in selected:
+            runner = run_stage
+            if stage in REMOTE_STAGES and retries > 0:
+                runner = run_stage.with_options(
+                    retries=retries,
+                    retry_delay_seconds=exponential_backoff(backoff_factor=retry_backoff_s),
+                    retry_jitter_factor=0.5,
+                )
+            failed = stage
+            results.append(runner(stage, str(root), parent, uri))
+        failed = None
+    finally:
+        metrics = headline_metrics(root)
+        tracking.end_pipeline_run(params, parent, "FAILED" if failed else "FINISHED", metrics, root=root)
+        create_markdown_artifact(
+            summary_markdown(results, metrics, link, failed),
+            key="rprm-pipeline",
+            description="R-PRM pipeline: stage outcomes, headline metrics, MLflow parent run",
+        )
+    return {"parent_run_id": parent, "run_url": link, "stages": results, "metrics": metrics}
+
+
+def main() -> None:
+    """CLI: run the flow once (an ephemeral Prefect API is used when none is configured)."""
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--project-dir", default=".")
+    parser.add_argument("--stages", nargs="*", choices=STAGES)
+    parser.add_argument("--retries", type=int, default=3)
+    args = parser.parse_args()
+    pipeline(project_dir=args.project_dir, stages=args.stages, retries=args.retries)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,188 @@
+"""`rprm register` and `rprm promote` on a temporary SQLite store (real MLflow registry)."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import mlflow
+import pytest
+import yaml
+from mlflow import MlflowClient
+
+from components import registry
+from components.config import Params
+from components.io import DataError
+from components.tracking import data_hash
+
+
+@pytest.fixture
+def project(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, tiny_model_dir: Path) -> Path:
+    """A project dir (cwd) with models/dpo and a SQLite tracking store of its own."""
+    monkeypatch.chdir(tmp_path)
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
+    mlflow.set_tracking_uri(uri)  # the client in these tests reads this store too
+    monkeypatch.delenv("RPRM_PARENT_RUN_ID", raising=False)
+    shutil.copytree(tiny_model_dir, tmp_path / "models" / "dpo")
+    return tmp_path
+
+
+def params(margin: float = 0.0) -> Params:
+    p = Params()
+    p.tracking.experiment = "r-prm-registry-test"
+    p.scoring.sampling.n = 2
+    p.promote.margin = margin
+    return p
+
+
+def write_reports(avg_f1: float | None, prmscore: float = 0.55) -> None:
+    """Evaluate-stage reports with one section per evaluated model."""
+    Path("reports").mkdir(exist_ok=True)
+    subsets = {"gsm8k": {"f1": 40.0}, "math": {"f1": None}}
+    pb = {"processbench_avg_f1": avg_f1, "headline_model": "dpo",
+          "models": {m: {"avg_f1": avg_f1, "subsets": subsets} for m in ("sft", "dpo")}}
+    prm = {"prmbench_prmscore": prmscore, "headline_model": "dpo",
+           "models": {m: {"prmscore": prmscore, "groups": {"simplicity": 0.5, "soundness": None}}
+                      for m in ("sft", "dpo")}}
+    Path("reports/processbench.json").write_text(json.dumps(pb))
+    Path("reports/prmbench.json").write_text(json.dumps(prm))
+
+
+def register(avg_f1: float | None, p: Params | None = None) -> dict:
+    write_reports(avg_f1)
+    return registry.run_register(p or params())
+
+
+def aliases(name: str = "r-prm") -> dict[str, str]:
+    return {k: str(v) for k, v in MlflowClient().get_registered_model(name).aliases.items()}
+
+
+def test_register_logs_pyfunc_version_with_alias_and_tags(project: Path) -> None:
+    report = register(45.5)
+    assert report["version"] == 1
+    assert json.loads(Path("reports/registration.json").read_text()) == report
+    assert aliases() == {"challenger": "1"}
+
+    client = MlflowClient()
+    version = client.get_model_version_by_alias("r-prm", "challenger")
+    assert version.tags["processbench_avg_f1"] == "45.5"
+    assert version.tags["processbench_gsm8k_f1"] == "40"
+    assert "processbench_math_f1" not in version.tags  # undefined F1 is not a number
+    assert version.tags["prmbench_prmscore"] == "0.55"
+    assert version.tags["prmbench_simplicity"] == "0.5"
+    assert version.tags["source.model_md5"] == data_hash("models/dpo")
+    assert version.tags["source.run_id"] == report["run_id"]
+
+    info = mlflow.models.get_model_info("models:/r-prm@challenger")
+    sig = info.signature
+    assert sig.inputs.input_names() == ["question", "steps", "id"]
+    assert sig.outputs.input_names() == ["id", "step_rewards", "first_error", "verdicts"]
+    assert sig.params.to_dict()[0]["name"] == "early_exit"
+
+    local = Path(mlflow.artifacts.download_artifacts("models:/r-prm/1"))
+    mlmodel = yaml.safe_load((local / "MLmodel").read_text())
+    pyfunc = mlmodel["flavors"]["python_function"]
+    assert pyfunc["model_code_path"].endswith("serving.py")
+    assert pyfunc["config"]["scoring"]["sampling"]["n"] == 2
+    assert pyfunc["config"]["scoring"]["max_steps"] == 64
+    assert pyfunc["config"]["backend"]["kind"] == "hf"
+    assert mlmodel["metadata"]["rprm"]["scoring"]["threshold"] == 0.5
+    assert (local / "artifacts" / "dpo" / "config.json").exists()
+    assert (local / "code" / "components" / "serving.py").exists()
+    reqs = (local / "requirements.txt").read_text().split()
+    assert any(r.startswith("torch==") for r in reqs) and any(r.startswith("mlflow==") for r in reqs)
+
+    run = client.get_run(report["run_id"])
+    assert run.data.tags["dvc.stage"] == "register"
+    assert run.data.params["register.alias"] == "challenger"
+    assert run.data.metrics["headline.processbench_avg_f1"] == 45.5
+
+
+def test_register_fails_cleanly_without_reports(project: Path) -> None:
+    with pytest.raises(DataError, match="processbench.json"):
+        registry.run_register(params())
+    assert not Path("reports/registration.json").exists()
+    assert MlflowClient().search_registered_models() == []
+
+
+def test_register_rejects_a_folder_without_model(project: Path) -> None:
+    write_reports(40.0)
+    shutil.rmtree("models/dpo")
+    Path("models/dpo").mkdir()
+    with pytest.raises(DataError, match="config.json"):
+        registry.run_register(params())
+
+
+def test_promote_without_champion_then_kept_then_moved(project: Path) -> None:
+    """First challenger becomes champion; a small gain is kept out; a large one replaces it."""
+    p = params(margin=2.0)
+    assert registry.promote(p)["reason"].startswith("no version has the alias")
+
+    register(40.0, p)
+    first = registry.promote(p)
+    assert first["promoted"] and first["reason"] == "no champion yet"
+    assert aliases() == {"challenger": "1", "champion": "1"}
+    again = registry.promote(p)
+    assert not again["promoted"] and "already the champion" in again["reason"]
+
+    register(41.5, p)  # +1.5 <= margin 2.0
+    kept = registry.promote(p)
+    assert not kept["promoted"] and kept["champion_after"] == 1
+    assert "does not beat" in kept["reason"]
+    assert aliases() == {"challenger": "2", "champion": "1"}
+    client = MlflowClient()
+    v1, v2 = client.get_model_version("r-prm", "1"), client.get_model_version("r-prm", "2")
+    assert v2.tags["promotion.decision"] == "kept"
+    assert v2.tags["promotion.compared_with"] == "1"
+    assert v1.tags["promotion.defended_against"] == "2"
+    assert v1.tags["promotion.reason"] == kept["reason"]
+
+    register(42.5, p)  # +2.5 > margin 2.0
+    moved = registry.promote(p)
+    assert moved["promoted"] and moved["champion_before"] == 1 and moved["champion_after"] == 3
+    assert moved["gain"] == pytest.approx(2.5)
+    assert aliases() == {"challenger": "3", "champion": "3"}
+    v1, v3 = client.get_model_version("r-prm", "1"), client.get_model_version("r-prm", "3")
+    assert v3.tags["promotion.decision"] == "promoted"
+    assert v1.tags["promotion.replaced_by"] == "3"
+
+
+def test_undefined_f1_registers_but_cannot_beat_a_champion(project: Path) -> None:
+    """A null ProcessBench F1 (e.g. a subset without correct solutions) is left out, not fatal."""
+    p = params(margin=0.0)
+    register(None, p)
+    v1 = MlflowClient().get_model_version("r-prm", "1")
+    assert "processbench_avg_f1" not in v1.tags and v1.tags["prmbench_prmscore"] == "0.55"
+    first = registry.promote(p)
+    assert first["promoted"] and "has no 'processbench_avg_f1'" in first["reason"]
+    register(50.0, p)
+    decision = registry.promote(p)  # the champion has no metric to compare with
+    assert not decision["promoted"] and "compare by hand" in decision["reason"]
+    register(None, p)
+    decision = registry.promote(p)
+    assert not decision["promoted"] and "undefined" in decision["reason"]
+    assert aliases() == {"challenger": "3", "champion": "1"}
+
+
+def test_unevaluated_model_is_a_clear_error(project: Path) -> None:
+    write_reports(40.0)
+    p = params()
+    p.register.model = "sft"
+    shutil.copytree("models/dpo", "models/sft")
+    report = json.loads(Path("reports/processbench.json").read_text())
+    del report["models"]["sft"]
+    Path("reports/processbench.json").write_text(json.dumps(report))
+    with pytest.raises(DataError, match=r"models\.sft.*not evaluated"):
+        registry.run_register(p)
+
+
+def test_equal_metric_does_not_promote_at_zero_margin(project: Path) -> None:
+    p = params(margin=0.0)
+    register(40.0, p)
+    assert registry.promote(p)["promoted"]
+    register(40.0, p)
+    decision = registry.promote(p)
+    assert not decision["promoted"] and decision["gain"] == 0.0
+    assert aliases()["champion"] == "1"

@@ -1,0 +1,507 @@
+"""SFT and DPO stages: real TRL training of the tiny model, MLflow on a temporary SQLite store.
+
+Each test works in its own project folder (the stages read and write paths relative to the
+current directory): `models/base` (the tiny model), `data/synth` (SFT chats) or `models/sft` +
+`data/pairs` (DPO pairs), built from short synthetic R-PRM chats so that steps are cheap.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import yaml
+from conftest import synthetic_verdict_chats
+
+from components import paths
+from components.config import Params, dump_params
+from components.io import DataError, write_jsonl
+from components.prompts import VERDICT_NO, VERDICT_YES, parse_verdict
+
+REPO = Path(__file__).resolve().parents[1]
+RPRM = str(Path(sys.executable).parent / "rprm")
+
+
+# --------------------------------------------------------------------------------------
+# Fixtures and helpers
+# --------------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def mlflow_uri(tmp_path_factory: pytest.TempPathFactory) -> str:
+    """One SQLite MLflow store for the module (creating a store costs seconds)."""
+    return f"sqlite:///{tmp_path_factory.mktemp('mlflow') / 'mlruns.db'}"
+
+
+@pytest.fixture(autouse=True)
+def _tracking_env(monkeypatch: pytest.MonkeyPatch, mlflow_uri: str) -> None:
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", mlflow_uri)
+    monkeypatch.delenv("RPRM_PARENT_RUN_ID", raising=False)
+    monkeypatch.delenv("RPRM_TRAINING_WORKER", raising=False)
+
+
+def sft_records(n_train: int, n_val: int, seed: int = 11) -> tuple[list[dict], list[dict]]:
+    """Balanced SFT chat records (SFTExample) from short synthetic R-PRM chats."""
+    chats = synthetic_verdict_chats(4 * (n_train + n_val), seed=seed)
+    by_verdict: dict[str, list[list[dict]]] = {"yes": [], "no": []}
+    for chat in chats:
+        by_verdict[parse_verdict(chat[-1]["content"]).verdict].append(chat)
+    half = (n_train + n_val) // 2
+    picked = [c for pair in zip(by_verdict["yes"][:half], by_verdict["no"][:half], strict=True) for c in pair]
+    records = [
+        {"id": f"s{i}", "problem_id": f"p{i // 2}", "messages": c,
+         "verdict": parse_verdict(c[-1]["content"]).verdict}
+        for i, c in enumerate(picked)
+    ]
+    return records[:n_train], records[n_train:]
+
+
+def flip_verdict(text: str) -> str:
+    """The same analysis ending with the opposite verdict line."""
+    if text.endswith(VERDICT_YES):
+        return text[: -len(VERDICT_YES)] + VERDICT_NO
+    return text[: -len(VERDICT_NO)] + VERDICT_YES
+
+
+def dpo_records(n_train: int, n_val: int, seed: int = 23) -> tuple[list[dict], list[dict]]:
+    """Pairs whose chosen analysis ends with the verdict its conclusion states; rejected flips it."""
+    train, val = sft_records(n_train, n_val, seed=seed)
+
+    def pair(rec: dict) -> dict:
+        analysis = rec["messages"][-1]["content"]
+        return {"id": f"pair-{rec['id']}", "sample_id": rec["id"], "problem_id": rec["problem_id"],
+                "prompt": rec["messages"][:-1], "chosen": analysis, "rejected": flip_verdict(analysis),
+                "chosen_verdict": rec["verdict"]}
+
+    return [pair(r) for r in train], [pair(r) for r in val]
+
+
+def make_project(root: Path, base_model: Path, *, stage: str = "sft") -> Path:
+    """A project folder holding the input model and the stage's data."""
+    root.mkdir(parents=True, exist_ok=True)
+    if stage == "sft":
+        shutil.copytree(base_model, root / paths.BASE_MODEL)
+        train, val = sft_records(16, 4)
+        write_jsonl(root / paths.SFT_TRAIN, train)
+        write_jsonl(root / paths.SFT_VAL, val)
+    else:
+        shutil.copytree(base_model, root / paths.SFT_MODEL)
+        train, val = dpo_records(24, 8)
+        write_jsonl(root / paths.DPO_TRAIN, train)
+        write_jsonl(root / paths.DPO_VAL, val)
+    return root
+
+
+def train_params(default_params: Params, **sft: object) -> Params:
+    """Default params with short, cheap SFT and DPO runs."""
+    p = default_params.model_copy(deep=True)
+    for section in (p.sft, p.dpo):
+        section.max_steps = 4
+        section.per_device_train_batch_size = 2
+        section.gradient_accumulation_steps = 1
+        section.save_steps = 2
+        section.logging_steps = 1
+        section.max_length = 1024
+        section.warmup_ratio = 0.0
+    p.dpo.learning_rate = 1e-3
+    for key, value in sft.items():
+        setattr(p.sft, key, value)
+    return p
+
+
+def mlflow_runs(uri: str, name: str) -> list:
+    import mlflow
+
+    mlflow.set_tracking_uri(uri)
+    return mlflow.search_runs(experiment_names=["r-prm"], filter_string=f"attributes.run_name = '{name}'",
+                              output_format="list")
+
+
+def weights(folder: Path) -> dict:
+    from safetensors.torch import load_file
+
+    return load_file(str(folder / "model.safetensors"))
+
+
+# --------------------------------------------------------------------------------------
+# SFT
+# --------------------------------------------------------------------------------------
+
+
+def test_sft_labels_mask_the_prompt(tmp_path: Path, tiny_model_dir: Path, default_params: Params,
+                                    monkeypatch: pytest.MonkeyPatch) -> None:
+    """Every prompt token has label -100; the analysis and its end-of-turn token are trained."""
+    from transformers import AutoTokenizer
+
+    from components.training import build_trainer
+
+    project = make_project(tmp_path / "p", tiny_model_dir)
+    monkeypatch.chdir(project)
+    trainer, info = build_trainer("sft", train_params(default_params))
+    tok = AutoTokenizer.from_pretrained(paths.BASE_MODEL)
+    example = json.loads(paths.SFT_TRAIN.read_text().splitlines()[0])
+    row = trainer.train_dataset[0]
+    ids, labels = row["input_ids"], row["labels"]
+    prompt_ids = tok.apply_chat_template(example["messages"][:-1], tokenize=True,
+                                         add_generation_prompt=True, return_dict=True)["input_ids"]
+    n = len(prompt_ids)
+    assert ids[:n] == list(prompt_ids)
+    assert all(type(x) is int for x in labels)  # not bools (TRL #2127: -100 cast to True)
+    assert labels[:n] == [-100] * n
+    assert labels[n:] == ids[n:]
+    trained = tok.decode(labels[n:])
+    assert trained.startswith(example["messages"][-1]["content"])
+    assert trained.rstrip("\n").endswith("<|im_end|>")
+    assert info["train_examples"] == 16 and info["val_examples"] == 4
+
+
+@pytest.fixture(scope="module")
+def sft_run(tmp_path_factory: pytest.TempPathFactory, tiny_model_dir: Path, default_params: Params,
+            mlflow_uri: str) -> tuple[Path, dict]:
+    """One uninterrupted 4-step SFT run (checkpoints at steps 2 and 4)."""
+    from components.training import run_sft
+
+    project = make_project(tmp_path_factory.mktemp("sft-run") / "p", tiny_model_dir)
+    old = Path.cwd()
+    os.environ["MLFLOW_TRACKING_URI"] = mlflow_uri
+    os.chdir(project)
+    try:
+        report = run_sft(train_params(default_params))
+    finally:
+        os.chdir(old)
+    return project, report
+
+
+def test_sft_trains_saves_and_logs(sft_run: tuple[Path, dict], mlflow_uri: str) -> None:
+    """Report, HF model folder and the trainer's curves in the stage's MLflow run."""
+    import mlflow
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    project, report = sft_run
+    assert report == json.loads((project / "reports/sft.json").read_text())
+    assert report["global_step"] == 4 and report["world_size"] == 1
+    assert report["global_batch_size"] == 2
+    assert report["eval_loss"] is not None and report["train_loss"] > 0
+    assert report["tokens"]["completion_per_epoch"] < report["tokens"]["train_per_epoch"]
+    model_dir = project / paths.SFT_MODEL
+    model = AutoModelForCausalLM.from_pretrained(model_dir)
+    assert AutoTokenizer.from_pretrained(model_dir).chat_template
+    assert model.config.use_cache is True
+    base = weights(project / paths.BASE_MODEL)
+    assert any((weights(model_dir)[k] != v).any() for k, v in base.items())
+    assert sorted(p.name for p in (project / "checkpoints/sft").glob("checkpoint-*")) == [
+        "checkpoint-2", "checkpoint-4"]
+
+    runs = [r for r in mlflow_runs(mlflow_uri, "sft") if r.data.params.get("sft.max_steps") == "4"
+            and r.data.tags.get("data.md5.data/synth/sft_train.jsonl")]
+    assert runs, "no MLflow run for the SFT stage"
+    run = runs[-1]
+    client = mlflow.MlflowClient(mlflow_uri)
+    assert len(client.get_metric_history(run.info.run_id, "loss")) >= 4  # trainer curve, every step
+    assert "eval_loss" in run.data.metrics and "global_step" in run.data.metrics  # eval + report
+    assert float(run.data.params["learning_rate"]) == float(run.data.params["sft.learning_rate"])
+
+
+def _checkpoint_marked(folder: Path, step: int) -> bool:
+    return (folder / f"checkpoint-{step}" / "rprm_checkpoint.json").exists()
+
+
+def test_sft_resumes_after_kill(tmp_path: Path, sft_run: tuple[Path, dict], tiny_model_dir: Path,
+                                default_params: Params, mlflow_uri: str) -> None:
+    """kill -9 after the first checkpoint; a rerun resumes from it and ends like an uninterrupted run."""
+    uninterrupted, _ = sft_run
+    project = make_project(tmp_path / "p", tiny_model_dir)
+    params = train_params(default_params)
+    (project / "params.yaml").write_text(dump_params(params))
+    env = {**os.environ, "MLFLOW_TRACKING_URI": mlflow_uri}
+    proc = subprocess.Popen([RPRM, "sft", "--params", "params.yaml"], cwd=project, env=env,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    ckpts = project / "checkpoints/sft"
+    deadline = time.monotonic() + 300
+    while not _checkpoint_marked(ckpts, 2) and proc.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    assert proc.returncode == -signal.SIGKILL
+    assert _checkpoint_marked(ckpts, 2) and not (project / "reports/sft.json").exists()
+    # A checkpoint the kill interrupted while saving (written, never marked) is dropped on resume.
+    if (ckpts / "checkpoint-4").exists():
+        shutil.rmtree(ckpts / "checkpoint-4")
+    partial = ckpts / "checkpoint-3"
+    shutil.copytree(ckpts / "checkpoint-2", partial)
+    (partial / "rprm_checkpoint.json").unlink()
+
+    done = subprocess.run([RPRM, "sft", "--params", "params.yaml"], cwd=project, env=env,
+                          capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr[-3000:]
+    report = json.loads((project / "reports/sft.json").read_text())
+    assert report["resumed_from"] == "checkpoint-2"
+    assert report["checkpoints_deleted"]["unfinished"] == 1 and not partial.exists()
+    assert report["global_step"] == 4
+    resumed, straight = weights(project / paths.SFT_MODEL), weights(uninterrupted / paths.SFT_MODEL)
+    for key, value in straight.items():
+        assert (resumed[key] - value).abs().max() < 1e-5, key
+
+
+def test_checkpoint_inspection(tmp_path: Path, sft_run: tuple[Path, dict], default_params: Params,
+                               monkeypatch: pytest.MonkeyPatch) -> None:
+    """A corrupt checkpoint stops the stage before training; stale ones are cleared."""
+    from components.training import fingerprint, inspect_checkpoints, run_sft
+
+    project = tmp_path / "p"
+    shutil.copytree(sft_run[0], project)
+    monkeypatch.chdir(project)
+    params = train_params(default_params)
+    folder = Path("checkpoints/sft")
+    plan = inspect_checkpoints(folder, fingerprint("sft", params), clean=False)
+    assert plan.resume_from == folder / "checkpoint-4" and not plan.stale
+
+    weights_file = folder / "checkpoint-4" / "model.safetensors"
+    data = weights_file.read_bytes()
+    weights_file.write_bytes(data[: len(data) // 2])
+    model_before = (project / paths.SFT_MODEL / "model.safetensors").read_bytes()
+    with pytest.raises(DataError, match="corrupt checkpoint") as err:
+        run_sft(params)
+    assert "checkpoint-4/model.safetensors" in str(err.value)
+    assert (project / paths.SFT_MODEL / "model.safetensors").read_bytes() == model_before
+
+    weights_file.write_bytes(data)
+    state_file = folder / "checkpoint-4" / "trainer_state.json"
+    state = state_file.read_text()
+    state_file.write_text("{not json")
+    with pytest.raises(DataError, match="trainer_state.json"):
+        run_sft(params)
+    state_file.write_text(state)
+
+    other = train_params(default_params, learning_rate=1e-3)
+    with pytest.warns(UserWarning, match="other params"):
+        plan = inspect_checkpoints(folder, fingerprint("sft", other), clean=True)
+    assert plan.resume_from is None and len(plan.stale) == 2
+    assert not list(folder.glob("checkpoint-*"))
+
+
+def test_sft_bad_inputs_fail_before_training(tmp_path: Path, tiny_model_dir: Path,
+                                             default_params: Params, monkeypatch: pytest.MonkeyPatch,
+                                             mlflow_uri: str) -> None:
+    """Empty, unbalanced or inconsistent data and a model without tokenizer: clear errors, nothing written."""
+    from components.training import run_sft
+
+    project = make_project(tmp_path / "p", tiny_model_dir)
+    monkeypatch.chdir(project)
+    params = train_params(default_params)
+    train_text = paths.SFT_TRAIN.read_text()
+    runs_before = len(mlflow_runs(mlflow_uri, "sft"))
+
+    paths.SFT_TRAIN.write_text("")
+    with pytest.raises(DataError, match="no records"):
+        run_sft(params)
+
+    records = [json.loads(line) for line in train_text.splitlines()]
+    yes_only = [r for r in records if r["verdict"] == "yes"] + [next(r for r in records if r["verdict"] == "no")]
+    write_jsonl(paths.SFT_TRAIN, yes_only)
+    with pytest.raises(DataError, match="unbalanced") as err:
+        run_sft(params)
+    assert str(paths.SFT_TRAIN) in str(err.value)
+
+    bad = [dict(r) for r in records]
+    bad[3]["verdict"] = "no" if bad[3]["verdict"] == "yes" else "yes"
+    write_jsonl(paths.SFT_TRAIN, bad)
+    with pytest.raises(DataError, match=r"sft_train.jsonl:4: field 'verdict'"):
+        run_sft(params)
+
+    paths.SFT_TRAIN.write_text(train_text)
+    for name in ("tokenizer.json", "tokenizer_config.json", "chat_template.jinja"):
+        (paths.BASE_MODEL / name).unlink(missing_ok=True)
+    with pytest.raises(DataError, match="no tokenizer"):
+        run_sft(params)
+    assert not paths.SFT_MODEL.exists() and not paths.CHECKPOINTS.exists()
+    assert not (paths.REPORTS / "sft.json").exists()
+    assert len(mlflow_runs(mlflow_uri, "sft")) == runs_before
+
+
+def test_sft_cli_reports_bad_data(tmp_path: Path, tiny_model_dir: Path, default_params: Params,
+                                  mlflow_uri: str) -> None:
+    """`rprm sft` on an empty training file exits non-zero with file and reason, writes nothing."""
+    project = make_project(tmp_path / "p", tiny_model_dir)
+    (project / paths.SFT_TRAIN).write_text("\n")
+    (project / "params.yaml").write_text(dump_params(train_params(default_params)))
+    out = subprocess.run([RPRM, "sft"], cwd=project, capture_output=True, text=True,
+                         env={**os.environ, "MLFLOW_TRACKING_URI": mlflow_uri})
+    assert out.returncode == 2
+    assert "data/synth/sft_train.jsonl: no records" in out.stderr
+    assert not (project / paths.SFT_MODEL).exists()
+
+
+def test_sft_lora_is_merged(tmp_path: Path, tiny_model_dir: Path, default_params: Params,
+                            monkeypatch: pytest.MonkeyPatch) -> None:
+    """With sft.lora the saved model is a plain HF folder with the adapter merged in."""
+    from transformers import AutoModelForCausalLM
+
+    from components.training import run_sft
+
+    project = make_project(tmp_path / "p", tiny_model_dir)
+    monkeypatch.chdir(project)
+    params = train_params(default_params, max_steps=2, learning_rate=1e-2)
+    params.sft.lora.enabled = True
+    params.sft.lora.r = 4
+    report = run_sft(params)
+    assert report["global_step"] == 2
+    out = project / paths.SFT_MODEL
+    assert not (out / "adapter_config.json").exists()
+    merged, base = weights(out), weights(project / paths.BASE_MODEL)
+    assert set(merged) == set(base)
+    changed = [k for k in base if (merged[k] != base[k]).any()]
+    assert changed and all(any(m in k for m in ("q_proj", "k_proj", "v_proj", "o_proj")) for k in changed)
+    AutoModelForCausalLM.from_pretrained(out)
+
+
+def test_sft_two_cpu_processes(tmp_path: Path, tiny_model_dir: Path, default_params: Params,
+                               monkeypatch: pytest.MonkeyPatch, mlflow_uri: str) -> None:
+    """num_processes=2 relaunches through `accelerate launch` (DDP on gloo) and logs into one run."""
+    import mlflow
+
+    from components.training import launch_command, run_sft
+
+    project = make_project(tmp_path / "p", tiny_model_dir)
+    monkeypatch.chdir(project)
+    params = train_params(default_params, max_steps=2, num_processes=2,
+                          accelerate_config="configs/accelerate/ddp_cpu.yaml")
+    cmd = launch_command("sft", params.sft, Path("p.yaml"))
+    assert cmd[1:6] == ["launch", "--config_file", str(REPO / "configs/accelerate/ddp_cpu.yaml"),
+                        "--num_processes", "2"]
+    assert cmd[-5:] == ["-m", "components.training", "sft", "--params", "p.yaml"]
+    n_runs = len(mlflow_runs(mlflow_uri, "sft"))
+    report = run_sft(params)
+    assert report["world_size"] == 2 and report["global_step"] == 2
+    assert report["global_batch_size"] == 2 * 2
+    assert (project / paths.SFT_MODEL / "model.safetensors").exists()
+    runs = mlflow_runs(mlflow_uri, "sft")
+    assert len(runs) == n_runs + 1
+    run = max(runs, key=lambda r: r.info.start_time)
+    history = mlflow.MlflowClient(mlflow_uri).get_metric_history(run.info.run_id, "loss")
+    assert len(history) == 2 and run.data.metrics["world_size"] == 2
+    assert len(mlflow.search_runs(experiment_names=["r-prm"], output_format="list")) == (
+        len(mlflow_runs(mlflow_uri, "sft")) + len(mlflow_runs(mlflow_uri, "dpo")))
+
+
+def test_distributed_configs_are_valid() -> None:
+    """The repository's accelerate configs load; ZeRO-3's DeepSpeed JSON is referenced and valid."""
+    from accelerate.commands.config.config_args import load_config_from_file
+
+    kinds = {}
+    for name in ("ddp_cpu", "ddp_gpu", "fsdp", "deepspeed_zero3"):
+        kinds[name] = str(load_config_from_file(str(REPO / f"configs/accelerate/{name}.yaml")).distributed_type)
+    assert kinds["fsdp"].endswith("FSDP") and kinds["deepspeed_zero3"].endswith("DEEPSPEED")
+    cfg = yaml.safe_load((REPO / "configs/accelerate/deepspeed_zero3.yaml").read_text())
+    ds = json.loads((REPO / cfg["deepspeed_config"]["deepspeed_config_file"]).read_text())
+    assert ds["zero_optimization"]["stage"] == 3
+
+
+# --------------------------------------------------------------------------------------
+# DPO
+# --------------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def dpo_project(tmp_path_factory: pytest.TempPathFactory, verdict_model_dir: Path) -> Path:
+    return make_project(tmp_path_factory.mktemp("dpo") / "p", verdict_model_dir, stage="dpo")
+
+
+def _run_dpo_in(project: Path, params: Params) -> dict:
+    from components.training import run_dpo
+
+    old = Path.cwd()
+    os.chdir(project)
+    try:
+        return run_dpo(params)
+    finally:
+        os.chdir(old)
+
+
+def test_dpo_learns_held_out_preferences(tmp_path: Path, dpo_project: Path, default_params: Params,
+                                         mlflow_uri: str) -> None:
+    """DPO from the SFT model: curves in MLflow, held-out accuracy pair by pair (matches TRL's)."""
+    import mlflow
+
+    project = tmp_path / "p"
+    shutil.copytree(dpo_project, project)
+    params = train_params(default_params)
+    params.dpo.max_steps = 12
+    params.dpo.per_device_train_batch_size = 4
+    params.dpo.save_steps = 6
+    report = _run_dpo_in(project, params)
+    assert report == json.loads((project / "reports/dpo.json").read_text())
+    assert report["global_step"] == 12 and report["preference_pairs_evaluated"] == 8
+    # 8 held-out pairs in eval batches of 4: TRL's batch-mean equals the pair-by-pair accuracy.
+    assert report["preference_accuracy"] == pytest.approx(report["eval_rewards_accuracies"])
+    assert report["preference_accuracy"] > 0.5
+    assert report["mean_reward_margin"] > 0
+    run = max(mlflow_runs(mlflow_uri, "dpo"), key=lambda r: r.info.start_time)
+    client = mlflow.MlflowClient(mlflow_uri)
+    for key in ("loss", "rewards/margins", "rewards/accuracies"):
+        assert len(client.get_metric_history(run.info.run_id, key)) >= 12, key
+    assert "eval_rewards/accuracies" in run.data.metrics
+    assert run.data.params["dpo.beta"] == str(params.dpo.beta)
+
+
+def test_dpo_precomputed_reference_and_resume(tmp_path: Path, dpo_project: Path,
+                                              default_params: Params) -> None:
+    """Precomputed reference log-probs train the same model; an interrupted run resumes."""
+    params = train_params(default_params)
+    results = {}
+    for precompute in (False, True):
+        project = tmp_path / f"p{int(precompute)}"
+        shutil.copytree(dpo_project, project)
+        params.dpo.precompute_ref_log_probs = precompute
+        results[precompute] = (_run_dpo_in(project, params), weights(project / paths.DPO_MODEL))
+    (plain, w_plain), (pre, w_pre) = results[False], results[True]
+    assert pre["preference_accuracy"] == pytest.approx(plain["preference_accuracy"])
+    for key, value in w_plain.items():
+        assert (w_pre[key] - value).abs().max() < 1e-4, key
+
+    project = tmp_path / "p1"  # precomputed run: drop its last checkpoint, as if killed before it
+    shutil.rmtree(project / "checkpoints/dpo/checkpoint-4")
+    (project / "reports/dpo.json").unlink()
+    resumed = _run_dpo_in(project, params)
+    assert resumed["resumed_from"] == "checkpoint-2" and resumed["global_step"] == 4
+    for key, value in w_pre.items():
+        assert (weights(project / paths.DPO_MODEL)[key] - value).abs().max() < 1e-4, key
+
+
+def test_dpo_bad_pairs(tmp_path: Path, dpo_project: Path, default_params: Params,
+                       monkeypatch: pytest.MonkeyPatch) -> None:
+    """Unbalanced pairs or a rejected analysis with the chosen verdict fail before training."""
+    from components.training import run_dpo
+
+    project = tmp_path / "p"
+    shutil.copytree(dpo_project, project)
+    monkeypatch.chdir(project)
+    pairs = [json.loads(line) for line in paths.DPO_TRAIN.read_text().splitlines()]
+    write_jsonl(paths.DPO_TRAIN, [p for p in pairs if p["chosen_verdict"] == "no"])
+    with pytest.raises(DataError, match=r"unbalanced chosen verdicts: 0 yes"):
+        run_dpo(train_params(default_params))
+    bad = [dict(p) for p in pairs]
+    bad[1]["rejected"] = bad[1]["chosen"]
+    write_jsonl(paths.DPO_TRAIN, bad)
+    with pytest.raises(DataError, match=r"dpo_train.jsonl:2: field 'rejected'"):
+        run_dpo(train_params(default_params))
+    assert not paths.DPO_MODEL.exists()
+
+
+def test_balance_check_threshold() -> None:
+    """The rarer verdict's share is compared with min_verdict_share."""
+    from components.training import check_balance
+
+    rows = [{"verdict": v} for v in ["yes"] * 3 + ["no"] * 7]
+    random.Random(0).shuffle(rows)
+    assert check_balance(Path("x.jsonl"), rows, 0.3, "verdicts") == {"yes": 3, "no": 7}
+    with pytest.raises(DataError, match="30.0% < min_verdict_share 40%"):
+        check_balance(Path("x.jsonl"), rows, 0.4, "verdicts")
