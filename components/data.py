@@ -381,6 +381,21 @@ def load_rprm_part_subset_ids(data: DataParams, source: Source | None = None) ->
     return obj
 
 
+def balanced_head(items: list[ProcessBenchItem], limit: int) -> list[ProcessBenchItem]:
+    """The first `limit` items, alternating erroneous and all-correct solutions (file order within each).
+
+    ProcessBench files list erroneous solutions first, so a plain head would hold no correct
+    solution and leave F1 (a harmonic mean over both kinds) undefined.
+    """
+    wrong = [it for it in items if it.label != -1]
+    right = [it for it in items if it.label == -1]
+    out: list[ProcessBenchItem] = []
+    for i in range(max(len(wrong), len(right))):
+        out.extend(x[i] for x in (wrong, right) if i < len(x))
+    keep = {id(it) for it in out[:limit]}
+    return [it for it in items if id(it) in keep]
+
+
 def load_processbench(
     data: DataParams,
     subsets: Sequence[str] = PROCESSBENCH_SUBSETS,
@@ -419,7 +434,7 @@ def load_processbench(
                 raise DataError(PROCESSBENCH_IDS_FILE, None, subset, f"ids not in {label}: {missing[:5]}")
             keep = set(ids)
             items = [it for it in items if it.id in keep]
-        out.extend(items[:limit] if limit is not None else items)
+        out.extend(balanced_head(items, limit) if limit is not None else items)
     return out
 
 
