@@ -39,7 +39,7 @@ result it gets alone, because proposals are seeded per (seed, problem, iteration
 - `beam`: beam search over the same step proposals. Each iteration every active beam samples
   M next steps; all expansions are scored and the `beam_width` best by aggregated path score
   (`config.aggregation` over the path's step rewards; ties: earlier beam, then earlier sample)
-  survive. Final expansions move to the finished list; the search stops when `beam_width`
+  survive (`beam_width` minus the paths already finished). Final expansions move to the finished list; the search stops when `beam_width`
   paths have finished, at `max_steps`, or when nothing is left to expand. The result is the
   best finished path, else the best active one.
 """

@@ -94,6 +94,7 @@ def test_vllm_teacher_synthesizes_for_real(vllm_backend, tmp_path: Path, monkeyp
     monkeypatch.chdir(tmp_path)
     # mlflow-skinny in the vLLM venv has no SQL store; a file store is enough here.
     monkeypatch.setenv("MLFLOW_TRACKING_URI", (tmp_path / "mlruns").as_uri())
+    monkeypatch.setenv("MLFLOW_ALLOW_FILE_STORE", "true")
     samples = [
         StepSample(id=f"p{i}-s0", problem_id=f"p{i}", question=f"What is {i} + {i}?", previous_steps=[],
                    now_step=f"{i} + {i} = {2 * i + (i % 2)}", step_index=0, label=i % 2 == 0, source="test")
