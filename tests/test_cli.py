@@ -33,9 +33,10 @@ def test_layout_is_the_product_shape() -> None:
 
 
 def test_bad_params_file_fails_with_dotted_path(tmp_path: Path) -> None:
-    text = (ROOT / "params.yaml").read_text().replace("learning_rate: 0.003", "learning_rate: fast", 1)
+    data = yaml.safe_load((ROOT / "params.yaml").read_text())
+    data["sft"]["learning_rate"] = "fast"
     bad = tmp_path / "bad.yaml"
-    bad.write_text(text)
+    bad.write_text(yaml.safe_dump(data, sort_keys=False))
     out = subprocess.run([sys.executable, "-m", "components.cli", "validate-params", "-p", str(bad)],
                          capture_output=True, text=True, cwd=ROOT)
     assert out.returncode != 0
