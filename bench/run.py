@@ -71,6 +71,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--solutions", type=int, default=8, help="a: ProcessBench solutions (bundled, round robin)")
     p.add_argument("--ee-solutions", type=int, default=24, help="b: ProcessBench solutions")
     p.add_argument("--mem-solutions", type=int, default=2, help="m: longest ProcessBench solutions")
+    p.add_argument("--mem-source", default="shared", choices=["shared", "bundled"],
+                   help="m: take the longest solutions of ../shared/data (default, when present) or "
+                        "of the bundled subset")
     p.add_argument("--max-new-tokens", type=int, default=None, help="cap on analysis length (default: params)")
     p.add_argument("--token-budget", type=int, default=None, help="override backend.token_budget")
     p.add_argument("--synth-samples", type=int, default=32, help="d: step samples sent to the teacher")
@@ -208,7 +211,7 @@ def run_sections(args: argparse.Namespace) -> dict[str, Any]:
             if shared:
                 pool, where = shared, f"seeded stratified sample of {SHARED / 'processbench'}"
             else:
-                pool, where = load_processbench(BUNDLED), "bundled ProcessBench (every one erroneous)"
+                pool, where = load_processbench(BUNDLED), "seeded stratified sample of the bundled ProcessBench subset"
             chosen = fitting([to_solution(i) for i in stratified_sample(pool, args.ee_solutions)])
             oracle_pool = shared or pool
             section("b", lambda: bench_early_exit(
@@ -221,8 +224,9 @@ def run_sections(args: argparse.Namespace) -> dict[str, Any]:
             from bench.scoring_bench import bench_memory
 
             def memory() -> SectionResult:
-                pool = load_processbench(SHARED)
-                source = str(SHARED / "processbench") if pool else "data/bundled/processbench (../shared/data absent)"
+                pool = load_processbench(SHARED) if args.mem_source == "shared" else []
+                source = (str(SHARED / "processbench") if pool else
+                          "data/bundled/processbench" + (" (../shared/data absent)" if args.mem_source == "shared" else ""))
                 sols = fitting([to_solution(i) for i in longest(pool or load_processbench(BUNDLED), 4 * args.mem_solutions)])
                 sols = sols[: args.mem_solutions]
                 assert model_path is not None

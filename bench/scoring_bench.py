@@ -150,6 +150,14 @@ def warm_up(backend: Any, scoring: ScoringParams) -> None:
     backend.verdict_probability([conv], ["Analysis: fine. " + prompts.VERDICT_PHRASE])
 
 
+def reset_engine_caches(backend: Any) -> None:
+    """Empty engine-side caches (vLLM's prefix cache) so no timed run reuses an earlier one's work."""
+    inner = getattr(backend, "inner", backend)
+    reset = getattr(getattr(inner, "llm", None), "reset_prefix_cache", None)
+    if callable(reset):
+        reset()
+
+
 def _profile_text(profiler: cProfile.Profile, limit: int = 30) -> str:
     buf = io.StringIO()
     stats = pstats.Stats(profiler, stream=buf)
@@ -175,6 +183,7 @@ def bench_throughput(
     k = scoring.sampling.n
 
     scorer = StepScorer(rec, scoring, early_exit=False, progress=False)
+    reset_engine_caches(backend)
     profiler = cProfile.Profile() if profile_to is not None else None
     with measure_memory() as mem_ours, timed() as t_ours:
         if profiler is not None:
@@ -188,11 +197,13 @@ def bench_throughput(
         profile_to.parent.mkdir(parents=True, exist_ok=True)
         profile_to.write_text(_profile_text(profiler), encoding="utf-8")
 
+    reset_engine_caches(backend)
     with measure_memory() as mem_naive, timed() as t_naive:
         naive = naive_score(rec, solutions, scoring)
     naive_counts = rec.reset()
     naive_texts, rec.texts = rec.texts, {}
 
+    reset_engine_caches(backend)
     with timed() as t_once:
         once_rewards = all_steps_at_once(rec, solutions, scoring)
     once_counts = rec.reset()
@@ -312,9 +323,11 @@ def bench_early_exit(
     """
     res = SectionResult("b_early_exit")
     counted = CountingBackend(backend)
+    reset_engine_caches(backend)
     with timed() as t_full:
         full = StepScorer(counted, scoring, early_exit=False, progress=False).score(solutions)
     full_counts = counted.reset()
+    reset_engine_caches(backend)
     with timed() as t_early:
         early = StepScorer(counted, scoring, early_exit=True, progress=False).score(solutions)
     early_counts = counted.reset()

@@ -547,6 +547,7 @@ def build_trainer(stage: str, params: Params) -> tuple[Any, dict[str, Any]]:
         "val_examples": len(val_rows),
         "dropped_too_long": {"train": dropped_train, "val": dropped_val},
         "verdicts": data.verdicts,
+        "val_verdicts": [r["verdict"] for r in val_rows],
         "fingerprint": fp,
     }
     return trainer, info
@@ -623,6 +624,14 @@ def _report(
         report["preference_accuracy"] = preference["accuracy"] if preference else None
         report["preference_pairs_evaluated"] = preference["pairs"] if preference else 0
         report["mean_reward_margin"] = preference["mean_margin"] if preference else None
+        verdicts = info["val_verdicts"]
+        if preference and args.world_size == 1 and len(verdicts) == len(preference["margins"]):
+            # pairs come back in file order with one process: accuracy per chosen verdict
+            by: dict[str, list[float]] = {"yes": [], "no": []}
+            for verdict, margin in zip(verdicts, preference["margins"], strict=True):
+                by[verdict].append(float(margin > 0))
+            report["preference_accuracy_by_chosen_verdict"] = {
+                k: (sum(v) / len(v) if v else None) for k, v in by.items()}
     return report
 
 
@@ -679,6 +688,7 @@ def preference_accuracy(trainer: Any) -> dict[str, Any]:
         "pairs": n,
         "accuracy": float(all_correct.mean()) if n else None,
         "mean_margin": float(all_margins.mean()) if n else None,
+        "margins": all_margins.tolist(),
     }
 
 

@@ -36,7 +36,7 @@ def test_bench_runs_every_section_on_a_tiny_input(verdict_model_dir: Path, tmp_p
     cmd = [
         sys.executable, str(ROOT / "bench" / "run.py"),
         "--model", str(verdict_model_dir), "--backend", "hf", "--k", "2",
-        "--solutions", "2", "--ee-solutions", "3", "--mem-solutions", "1", "--max-new-tokens", "48",
+        "--solutions", "2", "--ee-solutions", "3", "--mem-solutions", "1", "--mem-source", "bundled", "--max-new-tokens", "48",
         "--synth-samples", "4", "--synth-n", "2", "--concurrency", "2", "--latency", "0.01",
         "--dvc-repeats", "1", "--out", str(out),
     ]

@@ -29,8 +29,9 @@ os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
 @pytest.fixture(scope="module")
 def vllm_verdict_model_dir(tmp_path_factory: pytest.TempPathFactory, default_params: Params) -> Path:
     """The tiny verdict model with head_dim 32 (vLLM's CPU attention has no kernel for 16)."""
-    from components.base_model import build_tiny_model
     from conftest import PRM800K_BUNDLED, train_verdict_model
+
+    from components.base_model import build_tiny_model
 
     root = tmp_path_factory.mktemp("vllm-models")
     tiny = default_params.model.tiny.model_copy(update={"num_attention_heads": 2, "num_key_value_heads": 1})
