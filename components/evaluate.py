@@ -25,8 +25,12 @@ the headline K alone would be wrong for the sweeps: a smaller k or a lower thres
 a later step (rewards 0.4 then 0.2 at K = 4 but 0.6 then 0.3 at k = 1; at threshold 0.3 only
 the second step is flagged). So every reported number equals the one full scoring gives; the
 report states the generations this saved, and what a plain early exit at the headline
-(K, threshold) alone would have needed. PRMBench needs a verdict for every step and is always
-scored fully.
+(K, threshold) alone would have needed. The price is set by the lowest threshold of the sweep:
+a solution whose rewards never fall below it is scored to its end (with a tiny model whose
+rewards sit between 0.3 and 0.45, the default sweep down to 0.3 scores every step while the
+headline alone would skip most). Sweeping only thresholds at or above `scoring.threshold`, or
+none (`evaluate.thresholds: []`), keeps the saving of the plain early exit; the K sweep costs
+little extra. PRMBench needs a verdict for every step and is always scored fully.
 
 Resume: scoring journals live in `data/scores/journals/` (a DVC output kept across runs),
 named by the evaluated model and a hash of everything the values depend on (model files,

@@ -167,10 +167,12 @@ def _tracking_env(monkeypatch: pytest.MonkeyPatch, mlflow_uri: str) -> None:
 def pairs_params(default_params: Params) -> Params:
     p = default_params.model_copy(deep=True)
     p.backend.batch_size = 1  # one sample per journaled batch: many points to kill at
-    p.sample_pairs.max_samples = 10
+    p.sample_pairs.max_samples = 8
+    p.sample_pairs.max_prompt_tokens = None
     p.sample_pairs.sampling.n = 4
-    p.sample_pairs.sampling.max_new_tokens = 120
-    p.sample_pairs.sampling.temperature = 1.0
+    p.sample_pairs.sampling.max_new_tokens = 64
+    p.sample_pairs.sampling.temperature = 0.95
+    p.sample_pairs.sampling.top_p = 0.95
     p.sample_pairs.max_pairs_per_step = 3
     p.sample_pairs.val_size = 4
     return p
@@ -216,8 +218,8 @@ def test_stage_outputs_follow_the_rules(straight_run: tuple[Path, dict], mlflow_
     project, report = straight_run
     samples = {s.id: s for s in read_jsonl(project / paths.STEPS_TRAIN, StepSample)}
     critiques = read_jsonl(project / paths.PAIRS_CRITIQUES, Critique)
-    assert report["step_samples"] == 10 and report["analyses"] == len(critiques) == 40
-    assert report["labels"] == {"positive": 5, "negative": 5}
+    assert report["step_samples"] == 8 and report["analyses"] == len(critiques) == 32
+    assert report["labels"] == {"positive": 4, "negative": 4}
     assert report["valid"] == sum(c.verdict != "invalid" for c in critiques)
     assert report["valid_rate"] >= 0.8  # the verdict model ends its analyses with the verdict line
     train = read_jsonl(project / paths.DPO_TRAIN, PreferencePair)
@@ -255,14 +257,14 @@ def test_kill_and_resume_equals_uninterrupted(tmp_path: Path, project_template: 
     journal = project / paths.PAIRS_JOURNAL
     deadline = time.monotonic() + 300
     while proc.poll() is None and time.monotonic() < deadline:
-        if journal.exists() and journal.read_bytes().count(b"\n") >= 3:
+        if journal.exists() and journal.read_bytes().count(b"\n") >= 2:
             break
         time.sleep(0.02)
     proc.send_signal(signal.SIGKILL)
     proc.wait()
     assert proc.returncode == -signal.SIGKILL
     done_before = journal.read_bytes().count(b"\n")
-    assert 3 <= done_before < 10
+    assert 2 <= done_before < 8
     assert not (project / paths.DPO_TRAIN).exists()
     with journal.open("ab") as fh:  # a kill in the middle of a journal write (a torn last line)
         fh.write(b'{"sample_id": "torn", "generat')
@@ -270,9 +272,9 @@ def test_kill_and_resume_equals_uninterrupted(tmp_path: Path, project_template: 
     out = subprocess.run([RPRM, "sample-pairs"], cwd=project, env=env, capture_output=True, text=True)
     assert out.returncode == 0, out.stderr[-3000:]
     with Journal(journal, key="sample_id") as j:
-        assert len(j) == 10 and "torn" not in j
+        assert len(j) == 8 and "torn" not in j
     lines = journal.read_text().splitlines()
-    assert len(lines) == len({json.loads(line)["sample_id"] for line in lines}) == 10
+    assert len(lines) == len({json.loads(line)["sample_id"] for line in lines}) == 8
     straight, _ = straight_run
     for out_file in OUTPUTS:
         assert (project / out_file).read_bytes() == (straight / out_file).read_bytes(), out_file
@@ -295,6 +297,14 @@ def test_bad_inputs(tmp_path: Path, project_template: Path, default_params: Para
     with pytest.raises(DataError, match="no labelled step samples"):
         run(params)
     write_jsonl(paths.STEPS_TRAIN, bundled_step_samples(4))
+    from components.pairs import load_step_samples
+
+    params.sample_pairs.max_prompt_tokens = 16
+    with pytest.raises(DataError, match="within sample_pairs.max_prompt_tokens=16"):
+        run(params)
+    params.sample_pairs.max_prompt_tokens = 560
+    picked, too_long = load_step_samples(params, paths.SFT_MODEL)
+    assert too_long > 0 and len(picked) + too_long == 4
     (paths.SFT_MODEL / "tokenizer.json").unlink()
     with pytest.raises(DataError, match="no tokenizer"):
         run(params)

@@ -19,12 +19,11 @@ from pathlib import Path
 
 import pytest
 import yaml
-from conftest import synthetic_verdict_chats
 
 from components import paths
 from components.config import Params, dump_params
 from components.io import DataError, write_jsonl
-from components.prompts import VERDICT_NO, VERDICT_YES, parse_verdict
+from components.prompts import VERDICT_NO, VERDICT_YES, parse_verdict, student_messages
 
 REPO = Path(__file__).resolve().parents[1]
 RPRM = str(Path(sys.executable).parent / "rprm")
@@ -48,9 +47,34 @@ def _tracking_env(monkeypatch: pytest.MonkeyPatch, mlflow_uri: str) -> None:
     monkeypatch.delenv("RPRM_TRAINING_WORKER", raising=False)
 
 
+def short_chats(n: int, seed: int) -> list[list[dict]]:
+    """`n` R-PRM chats on bundled PRM800K steps (texts cut short, so steps are cheap): system,
+    user (the filled template) and an analysis whose conclusion states its verdict."""
+    rng = random.Random(seed)
+    solutions = []
+    for path in sorted((REPO / "data/bundled/prm800k").glob("*.jsonl")):
+        for line in path.read_text(encoding="utf-8").splitlines():
+            obj = json.loads(line)
+            if obj.get("chosen_steps"):
+                solutions.append((obj["problem"][:200], [s[:120] for s in obj["chosen_steps"]]))
+    chats = []
+    for _ in range(n):
+        question, steps = rng.choice(solutions)
+        k = rng.randrange(min(len(steps), 3))
+        correct = rng.random() < 0.5
+        analysis = (
+            "Analysis:\n**Now Step Analysis**: "
+            + rng.choice(["It uses data from the Question.", "It follows from the Previous Steps."])
+            + f"\nConclusion: Hence it is {'correct' if correct else 'wrong'}.\n"
+            + (VERDICT_YES if correct else VERDICT_NO)
+        )
+        chats.append(student_messages(question, steps[:k], steps[k]) + [{"role": "assistant", "content": analysis}])
+    return chats
+
+
 def sft_records(n_train: int, n_val: int, seed: int = 11) -> tuple[list[dict], list[dict]]:
-    """Balanced SFT chat records (SFTExample) from short synthetic R-PRM chats."""
-    chats = synthetic_verdict_chats(4 * (n_train + n_val), seed=seed)
+    """Balanced SFT chat records (SFTExample), yes and no alternating."""
+    chats = short_chats(4 * (n_train + n_val), seed=seed)
     by_verdict: dict[str, list[list[dict]]] = {"yes": [], "no": []}
     for chat in chats:
         by_verdict[parse_verdict(chat[-1]["content"]).verdict].append(chat)
