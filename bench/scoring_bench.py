@@ -409,7 +409,8 @@ def bench_memory(
     res.rows = [
         ("longest solutions: peak RSS", f"{mem.rss_peak_mb:.0f} MiB (+{mem.rss_peak_delta_mb:.0f})",
          f"{len(solutions)} longest from {source}; longest prompt {res.data['longest_prompt_tokens']} tokens; "
-         f"wave {counts.largest_call_rows} rows (<= {bound} tokens) under token_budget {budget}; no OOM"),
+         f"largest scorer wave {counts.largest_call_rows} rows (<= {bound} tokens), batched by the "
+         f"backend under token_budget {budget}; no OOM"),
         ("longest solutions: Python heap peak (tracemalloc)", f"{mem.tracemalloc_peak_mb:.1f} MiB",
          mem.torch_peak_note if mem.torch_peak_mb is None else f"torch peak {mem.torch_peak_mb:.0f} MiB"),
     ]
