@@ -302,9 +302,16 @@ def test_bad_inputs(tmp_path: Path, project_template: Path, default_params: Para
     params.sample_pairs.max_prompt_tokens = 16
     with pytest.raises(DataError, match="within sample_pairs.max_prompt_tokens=16"):
         run(params)
-    params.sample_pairs.max_prompt_tokens = 560
+    from transformers import AutoTokenizer
+
+    from components.pairs import prompt_tokens
+
+    tok = AutoTokenizer.from_pretrained(paths.SFT_MODEL)
+    lengths = sorted(prompt_tokens(tok, s) for s in read_jsonl(paths.STEPS_TRAIN, StepSample))
+    assert lengths[0] < lengths[-1]
+    params.sample_pairs.max_prompt_tokens = lengths[-1] - 1
     picked, too_long = load_step_samples(params, paths.SFT_MODEL)
-    assert too_long > 0 and len(picked) + too_long == 4
+    assert too_long == lengths.count(lengths[-1]) and len(picked) + too_long == 4
     (paths.SFT_MODEL / "tokenizer.json").unlink()
     with pytest.raises(DataError, match="no tokenizer"):
         run(params)
