@@ -53,7 +53,7 @@ from components.backends.base import BackendError, GenerationBackend
 from components.config import BestOfNParams, Params, SamplingParams
 from components.data import CANDIDATE_POOLS, load_bon_testset, load_candidate_pool, split_steps
 from components.grading import EXTRACTIONS, OUTCOMES, Grade, Grader, reference_answers
-from components.io import Journal, write_json
+from components.io import DataError, Journal, write_json
 from components.records import BonProblem, Candidate, CandidatePool, Solution
 from components.scoring import (
     NEUTRAL_REWARD,
@@ -444,6 +444,35 @@ def _model_path(name: str) -> Path | str:
     return name
 
 
+def required_models(params: Params) -> dict[str, str]:
+    """The models the stage will load, by params key: the PRM always, the policy when sampled from."""
+    bp = params.best_of_n
+    needed: dict[str, str] = {}
+    generates = any(not (bp.candidates == "pool" and d in CANDIDATE_POOLS) for d in bp.datasets)
+    if generates or (bp.guided_search.enabled and bp.guided_search.strategies):
+        needed["best_of_n.policy_model"] = bp.policy_model or "base"  # upstream of the PRM: first
+    needed["best_of_n.prm_model"] = bp.prm_model
+    return needed
+
+
+def check_models(params: Params) -> None:
+    """DataError naming the folder and the stage that builds it when a needed pipeline model is missing.
+
+    Only pipeline models (base, sft, dpo) with a local-weights backend (hf, vllm) are checked:
+    other names are folders or hub ids, and an `openai` server holds its own weights.
+    """
+    if params.backend.kind not in ("hf", "vllm"):
+        return
+    for key, name in required_models(params).items():
+        if name not in paths.MODEL_STAGES:
+            continue
+        path, hint = paths.model_dir(name), f"{paths.model_hint(name)} ({key}={name!r})"
+        if not path.is_dir():
+            raise DataError(path, None, None, f"does not exist: {hint}")
+        if not (path / "config.json").is_file():
+            raise DataError(path, None, "config.json", f"not a model folder (no config.json): {hint}")
+
+
 def _pool_for(
     dataset: str,
     problems: list[BonProblem],
@@ -557,12 +586,13 @@ def run(params: Params) -> dict[str, Any]:
     from components.plots import write_csv
 
     bp = params.best_of_n
-    # Every input file is read and validated before any model, MLflow run or journal: bad data
-    # fails here (file, line, field) and nothing is written.
+    # Every input file and model folder is checked before any model, MLflow run or journal: bad
+    # data or a missing model fails here (file, line, field) and nothing is written.
     testsets = {d: load_bon_testset(params.data, d) for d in bp.datasets}
     for d in bp.datasets:
         if bp.candidates == "pool" and d in CANDIDATE_POOLS:
             load_candidate_pool(params.data, d)
+    check_models(params)
     prm_path = _model_path(bp.prm_model)
     policy_path = _model_path(bp.policy_model or "base")
     backends: dict[str, GenerationBackend] = {}

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import os
+import stat
 import tempfile
 from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager
@@ -128,14 +129,41 @@ def read_json(path: str | Path) -> Any:
         raise DataError(path, err.lineno, None, f"invalid JSON: {err.msg}") from None
 
 
+def current_umask() -> int:
+    """The process umask, read without changing it where the OS allows (Linux /proc)."""
+    try:
+        with open("/proc/self/status", encoding="ascii") as fh:
+            for line in fh:
+                if line.startswith("Umask:"):
+                    return int(line.split()[1], 8)
+    except (OSError, ValueError, IndexError):
+        pass
+    mask = os.umask(0o022)  # no /proc: read it by setting and restoring (brief, not thread-safe)
+    os.umask(mask)
+    return mask
+
+
+def _plain_open_mode(path: Path) -> int:
+    """Permission bits `open(path, "w")` would leave: the file's own if it exists, else 0666 & ~umask."""
+    try:
+        return stat.S_IMODE(os.stat(path).st_mode)
+    except FileNotFoundError:
+        return 0o666 & ~current_umask()
+
+
 @contextmanager
 def atomic_path(path: str | Path, mode: str = "w") -> Iterator[Any]:
-    """Open a temp file beside `path`; on success fsync and rename it over `path`."""
+    """Open a temp file beside `path`; on success fsync and rename it over `path`.
+
+    The result gets the permissions a plain `open(path, "w")` would give (not mkstemp's
+    0600): an existing file keeps its mode, a new one gets 0666 minus the umask.
+    """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     try:
         with os.fdopen(fd, mode, encoding=None if "b" in mode else "utf-8") as fh:
+            os.fchmod(fh.fileno(), _plain_open_mode(path))
             yield fh
             fh.flush()
             os.fsync(fh.fileno())

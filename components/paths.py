@@ -50,6 +50,16 @@ def model_dir(name: str) -> Path:
     return {"base": BASE_MODEL, "sft": SFT_MODEL, "dpo": DPO_MODEL}[name]
 
 
+# The stage (`rprm <stage>`, `dvc repro <stage>`) that builds each pipeline model folder.
+MODEL_STAGES = {"base": "base-model", "sft": "sft", "dpo": "dpo"}
+
+
+def model_hint(name: str) -> str:
+    """How to build a pipeline model's folder: "run `rprm <stage>` (or `dvc repro <stage>`) first"."""
+    stage = MODEL_STAGES[name]
+    return f"run `rprm {stage}` (or `dvc repro {stage}`) first"
+
+
 def project_root() -> Path:
     """The project root (the folder holding params.yaml), from the current directory up."""
     here = Path.cwd().resolve()

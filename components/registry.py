@@ -140,19 +140,24 @@ def _log_pyfunc(params: Params, model_dir: Path, model_hash: str) -> Any:
     )
 
 
-def _check_model_dir(model_dir: Path) -> None:
+def _check_model_dir(name: str) -> Path:
+    """The folder of pipeline model `name` (register.model); DataError naming it and its stage if unusable."""
+    model_dir = paths.model_dir(name)
+    hint = f"{paths.model_hint(name)} (register.model={name!r})"
+    if not model_dir.is_dir():
+        raise DataError(model_dir, None, None, f"does not exist: {hint}")
     if not (model_dir / "config.json").exists():
-        raise DataError(model_dir, None, None, "not a model folder (no config.json); run the training stages first")
+        raise DataError(model_dir, None, None, f"not a model folder (no config.json): {hint}")
     if not any(model_dir.glob("tokenizer*")):
         raise DataError(model_dir, None, None, "model folder has no tokenizer")
+    return model_dir
 
 
 def run_register(params: Params) -> dict[str, Any]:
     """`rprm register`: log the PRM as a pyfunc, register a version with alias challenger."""
     import mlflow
 
-    model_dir = paths.model_dir(params.register.model)
-    _check_model_dir(model_dir)
+    model_dir = _check_model_dir(params.register.model)
     metrics = headline_metrics(params.register.model)
     name = params.tracking.registered_model
     inputs = [model_dir, PROCESSBENCH_REPORT, PRMBENCH_REPORT]

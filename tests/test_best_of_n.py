@@ -227,3 +227,63 @@ def test_stage_end_to_end_on_tiny_models(tmp_path, monkeypatch, default_params, 
     again = best_of_n.run(params)
     assert _without_seconds(again) == _without_seconds(report)
     assert pool_files[0].read_text() == pool_text
+
+
+# ------------------------------------------------------------------------- missing models
+
+
+def _snapshot(root: Path) -> dict[str, tuple[int, int]]:
+    """Every path under root (links not followed) with its size and mtime."""
+    return {str(p.relative_to(root)): (p.lstat().st_size, p.lstat().st_mtime_ns) for p in root.rglob("*")}
+
+
+@pytest.mark.parametrize(
+    ("datasets", "guided", "present", "where", "message"),
+    [
+        # real pool only, no guided search: only the PRM (models/dpo) is needed
+        (["olympiadbench"], False, {}, "models/dpo", "does not exist: run `rprm dpo` (or `dvc repro dpo`) first"),
+        # a generated pool needs the policy (the base model), named before the PRM
+        (["olympiadbench", "amc23"], True, {}, "models/base",
+         "does not exist: run `rprm base-model` (or `dvc repro base-model`) first"),
+        (["olympiadbench", "amc23"], True, {"base": "model"}, "models/dpo", "does not exist: run `rprm dpo`"),
+        (["olympiadbench"], False, {"dpo": "empty"}, "models/dpo", "not a model folder (no config.json): run `rprm dpo`"),
+    ],
+)
+def test_missing_model_folder_fails_before_any_work(
+    tmp_path, monkeypatch, tiny_model_dir, datasets, guided, present, where, message
+):
+    """`rprm best-of-n` without a model folder it loads: exit 2 naming the folder and its stage; nothing written."""
+    import yaml
+    from typer.testing import CliRunner
+
+    from components.cli import app
+
+    data_dir = _stage_data(tmp_path / "shared-data")
+    project = tmp_path / "project"
+    project.mkdir()
+    monkeypatch.chdir(project)
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{project / 'mlruns.db'}")
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")  # a hub lookup of "models/..." fails fast instead of hanging
+    monkeypatch.delenv("RPRM_PARENT_RUN_ID", raising=False)
+    raw = yaml.safe_load((REPO_ROOT / "params.yaml").read_text(encoding="utf-8"))
+    raw["data"].update(source="dir", dir=str(data_dir))
+    raw["best_of_n"].update(datasets=datasets, n=2, max_problems=1, policy_model=None, prm_model="dpo")
+    raw["best_of_n"]["guided_search"]["enabled"] = guided
+    (project / "params.yaml").write_text(yaml.safe_dump(raw, sort_keys=False), encoding="utf-8")
+    for name, kind in present.items():
+        (project / "models").mkdir(exist_ok=True)
+        if kind == "model":
+            (project / "models" / name).symlink_to(tiny_model_dir, target_is_directory=True)
+        else:
+            (project / "models" / name).mkdir()
+    before = _snapshot(project)
+
+    result = CliRunner().invoke(app, ["best-of-n", "-p", "params.yaml"])
+
+    assert isinstance(result.exception, SystemExit), f"raised {result.exception!r}: {result.output[-2000:]}"
+    assert result.exit_code == 2, result.output[-2000:]
+    assert "Traceback" not in result.output
+    errors = [ln for ln in result.output.splitlines() if ln.startswith("error: ")]
+    assert errors and errors[0].startswith(f"error: {where}:"), result.output[-2000:]
+    assert message in errors[0], errors[0]
+    assert _snapshot(project) == before  # no MLflow store, journal, report or plot

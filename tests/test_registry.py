@@ -186,3 +186,29 @@ def test_equal_metric_does_not_promote_at_zero_margin(project: Path) -> None:
     decision = registry.promote(p)
     assert not decision["promoted"] and decision["gain"] == 0.0
     assert aliases()["champion"] == "1"
+
+
+def test_register_model_sft_registers_the_sft_folder(project: Path) -> None:
+    """`register.model: sft` logs models/sft (its hash, its files), with models/dpo absent."""
+    shutil.move("models/dpo", "models/sft")
+    Path("models/sft/SFT_MARKER").write_text("sft\n")  # tells the SFT folder apart in the artifact
+    p = params()
+    p.register.model = "sft"
+    report = register(42.0, p)
+    assert report["model"] == "sft"
+    assert report["model_md5"] == data_hash("models/sft")
+    version = MlflowClient().get_model_version_by_alias("r-prm", "challenger")
+    assert version.tags["source.model"] == "sft"
+    assert version.tags["source.model_md5"] == data_hash("models/sft")
+    local = Path(mlflow.artifacts.download_artifacts("models:/r-prm/1"))
+    assert (local / "artifacts" / "sft" / "SFT_MARKER").read_text() == "sft\n"
+    assert yaml.safe_load((local / "MLmodel").read_text())["metadata"]["rprm"]["model"] == "sft"
+
+
+def test_register_names_the_missing_configured_model_folder(project: Path) -> None:
+    write_reports(40.0)
+    p = params()
+    p.register.model = "sft"  # models/dpo exists; models/sft does not
+    with pytest.raises(DataError, match=r"^models/sft: does not exist: run `rprm sft` \(or `dvc repro sft`\) first"):
+        registry.run_register(p)
+    assert MlflowClient().search_registered_models() == []
