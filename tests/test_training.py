@@ -450,17 +450,26 @@ def _run_dpo_in(project: Path, params: Params) -> dict:
         os.chdir(old)
 
 
-@pytest.mark.skip(reason="issue 4 point 6 not met yet: with the defaults re-tuned at the end of the "
-                  "2026-11-28 session, held-out DPO preference accuracy came out at 0.5 on a clean clone; "
-                  "re-tune dpo/sample_pairs and re-enable (see the session note)")
-def test_dpo_learns_held_out_preferences(tmp_path: Path, dpo_project: Path, default_params: Params,
+def test_dpo_learns_a_held_out_preference(tmp_path: Path, dpo_project: Path, default_params: Params,
                                          mlflow_uri: str) -> None:
     """DPO from the SFT model: curves in MLflow, held-out accuracy pair by pair (matches TRL's)."""
     import mlflow
 
     project = tmp_path / "p"
     shutil.copytree(dpo_project, project)
+    # The tiny verdict model prefers " No" (~0.65) whatever the analysis says. Every pair here
+    # prefers the same analysis ending in " Yes": a preference 12 steps can learn, so held-out
+    # accuracy above 0.5 shows the trainer, the reference model and the evaluation work end to
+    # end. Whether DPO learns step-level discrimination is measured on the real default
+    # pipeline (reports/dpo.json), not here.
+    for name in (paths.DPO_TRAIN, paths.DPO_VAL):
+        rows = [json.loads(line) for line in (project / name).read_text().splitlines()]
+        for r in rows:
+            yes = r["chosen"] if r["chosen_verdict"] == "yes" else r["rejected"]
+            r.update(chosen=yes, rejected=flip_verdict(yes), chosen_verdict="yes")
+        write_jsonl(project / name, rows)
     params = train_params(default_params)
+    params.dpo.min_verdict_share = 0.0
     params.dpo.max_steps = 12
     params.dpo.per_device_train_batch_size = 4
     params.dpo.save_steps = 6
@@ -471,6 +480,7 @@ def test_dpo_learns_held_out_preferences(tmp_path: Path, dpo_project: Path, defa
     assert report["preference_accuracy"] == pytest.approx(report["eval_rewards_accuracies"])
     assert report["preference_accuracy"] > 0.5
     assert report["mean_reward_margin"] > 0
+    assert report["preference_accuracy_by_chosen_verdict"] == {"yes": report["preference_accuracy"], "no": None}
     run = max(mlflow_runs(mlflow_uri, "dpo"), key=lambda r: r.info.start_time)
     client = mlflow.MlflowClient(mlflow_uri)
     for key in ("loss", "rewards/margins", "rewards/accuracies"):
