@@ -243,8 +243,12 @@ class SamplePairsParams(Section):
         description="Only step samples whose student prompt (chat template applied) has at most this "
         "many tokens are sampled, so pairs fit dpo.max_length (null: every sample).",
     )
-    balance: bool = True
-    val_size: int = Field(20, ge=0)
+    balance: bool = Field(
+        True,
+        description="Balance pairs 1:1 by chosen verdict (paper), and the held-out split again, so a "
+        "constant verdict bias scores exactly 0.5 held-out preference accuracy.",
+    )
+    val_size: int = Field(20, ge=0, description="Held-out DPO pairs (whole problems), before re-balancing.")
     seed: int = 42
 
 

@@ -322,7 +322,11 @@ def assemble(params: Params, samples: Sequence[StepSample], records: dict[str, d
         candidates.extend(pairs)
     balanced = balance_pairs(candidates, sp.seed) if sp.balance else list(candidates)
     train, val = split_by_problem(balanced, sp.val_size, sp.seed)
-    used = {(p.sample_id, idx) for p in balanced
+    if sp.balance and {p.chosen_verdict for p in val} == {"yes", "no"}:
+        # whole problems rarely split 1:1; a balanced validation set makes 0.5 the accuracy of any
+        # constant verdict bias, so held-out preference accuracy above 0.5 means real discrimination
+        val = balance_pairs(val, sp.seed)
+    used = {(p.sample_id, idx) for p in train + val
             for idx in (int(x) for x in p.id.rsplit("#", 1)[1].split("-"))}
     for c in critiques:
         c.kept = (c.sample_id, c.index) in used

@@ -226,8 +226,10 @@ def test_stage_outputs_follow_the_rules(straight_run: tuple[Path, dict], mlflow_
     val = read_jsonl(project / paths.DPO_VAL, PreferencePair, allow_empty=True)
     assert report["pairs"]["train"] == len(train) > 0 and report["pairs"]["val"] == len(val)
     assert not {p.problem_id for p in train} & {p.problem_id for p in val}
-    yes = sum(p.chosen_verdict == "yes" for p in train + val)
-    assert yes * 2 == len(train) + len(val)  # balanced by the chosen verdict
+    # balanced by the chosen verdict before the split, and the held-out side again after it
+    assert report["pairs"]["after_balance"] == 2 * min(report["balance"]["candidates"].values())
+    assert report["balance"]["val"]["yes"] == report["balance"]["val"]["no"] > 0
+    assert sum(p.chosen_verdict == "yes" for p in val) * 2 == len(val)
     by_sample: dict[str, int] = {}
     for p in train + val:
         s = samples[p.sample_id]
