@@ -106,7 +106,7 @@ def naive_score(backend: Any, solutions: Sequence[Solution], scoring: ScoringPar
 
 
 def all_steps_at_once(backend: Any, solutions: Sequence[Solution], scoring: ScoringParams) -> list[list[float]]:
-    """Full scoring as ONE generate call over every step (the schedule proposed for full scoring),
+    """Full scoring as ONE generate call over every step (full scoring's schedule, in one call),
     then one batched teacher-forced pass for analyses without a verdict; step rewards per solution."""
     pairs = [(sol, i) for sol in solutions for i in range(len(sol.steps))]
     convs = [step_conversation(sol, i) for sol, i in pairs]
@@ -151,11 +151,13 @@ def warm_up(backend: Any, scoring: ScoringParams) -> None:
 
 
 def reset_engine_caches(backend: Any) -> None:
-    """Empty engine-side caches (vLLM's prefix cache) so no timed run reuses an earlier one's work."""
+    """Empty engine-side prefix caches (vLLM's, the hf backend's) so no timed run reuses an
+    earlier one's work."""
     inner = getattr(backend, "inner", backend)
-    reset = getattr(getattr(inner, "llm", None), "reset_prefix_cache", None)
-    if callable(reset):
-        reset()
+    for owner in (getattr(inner, "llm", None), inner):
+        reset = getattr(owner, "reset_prefix_cache", None)
+        if callable(reset):
+            reset()
 
 
 def _profile_text(profiler: cProfile.Profile, limit: int = 30) -> str:
@@ -296,7 +298,7 @@ def bench_throughput(
          f"{len(mismatches)} analyses differ > 1e-4 (max {value_diff:.2e})"
          + (", all sampled as non-canonical token splits (one pass reads the sampled tokens, "
             "the second pass re-tokenizes)" if mismatches and explained else "")),
-        ("all steps in one backend call (proposed full-scoring schedule)",
+        ("all steps in one backend call (full scoring's schedule)",
          f"{res.data['all_steps_one_call']['steps_per_s']:.2f} steps/s",
          f"{res.data['all_steps_one_call']['speedup_vs_naive']}x naive wall "
          f"({res.data['all_steps_one_call']['speedup_vs_naive_cpu']}x CPU); rewards vs ours "
@@ -382,6 +384,8 @@ def bench_memory(
     """Section m: full scoring of the longest solutions; peak memory with the batch capped by the budget."""
     res = SectionResult("m_memory")
     counted = CountingBackend(backend)
+    if hasattr(backend, "peak_batch"):  # the hf backend's largest decoding batch (prompts, KV tokens)
+        backend.peak_batch = (0, 0)
     with measure_memory(python_heap=True) as mem, timed() as t:
         scores = StepScorer(counted, scoring, early_exit=False, progress=False).score(solutions)
     counts = counted.reset()
@@ -401,16 +405,25 @@ def bench_memory(
             counts.largest_call_rows * (max(prompt_tokens) + scoring.sampling.max_new_tokens)
             if prompt_tokens else None
         ),
+        "largest_backend_batch": (
+            dict(zip(("prompts", "kv_tokens"), backend.peak_batch, strict=True))
+            if hasattr(backend, "peak_batch") else None
+        ),
         "scored": len(scores),
         **t.as_dict(),
         "memory": mem.as_dict(),
     }
     bound = res.data["largest_wave_tokens_upper_bound"]
+    peak = res.data["largest_backend_batch"]
+    batch_note = (
+        f"largest backend batch {peak['prompts']} prompts holding <= {peak['kv_tokens']} KV tokens"
+        if peak else "batched by the backend"
+    )
     res.rows = [
         ("longest solutions: peak RSS", f"{mem.rss_peak_mb:.0f} MiB (+{mem.rss_peak_delta_mb:.0f})",
          f"{len(solutions)} longest from {source}; longest prompt {res.data['longest_prompt_tokens']} tokens; "
-         f"largest scorer wave {counts.largest_call_rows} rows (<= {bound} tokens), batched by the "
-         f"backend under token_budget {budget}; no OOM"),
+         f"largest scorer wave {counts.largest_call_rows} rows (<= {bound} tokens); {batch_note} "
+         f"under token_budget {budget}; no OOM"),
         ("longest solutions: Python heap peak (tracemalloc)", f"{mem.tracemalloc_peak_mb:.1f} MiB",
          mem.torch_peak_note if mem.torch_peak_mb is None else f"torch peak {mem.torch_peak_mb:.0f} MiB"),
     ]

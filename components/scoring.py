@@ -18,10 +18,13 @@ named by `scoring.fallback` (section 5, point 3):
 The step reward is the mean of the kept values; a step whose K analyses were all dropped gets
 the neutral reward 0.5 (GenPRM's convention; the official guided search divides by zero there).
 
-Work is done in waves: each wave takes the next unscored step of every active solution (at
-most `max_active` solutions are active at once, which bounds memory and the work a crash can
-lose) and sends all of them to the backend in one call, which batches them under its token
-budget. Early exit removes a solution from the waves; it never serialises the others.
+Work is done in waves, each sent to the backend in one call, which batches it under its token
+budget (so memory is bounded by the backend, not by the wave). At most `max_active` solutions
+are active at once, which bounds the work a crash can lose. Full scoring puts every remaining
+step of every active solution in one wave: the backend then fills each batch with the K
+analyses of many steps. Early exit takes only the next unscored step of every active solution
+per wave (the next one is needed only if this one does not determine the prediction); early
+exit removes a solution from the waves, it never serialises the others.
 
 Early exit: a solution stops being scored once its prediction is determined. With the defaults
 that is its first step with reward < `scoring.threshold` at K = `scoring.sampling.n`, so the
@@ -308,10 +311,17 @@ class StepScorer:
             bar.close()
         return [s.scored for s in states]
 
-    def _wave(self, active: list[_State], journal: Journal | None) -> int:
-        """Score the next step of every active solution in one backend call; return analyses made."""
+    def _wave(self, states: list[_State], journal: Journal | None) -> int:
+        """Score, in one backend call, every remaining step of the active solutions (full scoring)
+        or the next step of each (early exit); return the analyses made."""
         n = self.sampling.n
-        steps = [s.next_step for s in active]
+        active: list[_State] = []
+        steps: list[int] = []
+        for state in states:
+            last = state.scored.n_steps if not self.early_exit else state.next_step + 1
+            for i in range(state.next_step, last):
+                active.append(state)
+                steps.append(i)
         convs = [step_conversation(s.solution, i) for s, i in zip(active, steps, strict=True)]
         seeds = [step_seed(self.sampling.seed, s.solution.id, i) for s, i in zip(active, steps, strict=True)]
         outputs = self.backend.generate(convs, self.sampling, seeds=seeds, progress=False)

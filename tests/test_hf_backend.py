@@ -202,6 +202,7 @@ def test_stop_strings_end_and_are_excluded(verdict_backend: HFBackend) -> None:
 
 def test_batches_respect_batch_size_and_token_budget(tiny_model_dir: Path) -> None:
     backend = _backend(tiny_model_dir, batch_size=2, token_budget=1000)
+    backend.fast = None  # the generic decoding loop: every row holds (longest prompt + new tokens)
     lengths = [300, 50, 120, 700, 10]
     batches = backend._batches(lengths, n=3, max_new=100)
     rows = [row for batch in batches for row in batch]
@@ -210,7 +211,42 @@ def test_batches_respect_batch_size_and_token_budget(tiny_model_dir: Path) -> No
         convs = {i for i, _ in batch}
         assert len(convs) <= 2
         width = max(lengths[i] for i in convs) + 100
+        assert backend.batch_tokens(batch, lengths, 100) == len(batch) * width
         assert len(batch) == 1 or len(batch) * width <= 1000
+
+
+def test_shared_prompt_batches_stay_within_batch_size_and_token_budget(tiny_model_dir: Path) -> None:
+    """Continuous batching holds each prompt once plus max_new_tokens per sample slot."""
+    sampling = SamplingParams(n=3, temperature=1.0, top_p=0.9, max_new_tokens=20, seed=4)
+    wide = _backend(tiny_model_dir)
+    assert wide.fast is not None  # the tiny Qwen2 model takes the shared-prompt path
+    reference = wide.generate(CONVERSATIONS * 3, sampling)
+    lengths = [len(wide._encode(wide.render(c))) for c in CONVERSATIONS]
+    budget = 2 * (max(lengths) + 3 * 20)
+    narrow = _backend(tiny_model_dir, batch_size=2, token_budget=budget)
+    assert _texts(narrow.generate(CONVERSATIONS * 3, sampling)) == _texts(reference)
+    prompts, held = narrow.peak_batch
+    assert 1 < prompts <= 2 and held <= budget
+
+
+def test_shared_prompt_path_equals_the_generic_loop(verdict_model_dir: Path) -> None:
+    """Same samples and one-pass verdicts with or without SharedPromptLM (and the prefix cache)."""
+    sampling = SamplingParams(n=3, temperature=1.0, top_p=0.95, max_new_tokens=120, seed=8)
+    fast = _backend(verdict_model_dir)
+    generic = _backend(verdict_model_dir)
+    generic.fast = None
+    a, b = fast.generate(CONVERSATIONS, sampling), generic.generate(CONVERSATIONS, sampling)
+    assert _texts(a) == _texts(b)
+    for x, y in zip([g for per in a for g in per], [g for per in b for g in per], strict=True):
+        assert (x.p_yes is None) == (y.p_yes is None)
+        assert x.p_yes is None or abs(x.p_yes - y.p_yes) < 1e-5
+    prefixes = [cut_at_verdict(per[0].text)[0] or "Analysis:" for per in a]
+    cached = fast.verdict_probability(CONVERSATIONS, prefixes)  # continues the remembered prompts
+    assert fast.prefix_cache.tokens > 0
+    fast.reset_prefix_cache()
+    fresh = fast.verdict_probability(CONVERSATIONS, prefixes)
+    for x, y, z in zip(cached, fresh, generic.verdict_probability(CONVERSATIONS, prefixes), strict=True):
+        assert abs(x - y) < 1e-5 and abs(x - z) < 1e-5
 
 
 def test_progress_bar(tiny_backend: HFBackend, capsys: pytest.CaptureFixture[str]) -> None:

@@ -1,8 +1,16 @@
 """The `hf` generation backend: transformers models with per-row seeded sampling.
 
-Decoding is a plain KV-cache loop over left-padded batches (no `generate()`), which gives what
-R-PRM scoring needs exactly:
-- each prompt is encoded once; its cache is then repeated for its K samples;
+Decoding is our own KV-cache loop (no `generate()`), which gives what R-PRM scoring needs:
+- Llama/Qwen2-style models (`fast_path_supported`) run on `SharedPromptLM`, a direct forward
+  with the model's own modules: each prompt is encoded once, unpadded, continuing the longest
+  prefix in `PrefixCache` (the step prompts of a solution share the question and previous
+  steps; the teacher-forced pass extends a prompt); its KV is stored once and shared by its K
+  samples (their queries meet it in one matmul); generated KV is preallocated per row. Batches
+  are continuous: prompts enter longest first and leave when all their samples are done, the
+  freed room taking the next ones, within `batch_size` prompts and `token_budget` KV tokens
+  (`HFBackend.batch_tokens`). The prefix cache holds at most `token_budget` tokens more.
+- other models use the generic loop: left-padded batches through `model(...)`, the prompt's
+  cache repeated for its K samples;
 - sample j of conversation i draws from its own `torch.Generator` seeded with
   `row_seed(seeds[i], j)` through the Gumbel-max trick on temperature/top-p filtered RAW
   logits, so a sample does not depend on which other rows share its batch;
@@ -16,6 +24,7 @@ R-PRM scoring needs exactly:
 from __future__ import annotations
 
 import inspect
+from collections import OrderedDict, deque
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -98,6 +107,323 @@ class VerdictLocator:
         return None
 
 
+_FAST_MODEL_TYPES = {"llama", "qwen2"}
+_STATIC_ROPE = {"default", "linear", "llama3", "yarn"}
+
+
+def fast_path_supported(model: Any) -> bool:
+    """Whether `SharedPromptLM` can run this model: a Llama/Qwen2-style decoder, full attention only."""
+    cfg = model.config
+    inner = getattr(model, "model", None)
+    if cfg.model_type not in _FAST_MODEL_TYPES or inner is None or not hasattr(model, "lm_head"):
+        return False
+    if getattr(cfg, "use_sliding_window", False):
+        return False
+    if any(t != "full_attention" for t in (getattr(cfg, "layer_types", None) or [])):
+        return False
+    rope = getattr(cfg, "rope_parameters", None) or {}
+    if rope.get("rope_type", "default") not in _STATIC_ROPE:
+        return False
+    attn = inner.layers[0].self_attn
+    return all(hasattr(attn, a) for a in ("q_proj", "k_proj", "v_proj", "o_proj", "scaling", "head_dim")) and not any(
+        hasattr(attn, a) for a in ("q_norm", "k_norm")
+    )
+
+
+def _pad_to(x: Any, axis: int, width: int, fill: float) -> Any:
+    """`x` padded with `fill` along `axis` up to `width`."""
+    import torch
+
+    if x.shape[axis] >= width:
+        return x
+    shape = list(x.shape)
+    shape[axis] = width - x.shape[axis]
+    return torch.cat([x, x.new_full(shape, fill)], dim=axis)
+
+
+@dataclass
+class _SharedState:
+    """KV of the batch being decoded: each prompt once, right-padded to the longest one
+    ([C, kv heads, W, d] per layer), and every row's generated tokens ([C, kv heads, S, T, d]);
+    row r = c * S + s is sample slot s of prompt c."""
+
+    prompt_k: list[Any]
+    prompt_v: list[Any]
+    prompt_bias: Any  # [C, 1, 1, W]: 0 on prompt tokens, -inf on the padding
+    gen_k: list[Any]
+    gen_v: list[Any]
+    slots: int
+    prompt_len: list[int] = field(default_factory=list)
+
+    @property
+    def prompts(self) -> int:
+        """Prompts in the batch (C)."""
+        return len(self.prompt_len)
+
+    @property
+    def width(self) -> int:
+        """Padded prompt length (W)."""
+        return int(self.prompt_bias.shape[-1])
+
+    def keep(self, convs: Sequence[int]) -> None:
+        """Keep only the prompts at positions `convs` (with their rows) and trim the padding."""
+        import torch
+
+        index = torch.tensor(list(convs), dtype=torch.long, device=self.prompt_bias.device)
+        self.prompt_len = [self.prompt_len[c] for c in convs]
+        width = max(self.prompt_len, default=0)
+        self.prompt_k = [k[:, :, :width].index_select(0, index) for k in self.prompt_k]
+        self.prompt_v = [v[:, :, :width].index_select(0, index) for v in self.prompt_v]
+        self.prompt_bias = self.prompt_bias[..., :width].index_select(0, index)
+        self.gen_k = [k.index_select(0, index) for k in self.gen_k]
+        self.gen_v = [v.index_select(0, index) for v in self.gen_v]
+
+    def add(self, prompts: Sequence[list[tuple[Any, Any]]]) -> None:
+        """Append encoded prompts (per layer keys, values [kv heads, L, d]) with fresh rows."""
+        import torch
+
+        lens = [int(kvs[0][0].shape[1]) for kvs in prompts]
+        width = max([self.width, *lens])
+        bias = torch.full((len(lens), 1, 1, width), float("-inf"), dtype=self.prompt_bias.dtype,
+                          device=self.prompt_bias.device)
+        for c, n in enumerate(lens):
+            bias[c, ..., :n] = 0.0
+        self.prompt_bias = torch.cat([_pad_to(self.prompt_bias, 3, width, float("-inf")), bias])
+        for layer in range(len(self.prompt_k)):
+            for store, part in ((self.prompt_k, 0), (self.prompt_v, 1)):
+                new = [_pad_to(kvs[layer][part][None], 2, width, 0.0) for kvs in prompts]
+                store[layer] = torch.cat([_pad_to(store[layer], 2, width, 0.0), *new])
+            for store in (self.gen_k, self.gen_v):
+                gen = store[layer]
+                store[layer] = torch.cat([gen, gen.new_zeros((len(lens), *gen.shape[1:]))])
+        self.prompt_len += lens
+
+
+class SharedPromptLM:
+    """Direct forward of a Llama/Qwen2-style decoder (the model's own modules and weights).
+
+    `encode` runs one unpadded prompt (causal SDPA) and returns its per-layer KV; `step` decodes
+    one token for every row, attending to its prompt's KV, stored once for all K samples (the
+    K rows' queries meet it in one matmul), and to the row's own generated KV, preallocated
+    (no per-token concatenation). One softmax spans both parts, so this is the usual attention.
+    """
+
+    def __init__(self, model: Any):
+        inner = model.model
+        self.embed = inner.embed_tokens
+        self.layers = list(inner.layers)
+        self.norm = inner.norm
+        self.rotary = inner.rotary_emb
+        self.lm_head = model.lm_head
+        attn = self.layers[0].self_attn
+        self.head_dim = int(attn.head_dim)
+        self.heads = int(model.config.num_attention_heads)
+        self.kv_heads = int(model.config.num_key_value_heads)
+        self.groups = self.heads // self.kv_heads
+        self.scaling = float(attn.scaling)
+
+    @staticmethod
+    def _rope(x: Any, cos: Any, sin: Any) -> Any:
+        import torch
+
+        half = x.shape[-1] // 2
+        return x * cos + torch.cat((-x[..., half:], x[..., :half]), dim=-1) * sin
+
+    def encode(
+        self, ids: Sequence[int], device: str, past: list[tuple[Any, Any]] | None = None
+    ) -> tuple[list[tuple[Any, Any]], Any]:
+        """Per-layer (keys, values) [kv heads, L, d] of one sequence, and its last-position logits.
+
+        With `past` (the KV of a prefix of P tokens), `ids` continue it from position P and
+        the returned KV covers only `ids`.
+        """
+        import torch
+        import torch.nn.functional as F
+
+        n, start = len(ids), (past[0][0].shape[1] if past else 0)
+        x = self.embed(torch.tensor([list(ids)], dtype=torch.long, device=device))
+        cos, sin = self.rotary(x, torch.arange(start, start + n, device=device)[None])
+        cos, sin = cos[:, None], sin[:, None]
+        mask = None
+        if past:  # token i sees the prefix and tokens <= i
+            mask = torch.full((n, start + n), float("-inf"), dtype=x.dtype, device=device).triu_(start + 1)
+        kvs = []
+        for layer in self.layers:
+            a = layer.self_attn
+            h = layer.input_layernorm(x)
+            q = self._rope(a.q_proj(h).view(1, n, self.heads, self.head_dim).transpose(1, 2), cos, sin)
+            k = self._rope(a.k_proj(h).view(1, n, self.kv_heads, self.head_dim).transpose(1, 2), cos, sin)
+            v = a.v_proj(h).view(1, n, self.kv_heads, self.head_dim).transpose(1, 2)
+            kvs.append((k[0], v[0]))
+            if past:
+                k = torch.cat([past[len(kvs) - 1][0][None], k], dim=2)
+                v = torch.cat([past[len(kvs) - 1][1][None], v], dim=2)
+            o = F.scaled_dot_product_attention(
+                q, k, v, attn_mask=mask, is_causal=mask is None, scale=self.scaling, enable_gqa=True
+            )
+            x = x + a.o_proj(o.transpose(1, 2).reshape(1, n, self.heads * self.head_dim))
+            x = x + layer.mlp(layer.post_attention_layernorm(x))
+        return kvs, self.lm_head(self.norm(x[0, -1:]))[0].float()
+
+    def empty_state(self, slots: int, max_tokens: int, dtype: Any, device: str) -> _SharedState:
+        """A batch without prompts, `slots` sample rows per prompt, `max_tokens` generated KV per row."""
+        import torch
+
+        kv, d = self.kv_heads, self.head_dim
+        return _SharedState(
+            prompt_k=[torch.zeros((0, kv, 0, d), dtype=dtype, device=device) for _ in self.layers],
+            prompt_v=[torch.zeros((0, kv, 0, d), dtype=dtype, device=device) for _ in self.layers],
+            prompt_bias=torch.zeros((0, 1, 1, 0), dtype=dtype, device=device),
+            gen_k=[torch.zeros((0, kv, slots, max(1, max_tokens), d), dtype=dtype, device=device) for _ in self.layers],
+            gen_v=[torch.zeros((0, kv, slots, max(1, max_tokens), d), dtype=dtype, device=device) for _ in self.layers],
+            slots=slots,
+        )
+
+    @staticmethod
+    def _width_groups(lengths: Sequence[int], most: int = 3) -> list[tuple[int, int, int]]:
+        """Consecutive prompt ranges (start, end, padded width) that cut the padding: a range
+        ends where a prompt is under 3/4 of its width (at most `most` ranges)."""
+        groups: list[tuple[int, int, int]] = []
+        start, width = 0, 0
+        for c, n in enumerate(lengths):
+            if c > start and len(groups) < most - 1 and 4 * n < 3 * width:
+                groups.append((start, c, width))
+                start, width = c, 0
+            width = max(width, n)
+        groups.append((start, len(lengths), width))
+        return groups
+
+    def _attend(self, q: Any, pk: Any, pv: Any, bias: Any, gk: Any, gv: Any, gen_bias: Any) -> Any:
+        """Attention of queries q [C, kvh, S, g, d] (pre-scaled) over prompt KV [C, kvh, W, d]
+        (+ bias [C, 1, 1, W]) and generated KV [C, kvh, S, span, d] (+ gen_bias); one softmax
+        over both parts through their common maximum, in float32."""
+        import torch
+
+        n, kvh, s, g, d = q.shape
+        width = pk.shape[2]
+        sp = torch.bmm(q.view(n * kvh, s * g, d), pk.reshape(n * kvh, width, d).transpose(1, 2)).float()
+        sp.view(n, kvh, s * g, width).add_(bias)
+        sg = torch.matmul(q, gk.transpose(-1, -2)).float() + gen_bias
+        top = torch.maximum(sp.view(n, kvh, s, g, width).amax(-1), sg.amax(-1)).unsqueeze(-1)
+        ep = sp.view(n, kvh, s, g, width).sub_(top).exp_()
+        eg = sg.sub_(top).exp_()
+        total = ep.sum(-1, keepdim=True) + eg.sum(-1, keepdim=True)
+        o = torch.bmm(ep.view(n * kvh, s * g, width).to(pv.dtype), pv.reshape(n * kvh, width, d)).float()
+        return ((o.view(n, kvh, s, g, d) + torch.matmul(eg.to(gv.dtype), gv).float()) / total).to(pv.dtype)
+
+    def step(self, tokens: Any, index: Sequence[int], state: _SharedState) -> Any:
+        """Logits [rows, vocab] after feeding each row's token as its generated token `index[r]`.
+
+        Attention stays in prompt-major layout ([C, kv heads, S x g queries, keys]): one matmul
+        against each prompt's KV for its S rows, one against each row's own generated KV
+        (`_attend`), per range of similar prompt lengths (`_width_groups`), so that a long
+        prompt does not pad every other one to its length.
+        """
+        import torch
+
+        rows, s, kvh, g, d = tokens.shape[0], state.slots, self.kv_heads, self.groups, self.head_dim
+        n_conv = rows // s
+        dev = tokens.device
+        room = state.gen_k[0].shape[3]
+        at_list = [min(i, room - 1) for i in index]
+        at = torch.tensor(at_list, dtype=torch.long, device=dev)
+        span = max(at_list) + 1
+        positions = torch.tensor([state.prompt_len[r // s] for r in range(rows)], device=dev) + at
+        hidden = torch.arange(span, device=dev)[None] > at[:, None]  # [rows, span]: not yet written
+        gen_bias = torch.zeros(hidden.shape, dtype=torch.float32, device=dev).masked_fill_(hidden, float("-inf"))
+        gen_bias = gen_bias.view(n_conv, 1, s, 1, span)
+        conv_of = torch.arange(n_conv, device=dev).repeat_interleave(s)
+        slot_of = torch.arange(s, device=dev).repeat(n_conv)
+        groups = self._width_groups(state.prompt_len)
+        x = self.embed(tokens)
+        cos, sin = self.rotary(x[:, None], positions[:, None])
+        for layer, block in enumerate(self.layers):
+            a = block.self_attn
+            h = block.input_layernorm(x)
+            q = self._rope(a.q_proj(h).view(rows, self.heads, d), cos, sin) * self.scaling
+            gk, gv = state.gen_k[layer], state.gen_v[layer]  # [C, kvh, S, T, d]
+            gk[conv_of, :, slot_of, at] = self._rope(a.k_proj(h).view(rows, kvh, d), cos, sin)
+            gv[conv_of, :, slot_of, at] = a.v_proj(h).view(rows, kvh, d)
+            qc = q.view(n_conv, s, kvh, g, d).transpose(1, 2).contiguous()  # [C, kvh, S, g, d]
+            pk, pv = state.prompt_k[layer], state.prompt_v[layer]
+            parts = [
+                self._attend(
+                    qc[lo:hi], pk[lo:hi, :, :w], pv[lo:hi, :, :w], state.prompt_bias[lo:hi, ..., :w],
+                    gk[lo:hi, :, :, :span], gv[lo:hi, :, :, :span], gen_bias[lo:hi],
+                )
+                for lo, hi, w in groups
+            ]
+            o = parts[0] if len(parts) == 1 else torch.cat(parts)
+            x = x + a.o_proj(o.transpose(1, 2).reshape(rows, self.heads * d))
+            x = x + block.mlp(block.post_attention_layernorm(x))
+        return self.lm_head(self.norm(x)).float()
+
+
+class PrefixCache:
+    """KV of recently encoded token blocks, found again by a sequence's longest cached prefix.
+
+    A sequence's KV is kept in blocks of `block` tokens, each keyed by a hash chain over the
+    tokens up to its end (so a block is shared by every sequence with that prefix, and stored
+    once); a lookup walks the chain and verifies each block's tokens. At most `max_tokens`
+    tokens are kept, least recently used blocks first out. The step prompts of one solution
+    share their question and previous steps, and the teacher-forced pass extends a prompt, so
+    most of a prompt's encoding is a lookup.
+    """
+
+    def __init__(self, max_tokens: int, block: int = 32):
+        self.max_tokens = max_tokens
+        self.block = block
+        # chain hash -> (the block's tokens, per layer (keys, values) [kv heads, block, d])
+        self.blocks: OrderedDict[int, tuple[tuple[int, ...], list[tuple[Any, Any]]]] = OrderedDict()
+
+    @property
+    def tokens(self) -> int:
+        """Tokens held."""
+        return len(self.blocks) * self.block
+
+    def _chain(self, ids: Sequence[int]) -> list[tuple[int, tuple[int, ...]]]:
+        out, h = [], 0
+        for start in range(0, len(ids) - self.block + 1, self.block):
+            part = tuple(ids[start : start + self.block])
+            h = hash((h, part))
+            out.append((h, part))
+        return out
+
+    def add(self, ids: Sequence[int], kvs: list[tuple[Any, Any]]) -> None:
+        """Remember the per-layer KV [kv heads, len(ids), d] of a sequence (its full blocks)."""
+        for m, (h, part) in enumerate(self._chain(ids)):
+            if h in self.blocks:
+                self.blocks.move_to_end(h)
+                continue
+            lo, hi = m * self.block, (m + 1) * self.block
+            self.blocks[h] = (part, [(k[:, lo:hi].clone(), v[:, lo:hi].clone()) for k, v in kvs])
+        while self.tokens > self.max_tokens:
+            self.blocks.popitem(last=False)
+
+    def longest(self, ids: Sequence[int], limit: int) -> tuple[int, list[tuple[Any, Any]]] | None:
+        """(P, per layer KV of ids[:P]) for the longest cached block prefix with P <= limit."""
+        import torch
+
+        found = []
+        for h, part in self._chain(ids[:limit]):
+            hit = self.blocks.get(h)
+            if hit is None or hit[0] != part:
+                break
+            self.blocks.move_to_end(h)
+            found.append(hit[1])
+        if not found:
+            return None
+        layers = range(len(found[0]))
+        past = [
+            (torch.cat([f[i][0] for f in found], dim=1), torch.cat([f[i][1] for f in found], dim=1)) for i in layers
+        ]
+        return len(found) * self.block, past
+
+    def clear(self) -> None:
+        """Forget everything."""
+        self.blocks.clear()
+
+
 class HFBackend:
     """Generation backend on a local transformers causal LM (see module docstring)."""
 
@@ -133,6 +459,9 @@ class HFBackend:
         self.verdict = VerdictLocator(tok)
         forward_args = inspect.signature(self.model.forward).parameters
         self._cache_arg = "cache" if "cache" in forward_args else "past_key_values"
+        self.fast = SharedPromptLM(self.model) if fast_path_supported(self.model) else None
+        self.prefix_cache = PrefixCache(params.token_budget)
+        self.peak_batch = (0, 0)  # largest (prompts, KV tokens held) of a shared-prompt batch so far
 
     # ----------------------------------------------------------------------------------
     # Prompts
@@ -161,6 +490,22 @@ class HFBackend:
         position_ids = (mask.cumsum(-1) - 1).clamp(min=0)
         return ids.to(self.device), mask.to(self.device), position_ids.to(self.device)
 
+    def _encode_kv(self, ids: Sequence[int], remember: bool = True) -> tuple[list[tuple[Any, Any]], Any]:
+        """`SharedPromptLM.encode` of a sequence, continuing its longest remembered prefix."""
+        import torch
+
+        assert self.fast is not None
+        hit = self.prefix_cache.longest(ids, len(ids) - 1)
+        if hit is None:
+            kvs, logits = self.fast.encode(ids, self.device)
+        else:
+            n, past = hit
+            rest, logits = self.fast.encode(ids[n:], self.device, past)
+            kvs = [(torch.cat([pk, k], dim=1), torch.cat([pv, v], dim=1)) for (pk, pv), (k, v) in zip(past, rest, strict=True)]
+        if remember:
+            self.prefix_cache.add(ids, kvs)
+        return kvs, logits
+
     def _p_yes(self, logits: Any) -> Any:
         import torch
 
@@ -180,6 +525,10 @@ class HFBackend:
         if len(conversations) != len(prefixes):
             raise ValueError("conversations and prefixes differ in length")
         seqs = [self._encode(self.render(c, p)) for c, p in zip(conversations, prefixes, strict=True)]
+        if self.fast is not None:  # one unpadded pass per sequence, from its longest remembered prefix
+            with torch.inference_mode():
+                logits = [self._encode_kv(seq)[1] for seq in seqs]
+            return [float(p) for p in self._p_yes(torch.stack(logits)).tolist()] if seqs else []
         order = sorted(range(len(seqs)), key=lambda i: -len(seqs[i]))
         out: list[float | None] = [None] * len(seqs)
         start = 0
@@ -201,27 +550,58 @@ class HFBackend:
     # Sampling
     # ----------------------------------------------------------------------------------
 
+    def batch_tokens(self, batch: Sequence[tuple[int, int]], lengths: Sequence[int], max_new: int) -> int:
+        """KV tokens a batch of (conversation, sample) rows holds at most (what `token_budget` caps).
+
+        Shared-prompt decoding keeps each prompt once (padded to the longest) plus `max_new`
+        tokens per sample slot; the generic loop keeps (longest prompt + max_new) per row.
+        """
+        if not batch:
+            return 0
+        longest = max(lengths[i] for i, _ in batch)
+        if self.fast is None:
+            return len(batch) * (longest + max_new)
+        counts: dict[int, int] = {}
+        for i, _ in batch:
+            counts[i] = counts.get(i, 0) + 1
+        return len(counts) * (longest + max(counts.values()) * max_new)
+
     def _batches(self, lengths: Sequence[int], n: int, max_new: int) -> list[list[tuple[int, int]]]:
-        """Rows (conversation, sample) grouped so that a batch holds at most `batch_size`
-        conversations and (prompt + new tokens) x rows stays within `token_budget`."""
+        """Rows (conversation, sample), longest prompts first, grouped so that a batch holds at
+        most `batch_size` conversations and `batch_tokens` stays within `token_budget`."""
         order = sorted(range(len(lengths)), key=lambda i: (-lengths[i], i))
         batches: list[list[tuple[int, int]]] = []
         current: list[tuple[int, int]] = []
         convs: set[int] = set()
-        longest = 0
         for i in order:
             for j in range(n):
-                width = max(longest, lengths[i]) + max_new
-                fits = (len(current) + 1) * width <= self.params.token_budget
+                fits = self.batch_tokens([*current, (i, j)], lengths, max_new) <= self.params.token_budget
                 if current and (not fits or (i not in convs and len(convs) >= self.params.batch_size)):
                     batches.append(current)
-                    current, convs, longest = [], set(), 0
+                    current, convs = [], set()
                 current.append((i, j))
                 convs.add(i)
-                longest = max(longest, lengths[i])
         if current:
             batches.append(current)
         return batches
+
+    @staticmethod
+    def _nucleus(scores: Any, top_p: float, k: int = 64) -> Any:
+        """Scores with every token outside the top-p nucleus set to -inf (the best token always
+        stays). Looks at the k best tokens first and sorts the whole vocabulary only when some
+        row's nucleus is larger."""
+        import torch
+
+        probs = scores.softmax(dim=-1)
+        best, idx = probs.topk(min(k, probs.shape[-1]), dim=-1)  # descending
+        before = best.cumsum(dim=-1) - best  # mass of the better tokens
+        if best.shape[-1] < probs.shape[-1] and not bool((before[:, -1] >= top_p).all()):
+            best, idx = probs.sort(dim=-1, descending=True)
+            before = best.cumsum(dim=-1) - best
+        drop = before >= top_p
+        drop[:, 0] = False
+        kept = scores.gather(-1, idx).masked_fill(drop, float("-inf"))
+        return torch.full_like(scores, float("-inf")).scatter(-1, idx, kept)
 
     def _sample(self, logits: Any, rows: Sequence[_Row], sampling: SamplingParams) -> Any:
         """Next token of every row: Gumbel-max on temperature/top-p filtered raw logits."""
@@ -231,20 +611,122 @@ class HFBackend:
             return logits.argmax(dim=-1)
         scores = logits / sampling.temperature
         if sampling.top_p < 1.0:
-            sorted_scores, idx = scores.sort(dim=-1, descending=True)
-            probs = sorted_scores.softmax(dim=-1)
-            before = probs.cumsum(dim=-1) - probs  # mass of the better tokens
-            drop = before >= sampling.top_p
-            drop[:, 0] = False
-            sorted_scores = sorted_scores.masked_fill(drop, float("-inf"))
-            scores = torch.full_like(scores, float("-inf")).scatter(-1, idx, sorted_scores)
-        noise = torch.stack(
-            [
-                torch.empty(scores.shape[-1], device=scores.device).exponential_(generator=r.generator)
-                for r in rows
-            ]
-        )
+            scores = self._nucleus(scores, sampling.top_p)
+        noise = torch.empty_like(scores)
+        for k, r in enumerate(rows):
+            noise[k].exponential_(generator=r.generator)
         return (scores - noise.log()).argmax(dim=-1)
+
+    def _advance(self, logits: Any, live: Sequence[_Row], sampling: SamplingParams, stop: Sequence[str]) -> Any:
+        """One decoding step of the live rows (logits in their order): read verdicts where the
+        text first ends with the phrase, sample, mark finished rows; returns the tokens."""
+        import torch
+
+        check = [k for k, r in enumerate(live) if r.p_yes is None and self.verdict.could_end(r.ids)]
+        if check:
+            tails = self.verdict.tails([live[k].prefix for k in check], [live[k].ids for k in check])
+            hits = [k for k, t in zip(check, tails, strict=True) if t.endswith(VERDICT_PHRASE)]
+            if hits:
+                probs = self._p_yes(logits[hits]).tolist()
+                for k, p in zip(hits, probs, strict=True):
+                    live[k].p_yes = float(p)
+        tokens = self._sample(logits, live, sampling)
+        is_eos = torch.isin(tokens, self.eos_ids).tolist()
+        for r, t, e in zip(live, tokens.tolist(), is_eos, strict=True):
+            r.ids.append(t)
+            if e:
+                r.finish = "stop"
+        if stop:
+            width = 4 * max(len(s) for s in stop) + 4
+            pending = [r for r in live if r.finish is None]
+            texts = self.tokenizer.batch_decode([r.ids[-width:] for r in pending], skip_special_tokens=True)
+            for r, t in zip(pending, texts, strict=True):
+                if any(s in t for s in stop):
+                    r.finish, r.stop_at = "stop", len(r.ids)
+        return tokens
+
+    def _new_rows(self, batch: Sequence[tuple[int, int]], prefixes: Sequence[str], seeds: Sequence[int]) -> list[_Row]:
+        import torch
+
+        rows = []
+        for i, j in batch:
+            g = torch.Generator(device=self.device)
+            g.manual_seed(row_seed(seeds[i], j))
+            rows.append(_Row(conv=i, index=j, generator=g, prefix=prefixes[i]))
+        return rows
+
+    def _generate_shared(
+        self,
+        prompts: Sequence[list[int]],
+        prefixes: Sequence[str],
+        seeds: Sequence[int],
+        sampling: SamplingParams,
+        stop: Sequence[str],
+        bar: Any,
+    ) -> list[_Row]:
+        """Continuous batching on `SharedPromptLM`: prompts enter the batch longest first, each
+        encoded once, unpadded, with its (up to) K sample rows sharing its KV; a prompt leaves
+        as soon as all its rows are done and the freed room takes the next prompts. The batch
+        keeps at most `batch_size` prompts and `token_budget` KV tokens (prompts padded to the
+        longest in the batch, plus `max_new_tokens` per sample row)."""
+        import torch
+
+        assert self.fast is not None
+        n, max_new, budget = sampling.n, sampling.max_new_tokens, self.params.token_budget
+        order = sorted(range(len(prompts)), key=lambda i: (-len(prompts[i]), i))
+        if not order:
+            return []
+        slots = max(1, min(n, (budget - len(prompts[order[0]])) // max(1, max_new)))
+        queue = deque((i, range(j, min(n, j + slots))) for i in order for j in range(0, n, slots))
+        dev = self.device
+        dtype = self.model.get_input_embeddings().weight.dtype
+        state = self.fast.empty_state(slots, max_new - 1, dtype, dev)
+        grid: list[_Row | None] = []  # row c * slots + s: sample slot s of prompt c (None: unused)
+        logits = torch.zeros((0, len(self.verdict.may_end)), device=dev)
+        done: list[_Row] = []
+
+        def active(r: _Row | None) -> bool:
+            return r is not None and r.finish is None and len(r.ids) < max_new
+
+        with torch.inference_mode():
+            while queue or grid:
+                enter: list[tuple[int, range]] = []
+                while queue:
+                    count = state.prompts + len(enter) + 1
+                    width = max([state.width, len(prompts[queue[0][0]])] + [len(prompts[i]) for i, _ in enter])
+                    if count > 1 and (count > self.params.batch_size or count * (width + slots * max_new) > budget):
+                        break
+                    enter.append(queue.popleft())
+                if enter:
+                    encoded = [self._encode_kv(prompts[i]) for i, _ in enter]
+                    state.add([kvs for kvs, _ in encoded])
+                    held = state.prompts * (state.width + slots * max_new)
+                    self.peak_batch = max(self.peak_batch, (state.prompts, held))
+                    for i, js in enter:
+                        new = self._new_rows([(i, j) for j in js], prefixes, seeds)
+                        grid += new + [None] * (slots - len(new))
+                    fresh = [last.expand(slots, -1) for _, last in encoded]
+                    logits = torch.cat([logits[: len(grid) - slots * len(enter)], *fresh])
+                live = [k for k, r in enumerate(grid) if active(r)]
+                index = torch.tensor(live, dtype=torch.long, device=dev)
+                tokens = self._advance(logits[index], [grid[k] for k in live], sampling, stop)
+                feed = torch.full((len(grid),), self.pad_id, dtype=torch.long, device=dev)
+                feed[index] = tokens
+                keep = [c for c in range(state.prompts) if any(active(r) for r in grid[c * slots : (c + 1) * slots])]
+                if len(keep) < state.prompts:
+                    kept = set(keep)
+                    for c in range(state.prompts):
+                        if c not in kept:
+                            finished = [r for r in grid[c * slots : (c + 1) * slots] if r is not None]
+                            done += finished
+                            bar.update(len(finished))
+                    state.keep(keep)
+                    select = torch.tensor([c * slots + s for c in keep for s in range(slots)], dtype=torch.long)
+                    feed = feed[select.to(dev)]
+                    grid = [grid[c * slots + s] for c in keep for s in range(slots)]
+                if grid:
+                    logits = self.fast.step(feed, [len(r.ids) - 1 if r is not None else 0 for r in grid], state)
+        return done
 
     def _decode_batch(
         self,
@@ -259,11 +741,7 @@ class HFBackend:
 
         convs = list(dict.fromkeys(i for i, _ in batch))
         slot = {c: k for k, c in enumerate(convs)}
-        rows = []
-        for i, j in batch:
-            g = torch.Generator(device=self.device)
-            g.manual_seed(row_seed(seeds[i], j))
-            rows.append(_Row(conv=i, index=j, generator=g, prefix=prefixes[i]))
+        rows = self._new_rows(batch, prefixes, seeds)
         ids, mask, pos = self._left_pad([prompts[c] for c in convs])
         with torch.inference_mode():
             out = self.model(
@@ -276,32 +754,9 @@ class HFBackend:
             mask = mask[select]
             next_pos = pos[select, -1] + 1
             alive = list(range(len(rows)))
-            max_len = max(len(s) for s in stop) if stop else 0
             for step in range(sampling.max_new_tokens):
                 live = [rows[a] for a in alive]
-                # Verdict: read where the text so far ends with the phrase (first time only).
-                check = [
-                    k for k, r in enumerate(live) if r.p_yes is None and self.verdict.could_end(r.ids)
-                ]
-                if check:
-                    tails = self.verdict.tails([live[k].prefix for k in check], [live[k].ids for k in check])
-                    hits = [k for k, t in zip(check, tails, strict=True) if t.endswith(VERDICT_PHRASE)]
-                    if hits:
-                        probs = self._p_yes(logits[hits]).tolist()
-                        for k, p in zip(hits, probs, strict=True):
-                            live[k].p_yes = float(p)
-                tokens = self._sample(logits, live, sampling)
-                is_eos = torch.isin(tokens, self.eos_ids).tolist()
-                for r, t, e in zip(live, tokens.tolist(), is_eos, strict=True):
-                    r.ids.append(t)
-                    if e:
-                        r.finish = "stop"
-                if stop:
-                    pending = [r for r in live if r.finish is None]
-                    windows = [r.ids[-(4 * max_len + 4) :] for r in pending]
-                    for r, t in zip(pending, self.tokenizer.batch_decode(windows, skip_special_tokens=True), strict=True):
-                        if any(s in t for s in stop):
-                            r.finish, r.stop_at = "stop", len(r.ids)
+                tokens = self._advance(logits, live, sampling, stop)
                 if step == sampling.max_new_tokens - 1:
                     break
                 keep = [k for k, r in enumerate(live) if r.finish is None]
@@ -359,18 +814,27 @@ class HFBackend:
         stop = [s for s in (stop or []) if s]
         prompts = [self._encode(self.render(c, p)) for c, p in zip(conversations, prefixes, strict=True)]
         results: list[list[Generation | None]] = [[None] * sampling.n for _ in range(n_conv)]
-        batches = self._batches([len(p) for p in prompts], sampling.n, sampling.max_new_tokens)
         with tqdm(total=n_conv * sampling.n, desc="generate (hf)", unit="sample", disable=not progress) as bar:
-            for batch in batches:
-                for row in self._decode_batch(batch, prompts, prefixes, seeds, sampling, stop):
+            if self.fast is not None:
+                for row in self._generate_shared(prompts, prefixes, seeds, sampling, stop, bar):
                     results[row.conv][row.index] = self._finish(row, stop)
-                bar.update(len(batch))
+            else:
+                for batch in self._batches([len(p) for p in prompts], sampling.n, sampling.max_new_tokens):
+                    for row in self._decode_batch(batch, prompts, prefixes, seeds, sampling, stop):
+                        results[row.conv][row.index] = self._finish(row, stop)
+                    bar.update(len(batch))
         return [[g for g in per if g is not None] for per in results]
 
+    def reset_prefix_cache(self) -> None:
+        """Forget the remembered prompt KV (benchmarks start every timed run from nothing)."""
+        self.prefix_cache.clear()
+
     def close(self) -> None:
-        """Drop the model (and the CUDA cache when on a GPU)."""
+        """Drop the model, the remembered KV (and the CUDA cache when on a GPU)."""
         import torch
 
         self.model = None
+        self.fast = None
+        self.prefix_cache.clear()
         if self.device.startswith("cuda") and torch.cuda.is_available():
             torch.cuda.empty_cache()
