@@ -272,7 +272,10 @@ def test_evaluate_killed_at_a_random_point_resumes_to_identical_outputs(
     kill_and_resume(
         [str(RPRM), "evaluate", "-p", "params.yaml"], make=make, root=tmp_path, key="key", env=env, seed=KILL_SEED,
         journals=lambda d: sorted((d / paths.SCORES / "journals").glob("*.jsonl")),
-        skip_keys=frozenset({"__config__"}), burst=len(pb),  # a scoring wave journals one step per solution
+        # an early-exit wave (ProcessBench) journals one step per solution; a full-scoring wave
+        # (PRMBench) every step of its active solutions (here all three items)
+        skip_keys=frozenset({"__config__"}),
+        burst=max(len(pb), sum(len(item.modified_process) for item in prmb)),
         outputs=lambda d: files_bytes(d, EVALUATE_OUTPUTS),
         work=lambda: len(engine.requests),
     )
