@@ -48,8 +48,8 @@ from typing import Any
 
 from tqdm.auto import tqdm
 
-from components import paths, prompts, search
-from components.backends.base import BackendError, GenerationBackend
+from components import paths, search
+from components.backends.base import GenerationBackend
 from components.config import BestOfNParams, Params, SamplingParams
 from components.data import CANDIDATE_POOLS, load_bon_testset, load_candidate_pool, split_steps
 from components.grading import EXTRACTIONS, OUTCOMES, Grade, Grader, reference_answers
@@ -58,9 +58,6 @@ from components.records import BonProblem, Candidate, CandidatePool, Solution
 from components.scoring import (
     NEUTRAL_REWARD,
     StepScorer,
-    sampled_verdict_value,
-    step_conversation,
-    step_seed,
 )
 
 log = logging.getLogger(__name__)
@@ -301,10 +298,9 @@ class ScorerRewarder:
 
     Only the last step of each path is analysed, every request of a call in one backend call,
     so a search costs M proposals per step rather than re-scoring every prefix. The numbers are
-    the scorer's own: path p of problem q is the Solution (`<q>#guided`, question, p); its last
-    step's K analyses are seeded with `scoring.step_seed(sampling.seed, that id, step index)`
-    and an analysis without a verdict probability gets the scorer's `scoring.fallback` (a test
-    pins equality with `StepScorer.score_detailed(...).reward(last)`).
+    the scorer's own: path p of problem q is the Solution (`<q>#guided`, question, p) and its
+    last step goes through `StepScorer.analyse_steps`, the code full scoring uses (same seeds,
+    same `scoring.fallback`; a test pins equality with `score_detailed(...).reward(last)`).
     """
 
     def __init__(self, scorer: StepScorer):
@@ -322,32 +318,8 @@ class ScorerRewarder:
         if not unique:
             return []
         sols = [Solution(id=self.solution_id(pid), question=q, steps=list(path)) for pid, q, path in unique]
-        sampling, fallback = self.scorer.sampling, self.scorer.params.fallback
-        convs = [step_conversation(sol, len(sol.steps) - 1) for sol in sols]
-        seeds = [step_seed(sampling.seed, sol.id, len(sol.steps) - 1) for sol in sols]
-        outputs = self.scorer.backend.generate(convs, sampling, seeds=seeds)
-        values: list[list[float | None]] = []
-        forced: list[tuple[int, int, str]] = []
-        for row, gens in enumerate(outputs):
-            vals: list[float | None] = []
-            for j, g in enumerate(gens):
-                if g.error:
-                    raise BackendError(f"{sols[row].id} step {len(sols[row].steps) - 1} analysis {j}: {g.error}")
-                if g.p_yes is not None:
-                    vals.append(float(g.p_yes))
-                elif fallback == "teacher_forced":
-                    vals.append(None)
-                    forced.append((row, j, g.text))
-                elif fallback == "sampled_verdict":
-                    vals.append(sampled_verdict_value(g.text))
-                else:
-                    vals.append(None)
-            values.append(vals)
-        if forced:
-            cut = [prompts.cut_at_verdict(prompts.postprocess_response(text))[0] for _, _, text in forced]
-            probs = self.scorer.backend.verdict_probability([convs[row] for row, _, _ in forced], cut)
-            for (row, j, text), prob in zip(forced, probs, strict=True):
-                values[row][j] = float(prob) if prob is not None else sampled_verdict_value(text)
+        analysed = self.scorer.analyse_steps([(sol, len(sol.steps) - 1) for sol in sols], progress=True)
+        values = [vals for vals, _ in analysed]
         rewards = {}
         for key, vals in zip(unique, values, strict=True):
             kept = [v for v in vals if v is not None]

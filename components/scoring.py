@@ -311,35 +311,28 @@ class StepScorer:
             bar.close()
         return [s.scored for s in states]
 
-    def _wave(self, states: list[_State], journal: Journal | None) -> int:
-        """Score, in one backend call, every remaining step of the active solutions (full scoring)
-        or the next step of each (early exit); return the analyses made."""
+    def analyse_steps(
+        self, requests: Sequence[tuple[Solution, int]], progress: bool = False
+    ) -> list[tuple[list[float | None], list[bool]]]:
+        """K analyses of each (solution, step index) in one backend call: per request, the K
+        verdict values (None where dropped) and which of them came from `scoring.fallback`."""
         n = self.sampling.n
-        active: list[_State] = []
-        steps: list[int] = []
-        for state in states:
-            last = state.scored.n_steps if not self.early_exit else state.next_step + 1
-            for i in range(state.next_step, last):
-                active.append(state)
-                steps.append(i)
-        convs = [step_conversation(s.solution, i) for s, i in zip(active, steps, strict=True)]
-        seeds = [step_seed(self.sampling.seed, s.solution.id, i) for s, i in zip(active, steps, strict=True)]
-        outputs = self.backend.generate(convs, self.sampling, seeds=seeds, progress=False)
+        convs = [step_conversation(sol, i) for sol, i in requests]
+        seeds = [step_seed(self.sampling.seed, sol.id, i) for sol, i in requests]
+        outputs = self.backend.generate(convs, self.sampling, seeds=seeds, progress=progress)
         if len(outputs) != len(convs):
             raise BackendError(f"backend returned {len(outputs)} results for {len(convs)} prompts")
         values: list[list[float | None]] = []
         fallback: list[list[bool]] = []
         forced: list[tuple[int, int, str]] = []
-        for row, (state, step, gens) in enumerate(zip(active, steps, outputs, strict=True)):
+        for row, ((sol, step), gens) in enumerate(zip(requests, outputs, strict=True)):
             if len(gens) != n:
-                raise BackendError(
-                    f"solution {state.solution.id} step {step}: {len(gens)} analyses returned, {n} requested"
-                )
+                raise BackendError(f"solution {sol.id} step {step}: {len(gens)} analyses returned, {n} requested")
             vals: list[float | None] = []
             fb: list[bool] = []
             for j, g in enumerate(gens):
                 if g.error:
-                    raise BackendError(f"solution {state.solution.id} step {step} analysis {j}: {g.error}")
+                    raise BackendError(f"solution {sol.id} step {step} analysis {j}: {g.error}")
                 if g.p_yes is not None:
                     vals.append(float(g.p_yes))
                     fb.append(False)
@@ -361,9 +354,23 @@ class StepScorer:
                 raise BackendError(f"backend returned {len(probs)} verdict probabilities for {len(forced)}")
             for (row, j, text), p in zip(forced, probs, strict=True):
                 values[row][j] = float(p) if p is not None else sampled_verdict_value(text)
-        for state, step, conv, vals, fb in zip(active, steps, convs, values, fallback, strict=True):
+        return list(zip(values, fallback, strict=True))
+
+    def _wave(self, states: list[_State], journal: Journal | None) -> int:
+        """Score, in one backend call, every remaining step of the active solutions (full scoring)
+        or the next step of each (early exit); return the analyses made."""
+        n = self.sampling.n
+        active: list[_State] = []
+        steps: list[int] = []
+        for state in states:
+            last = state.scored.n_steps if not self.early_exit else state.next_step + 1
+            for i in range(state.next_step, last):
+                active.append(state)
+                steps.append(i)
+        analysed = self.analyse_steps([(s.solution, i) for s, i in zip(active, steps, strict=True)])
+        for state, step, (vals, fb) in zip(active, steps, analysed, strict=True):
             if journal is not None:
-                h = _prompt_hash(conv)
+                h = _prompt_hash(step_conversation(state.solution, step))
                 journal.append({
                     "key": _SEP.join([state.solution.id, str(step), h, str(n)]),
                     "id": state.solution.id, "step": step, "h": h, "v": vals, "f": [int(x) for x in fb],
