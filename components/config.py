@@ -181,6 +181,12 @@ class PrepareParams(Section):
 
 class SynthesizeParams(Section):
     max_samples: int | None = Field(None, ge=1, description="Step samples sent to the teacher.")
+    max_prompt_tokens: int | None = Field(
+        None,
+        ge=16,
+        description="Only step samples whose student prompt (the base model's chat template) has at "
+        "most this many tokens go to the teacher, so SFT chats fit sft.max_length (null: every sample).",
+    )
     balance: bool = Field(True, description="Balance Yes/No 1:1 (paper).")
     val_size: int = Field(20, ge=0, description="Held-out SFT records (whole problems).")
     max_error_rate: float = Field(0.2, ge=0, le=1, description="Fail if teacher errors exceed it.")

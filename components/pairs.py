@@ -49,6 +49,7 @@ from components.prompts import (
     parse_verdict,
     postprocess_response,
     student_messages,
+    student_prompt_tokens,
     verdict_for_label,
 )
 from components.records import ChatMessage, Critique, PreferencePair, StepSample
@@ -371,9 +372,7 @@ def assemble(params: Params, samples: Sequence[StepSample], records: dict[str, d
 
 def prompt_tokens(tokenizer: Any, sample: StepSample) -> int:
     """Length in tokens of a sample's student prompt, chat template and generation prompt included."""
-    messages = student_messages(sample.question, sample.previous_steps, sample.now_step)
-    out = tokenizer.apply_chat_template(messages, tokenize=True, add_generation_prompt=True, return_dict=True)
-    return len(out["input_ids"])
+    return student_prompt_tokens(tokenizer, sample.question, sample.previous_steps, sample.now_step)
 
 
 def load_step_samples(params: Params, model_dir: Path) -> tuple[list[StepSample], int]:

@@ -7,7 +7,7 @@ document. Where we deviate on purpose it is a parameter, never a silent change.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Literal
+from typing import Any, Literal
 
 SYSTEM_PROMPT = "You are a helpful assistant."
 
@@ -86,6 +86,13 @@ def student_messages(question: str, previous_steps: list[str], now_step: str) ->
         {"role": "system", "content": SYSTEM_PROMPT},
         {"role": "user", "content": render_rprm_prompt(question, previous_steps, now_step)},
     ]
+
+
+def student_prompt_tokens(tokenizer: Any, question: str, previous_steps: list[str], now_step: str) -> int:
+    """Length in tokens of the student prompt, chat template and generation prompt included."""
+    messages = student_messages(question, previous_steps, now_step)
+    out = tokenizer.apply_chat_template(messages, tokenize=True, add_generation_prompt=True, return_dict=True)
+    return len(out["input_ids"])
 
 
 def _escape_braces(text: str) -> str:

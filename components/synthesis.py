@@ -52,6 +52,7 @@ from components.prompts import (
     parse_verdict,
     postprocess_response,
     student_messages,
+    student_prompt_tokens,
     verdict_for_label,
 )
 from components.records import Critique, SFTExample, StepSample
@@ -445,6 +446,26 @@ def _table(rows: list[dict[str, Any]], size: int, seed: int) -> list[dict[str, A
 # --------------------------------------------------------------------------------------
 
 
+def fitting_samples(
+    train: list[StepSample], val: list[StepSample], limit: int, model_dir: Path
+) -> tuple[list[StepSample], list[StepSample], int]:
+    """The labelled samples whose student prompt has at most `limit` tokens (the student's
+    tokenizer in `model_dir`), and how many labelled samples were too long."""
+    from transformers import AutoTokenizer
+
+    from components.training import check_model_dir
+
+    check_model_dir(model_dir, "base")
+    tokenizer = AutoTokenizer.from_pretrained(str(model_dir))
+
+    def fits(s: StepSample) -> bool:
+        return s.label is None or student_prompt_tokens(tokenizer, s.question, s.previous_steps, s.now_step) <= limit
+
+    kept_train, kept_val = [s for s in train if fits(s)], [s for s in val if fits(s)]
+    labelled = sum(s.label is not None for s in train + val)
+    return kept_train, kept_val, labelled - sum(s.label is not None for s in kept_train + kept_val)
+
+
 def _remove(paths_: Iterable[Path]) -> None:
     for p in paths_:
         p.unlink(missing_ok=True)
@@ -458,9 +479,14 @@ def run(params: Params, teacher: Teacher | None = None) -> dict[str, Any]:
     from components import tracking
 
     train, val = _read_inputs(paths.STEPS_TRAIN, paths.STEPS_VAL)
+    limit = params.synthesize.max_prompt_tokens
+    too_long = 0
+    if limit is not None:
+        train, val, too_long = fitting_samples(train, val, limit, paths.BASE_MODEL)
     items = select_samples(train, val, params.synthesize.max_samples, params.synthesize.seed)
     if not items:
-        raise DataError(paths.STEPS_TRAIN, None, "label", "no labelled step samples to synthesize from")
+        why = f" within synthesize.max_prompt_tokens={limit}" if limit is not None else ""
+        raise DataError(paths.STEPS_TRAIN, None, "label", f"no labelled step samples{why} to synthesize from")
     outputs = (paths.SYNTH_CRITIQUES, paths.SFT_TRAIN, paths.SFT_VAL, REPORT)
     _remove(outputs)  # a failed run must not leave an older run's outputs looking current
     with tracking.stage_run(
@@ -472,6 +498,7 @@ def run(params: Params, teacher: Teacher | None = None) -> dict[str, Any]:
         finally:
             teacher.close()
         critiques, sft_train, sft_val, report, table = build_outputs(items, analyses, params, teacher.name)
+        report["skipped_long_prompts"] = too_long
         write_jsonl(paths.SYNTH_CRITIQUES, critiques)
         write_jsonl(paths.SFT_TRAIN, sft_train)
         write_jsonl(paths.SFT_VAL, sft_val)

@@ -61,6 +61,7 @@ def make_project(root: Path, steps: tuple[list[StepSample], list[StepSample]], *
     d = load_params(REPO / "params.yaml").model_dump(mode="json")
     base = {
         "synthesize.max_samples": 120, "synthesize.val_size": 10, "teacher.sampling.n": 2,
+        "synthesize.max_prompt_tokens": None,  # no base model here; the default-profile test covers it
         "tracking.experiment": f"synth-{uuid.uuid4().hex[:10]}",
     }
     for key, value in {**base, **overrides}.items():
@@ -381,7 +382,13 @@ def test_load_teacher_builds_offline_and_backend_teachers() -> None:
         teacher.close()
 
 
-def test_default_profile_end_to_end_from_bundled_data(project: Path) -> None:
+def test_default_profile_end_to_end_from_bundled_data(project: Path, tiny_model_dir: Path) -> None:
+    """Default params: only step samples whose student prompt fits `synthesize.max_prompt_tokens`
+    (the base model's tokenizer) reach the teacher, so every SFT chat fits `sft.max_length`."""
+    import shutil
+
+    from transformers import AutoTokenizer
+
     from components import prepare
 
     params = load_params(REPO / "params.yaml")
@@ -389,10 +396,18 @@ def test_default_profile_end_to_end_from_bundled_data(project: Path) -> None:
     params.tracking.experiment = f"synth-{uuid.uuid4().hex[:10]}"
     (project / "params.yaml").write_text(dump_params(params), encoding="utf-8")
     prepare.run(params)
+    with pytest.raises(DataError, match="base model folder not found"):
+        synthesis.run(params)
+    shutil.copytree(tiny_model_dir, project / paths.BASE_MODEL)
     report = synthesis.run(params)
     train = read_jsonl(paths.SFT_TRAIN, SFTExample)
     balance = Counter(e.verdict for e in train)
     assert len(train) >= 40 and balance["yes"] == balance["no"]
     assert report["steps_attempted"] == params.synthesize.max_samples
+    assert report["skipped_long_prompts"] > 0
+    tok = AutoTokenizer.from_pretrained(project / paths.BASE_MODEL)
+    for e in train:  # what SFT would drop as longer than sft.max_length: nothing
+        chat = tok.apply_chat_template([m.model_dump() for m in e.messages], tokenize=True, return_dict=True)
+        assert len(chat["input_ids"]) <= params.sft.max_length, e.id
     assert 0 < report["agreement_rate"] < 1
     assert json.loads((project / synthesis.REPORT).read_text()) == report
