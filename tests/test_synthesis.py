@@ -383,8 +383,8 @@ def test_load_teacher_builds_offline_and_backend_teachers() -> None:
 
 
 def test_default_profile_end_to_end_from_bundled_data(project: Path, tiny_model_dir: Path) -> None:
-    """Default params: only step samples whose student prompt fits `synthesize.max_prompt_tokens`
-    (the base model's tokenizer) reach the teacher, so every SFT chat fits `sft.max_length`."""
+    """Default params with `synthesize.max_prompt_tokens`: only step samples whose student prompt
+    fits (the base model's tokenizer) reach the teacher, so every SFT chat fits `sft.max_length`."""
     import shutil
 
     from transformers import AutoTokenizer
@@ -394,6 +394,7 @@ def test_default_profile_end_to_end_from_bundled_data(project: Path, tiny_model_
     params = load_params(REPO / "params.yaml")
     params.data.bundled_dir = str(REPO / "data" / "bundled")
     params.tracking.experiment = f"synth-{uuid.uuid4().hex[:10]}"
+    params.synthesize.max_prompt_tokens = 800
     (project / "params.yaml").write_text(dump_params(params), encoding="utf-8")
     prepare.run(params)
     with pytest.raises(DataError, match="base model folder not found"):
