@@ -80,3 +80,18 @@ class GenerationBackend(Protocol):
 def row_seed(seed: int, index: int) -> int:
     """Seed of the random stream of sample `index` of a conversation seeded with `seed`."""
     return (seed * 1_000_003 + index * 7_919 + 12_345) % (2**63 - 1)
+
+
+def request_rows(
+    n_conversations: int,
+    sampling: SamplingParams,
+    seeds: Sequence[int] | None,
+    assistant_prefixes: Sequence[str] | None,
+) -> tuple[list[int], list[str]]:
+    """Per-conversation seeds (default `sampling.seed + row`) and assistant prefixes (default "")
+    of a `generate` call; ValueError unless each has one entry per conversation."""
+    seeds = list(seeds) if seeds is not None else [sampling.seed + i for i in range(n_conversations)]
+    prefixes = list(assistant_prefixes) if assistant_prefixes is not None else [""] * n_conversations
+    if len(seeds) != n_conversations or len(prefixes) != n_conversations:
+        raise ValueError("seeds and assistant_prefixes must have one entry per conversation")
+    return seeds, prefixes

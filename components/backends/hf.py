@@ -30,7 +30,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from components.backends.base import BackendError, Conversation, Generation, row_seed
+from components.backends.base import BackendError, Conversation, Generation, request_rows, row_seed
 from components.config import BackendParams, SamplingParams
 from components.prompts import NO_TOKEN_TEXT, VERDICT_PHRASE, YES_TOKEN_TEXT
 
@@ -807,10 +807,7 @@ class HFBackend:
         from tqdm.auto import tqdm
 
         n_conv = len(conversations)
-        seeds = list(seeds) if seeds is not None else [sampling.seed + i for i in range(n_conv)]
-        prefixes = list(assistant_prefixes) if assistant_prefixes is not None else [""] * n_conv
-        if len(seeds) != n_conv or len(prefixes) != n_conv:
-            raise ValueError("seeds / assistant_prefixes must have one entry per conversation")
+        seeds, prefixes = request_rows(n_conv, sampling, seeds, assistant_prefixes)
         stop = [s for s in (stop or []) if s]
         prompts = [self._encode(self.render(c, p)) for c, p in zip(conversations, prefixes, strict=True)]
         results: list[list[Generation | None]] = [[None] * sampling.n for _ in range(n_conv)]

@@ -38,7 +38,7 @@ from typing import Any
 import httpx
 from tqdm.auto import tqdm
 
-from components.backends.base import BackendError, Conversation, Generation, row_seed
+from components.backends.base import BackendError, Conversation, Generation, request_rows, row_seed
 from components.config import OpenAIParams, SamplingParams
 from components.prompts import NO_TOKEN_TEXT, VERDICT_PHRASE, YES_TOKEN_TEXT
 
@@ -378,10 +378,7 @@ class OpenAIBackend:
         the iterator early cancels the queued rows (running requests finish first).
         """
         rows = len(conversations)
-        seeds = list(seeds) if seeds is not None else [sampling.seed + i for i in range(rows)]
-        prefixes = list(assistant_prefixes) if assistant_prefixes is not None else [""] * rows
-        if len(seeds) != rows or len(prefixes) != rows:
-            raise ValueError("seeds and assistant_prefixes must have one entry per conversation")
+        seeds, prefixes = request_rows(rows, sampling, seeds, assistant_prefixes)
         if rows == 0:
             return
         window = 4 * self.params.concurrency

@@ -22,7 +22,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from components.backends.base import BackendError, Conversation, Generation, row_seed
+from components.backends.base import BackendError, Conversation, Generation, request_rows, row_seed
 from components.backends.hf import VerdictLocator
 from components.config import BackendParams, SamplingParams
 from components.prompts import NO_TOKEN_TEXT, YES_TOKEN_TEXT
@@ -131,10 +131,7 @@ class VLLMBackend:
     ) -> list[list[Generation]]:
         """`sampling.n` seeded samples per conversation, with one-pass verdict probabilities."""
         n_conv = len(conversations)
-        seeds = list(seeds) if seeds is not None else [sampling.seed + i for i in range(n_conv)]
-        prefixes = list(assistant_prefixes) if assistant_prefixes is not None else [""] * n_conv
-        if len(seeds) != n_conv or len(prefixes) != n_conv:
-            raise ValueError("seeds / assistant_prefixes must have one entry per conversation")
+        seeds, prefixes = request_rows(n_conv, sampling, seeds, assistant_prefixes)
         stop_list = [s for s in (stop or []) if s]
         prompts, params = [], []
         for i, conv in enumerate(conversations):
