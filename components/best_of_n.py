@@ -53,7 +53,7 @@ from components.backends.base import GenerationBackend
 from components.config import BestOfNParams, Params, SamplingParams
 from components.data import CANDIDATE_POOLS, load_bon_testset, load_candidate_pool, split_steps
 from components.grading import EXTRACTIONS, OUTCOMES, Grade, Grader, reference_answers
-from components.io import DataError, Journal, write_json
+from components.io import Journal, write_json
 from components.records import BonProblem, Candidate, CandidatePool, Solution
 from components.scoring import (
     NEUTRAL_REWARD,
@@ -436,13 +436,8 @@ def check_models(params: Params) -> None:
     if params.backend.kind not in ("hf", "vllm"):
         return
     for key, name in required_models(params).items():
-        if name not in paths.MODEL_STAGES:
-            continue
-        path, hint = paths.model_dir(name), f"{paths.model_hint(name)} ({key}={name!r})"
-        if not path.is_dir():
-            raise DataError(path, None, None, f"does not exist: {hint}")
-        if not (path / "config.json").is_file():
-            raise DataError(path, None, "config.json", f"not a model folder (no config.json): {hint}")
+        if name in paths.MODEL_STAGES:
+            paths.require_model(name, key)
 
 
 def _pool_for(

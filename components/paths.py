@@ -60,6 +60,19 @@ def model_hint(name: str) -> str:
     return f"run `rprm {stage}` (or `dvc repro {stage}`) first"
 
 
+def require_model(name: str, key: str) -> Path:
+    """The folder of pipeline model `name` (named by params `key`); DataError naming the folder and
+    the stage that builds it when it is missing or holds no config.json."""
+    from components.io import DataError
+
+    path, hint = model_dir(name), f"{model_hint(name)} ({key}={name!r})"
+    if not path.is_dir():
+        raise DataError(path, None, None, f"does not exist: {hint}")
+    if not (path / "config.json").is_file():
+        raise DataError(path, None, "config.json", f"not a model folder (no config.json): {hint}")
+    return path
+
+
 def project_root() -> Path:
     """The project root (the folder holding params.yaml), from the current directory up."""
     here = Path.cwd().resolve()

@@ -142,12 +142,7 @@ def _log_pyfunc(params: Params, model_dir: Path, model_hash: str) -> Any:
 
 def _check_model_dir(name: str) -> Path:
     """The folder of pipeline model `name` (register.model); DataError naming it and its stage if unusable."""
-    model_dir = paths.model_dir(name)
-    hint = f"{paths.model_hint(name)} (register.model={name!r})"
-    if not model_dir.is_dir():
-        raise DataError(model_dir, None, None, f"does not exist: {hint}")
-    if not (model_dir / "config.json").exists():
-        raise DataError(model_dir, None, None, f"not a model folder (no config.json): {hint}")
+    model_dir = paths.require_model(name, "register.model")
     if not any(model_dir.glob("tokenizer*")):
         raise DataError(model_dir, None, None, "model folder has no tokenizer")
     return model_dir

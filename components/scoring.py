@@ -312,12 +312,16 @@ class StepScorer:
         return [s.scored for s in states]
 
     def analyse_steps(
-        self, requests: Sequence[tuple[Solution, int]], progress: bool = False
+        self,
+        requests: Sequence[tuple[Solution, int]],
+        progress: bool = False,
+        conversations: Sequence[Conversation] | None = None,
     ) -> list[tuple[list[float | None], list[bool]]]:
         """K analyses of each (solution, step index) in one backend call: per request, the K
-        verdict values (None where dropped) and which of them came from `scoring.fallback`."""
+        verdict values (None where dropped) and which of them came from `scoring.fallback`.
+        `conversations`, when given, are the requests' `step_conversation`s, already rendered."""
         n = self.sampling.n
-        convs = [step_conversation(sol, i) for sol, i in requests]
+        convs = list(conversations) if conversations is not None else [step_conversation(s, i) for s, i in requests]
         seeds = [step_seed(self.sampling.seed, sol.id, i) for sol, i in requests]
         outputs = self.backend.generate(convs, self.sampling, seeds=seeds, progress=progress)
         if len(outputs) != len(convs):
@@ -367,10 +371,12 @@ class StepScorer:
             for i in range(state.next_step, last):
                 active.append(state)
                 steps.append(i)
-        analysed = self.analyse_steps([(s.solution, i) for s, i in zip(active, steps, strict=True)])
-        for state, step, (vals, fb) in zip(active, steps, analysed, strict=True):
+        requests = [(s.solution, i) for s, i in zip(active, steps, strict=True)]
+        convs = [step_conversation(sol, i) for sol, i in requests]
+        analysed = self.analyse_steps(requests, conversations=convs)
+        for state, step, conv, (vals, fb) in zip(active, steps, convs, analysed, strict=True):
             if journal is not None:
-                h = _prompt_hash(step_conversation(state.solution, step))
+                h = _prompt_hash(conv)
                 journal.append({
                     "key": _SEP.join([state.solution.id, str(step), h, str(n)]),
                     "id": state.solution.id, "step": step, "h": h, "v": vals, "f": [int(x) for x in fb],
