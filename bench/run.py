@@ -84,6 +84,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--threads", type=int, default=1,
                    help="torch intra-op threads (default 1: on a shared CPU, more threads spin-wait; "
                         "0 keeps torch's default)")
+    p.add_argument("--repeats", type=int, default=3,
+                   help="a: interleaved runs of each side; throughput from each side's fastest run")
     p.add_argument("--profile", action="store_true", help="a: cProfile the scorer into <out>/profile_scorer.txt")
     args = p.parse_args(argv)
     args.only = [s.strip() for s in args.only.split(",") if s.strip()]
@@ -203,7 +205,7 @@ def run_sections(args: argparse.Namespace) -> dict[str, Any]:
             items = round_robin(load_processbench(BUNDLED), args.solutions)
             sols = fitting([by_id[i.id] for i in items])
             profile = out_dir / "profile_scorer.txt" if args.profile else None
-            section("a", lambda: bench_throughput(backend, sols, scoring, profile_to=profile))
+            section("a", lambda: bench_throughput(backend, sols, scoring, profile_to=profile, repeats=args.repeats))
         if "b" in args.only:
             from bench.scoring_bench import bench_early_exit
 

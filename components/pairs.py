@@ -181,10 +181,13 @@ def _digest_file(path: Path) -> str:
 
 
 def generation_fingerprint(params: Params, model_dir: Path, steps_file: Path) -> str:
-    """What determines the sampled analyses: sampling + backend params, model, step samples."""
+    """What determines the sampled analyses: sampling + backend params (and the hf sampler), model, step samples."""
+    from components.backends.hf import SAMPLER as hf_sampler
+
     ident = {
         "sampling": params.sample_pairs.sampling.model_dump(mode="json"),
         "backend": params.backend.model_dump(mode="json"),
+        "sampler": hf_sampler if params.backend.kind == "hf" else None,
         "model": _digest_file(model_dir),
         "steps": _digest_file(steps_file),
     }

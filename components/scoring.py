@@ -93,11 +93,12 @@ def sampled_verdict_value(text: str) -> float | None:
 
 
 def scoring_fingerprint(backend: GenerationBackend, scoring_params: ScoringParams, tag: str = "") -> dict[str, Any]:
-    """What journaled step values depend on besides the prompt and K: backend, sampling, fallback, tag."""
+    """What journaled step values depend on besides the prompt and K: backend (and its sampler), sampling, fallback, tag."""
     sampling = scoring_params.sampling.model_dump(mode="json")
     sampling.pop("n")
     return {
         "backend": getattr(backend, "name", type(backend).__name__),
+        "sampler": getattr(backend, "sampler", None),
         "sampling": sampling,
         "fallback": scoring_params.fallback,
         "tag": tag,

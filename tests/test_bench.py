@@ -38,7 +38,7 @@ def test_bench_runs_every_section_on_a_tiny_input(verdict_model_dir: Path, tmp_p
         "--model", str(verdict_model_dir), "--backend", "hf", "--k", "2",
         "--solutions", "2", "--ee-solutions", "3", "--mem-solutions", "1", "--mem-source", "bundled", "--max-new-tokens", "48",
         "--synth-samples", "4", "--synth-n", "2", "--concurrency", "2", "--latency", "0.01",
-        "--dvc-repeats", "1", "--out", str(out),
+        "--dvc-repeats", "1", "--repeats", "2", "--out", str(out),
     ]
     proc = subprocess.run(cmd, cwd=tmp_path, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
@@ -49,6 +49,8 @@ def test_bench_runs_every_section_on_a_tiny_input(verdict_model_dir: Path, tmp_p
 
     a = sections["a_throughput"]
     assert a["k"] == 2 and a["scored_steps"] > 0
+    assert a["repeats"] == 2 and a["reproducible_across_repeats"] is True
+    assert all(len(runs) == 2 for runs in a["runs_wall_s"].values())
     assert a["identical_analyses"] == a["analyses"] == 2 * a["scored_steps"]
     # Equal step rewards; an analysis may differ only when it was sampled as a non-canonical
     # token split (the one-pass value reads the sampled tokens, the reference re-tokenizes).
@@ -72,6 +74,7 @@ def test_bench_runs_every_section_on_a_tiny_input(verdict_model_dir: Path, tmp_p
 
     m = sections["m_memory"]
     assert m["scored"] == 1 and m["memory"]["rss_peak_mb"] > 0
+    assert m["memory"]["rss_peak_source"]  # the kernel's high-water mark on Linux, else sampled
 
     table = (out / "bench.md").read_text()
     assert table.count("\n| ") >= 8 and "FAILED" not in table

@@ -221,7 +221,7 @@ def test_shared_prompt_batches_stay_within_batch_size_and_token_budget(tiny_mode
     wide = _backend(tiny_model_dir)
     assert wide.fast is not None  # the tiny Qwen2 model takes the shared-prompt path
     reference = wide.generate(CONVERSATIONS * 3, sampling)
-    lengths = [len(wide._encode(wide.render(c))) for c in CONVERSATIONS]
+    lengths = [len(ids) for ids in wide._encode_all([wide.render(c) for c in CONVERSATIONS])]
     budget = 2 * (max(lengths) + 3 * 20)
     narrow = _backend(tiny_model_dir, batch_size=2, token_budget=budget)
     assert _texts(narrow.generate(CONVERSATIONS * 3, sampling)) == _texts(reference)
@@ -247,6 +247,50 @@ def test_shared_prompt_path_equals_the_generic_loop(verdict_model_dir: Path) -> 
     fresh = fast.verdict_probability(CONVERSATIONS, prefixes)
     for x, y, z in zip(cached, fresh, generic.verdict_probability(CONVERSATIONS, prefixes), strict=True):
         assert abs(x - y) < 1e-5 and abs(x - z) < 1e-5
+
+
+def test_fused_attention_equals_the_dense_softmax(tiny_backend: HFBackend) -> None:
+    """The CPU flash kernel per part, merged by log-sum-exp, is the one softmax over prompt and
+    generated keys (padding and unwritten positions masked)."""
+    import torch
+
+    fast = tiny_backend.fast
+    assert fast is not None and fast.fused, "torch should have the fused CPU attention kernel"
+    gen = torch.Generator().manual_seed(0)
+    c, kvh, s, g, d, width, span = 3, 2, 4, 2, 16, 40, 9
+    q = torch.randn((c, kvh, s, g, d), generator=gen) * 0.3
+    pk, pv = torch.randn((c, kvh, width, d), generator=gen), torch.randn((c, kvh, width, d), generator=gen)
+    bias = torch.zeros((c, 1, 1, width))
+    bias[1, ..., 25:] = float("-inf")  # a shorter prompt, padded
+    gk, gv = torch.randn((c, kvh, s, 12, d), generator=gen), torch.randn((c, kvh, s, 12, d), generator=gen)
+    written = torch.randint(0, span, (c * s,), generator=gen)
+    hidden = torch.arange(span)[None] > written[:, None]
+    gen_bias = torch.zeros(hidden.shape).masked_fill_(hidden, float("-inf")).view(c, 1, s, 1, span)
+    args = (q, pk, pv, bias, gk[:, :, :, :span], gv[:, :, :, :span], gen_bias)
+    fused, dense = fast._attend_fused(*args), fast._attend_dense(*args)
+    assert fused.shape == dense.shape == (c, kvh, s, g, d)
+    assert torch.allclose(fused, dense, atol=1e-5)
+
+
+def test_unfinished_analyses_are_remembered_for_the_teacher_forced_pass(verdict_backend: HFBackend) -> None:
+    """A sample that ends without the verdict phrase leaves prompt + its tokens in the prefix
+    cache, so the teacher-forced pass that reads its verdict encodes only the tail."""
+    verdict_backend.reset_prefix_cache()
+    sampling = SamplingParams(n=4, temperature=1.0, top_p=0.95, max_new_tokens=12, seed=5)
+    result = verdict_backend.generate(CONVERSATIONS[:2], sampling)
+    unfinished = [(conv, g) for conv, per in zip(CONVERSATIONS[:2], result, strict=True) for g in per if g.p_yes is None]
+    assert unfinished, "12 tokens are too few to reach the verdict phrase"
+    block, checked = verdict_backend.prefix_cache.block, 0
+    for conv, g in unfinished:
+        prompt = verdict_backend._encode_all([verdict_backend.render(conv)])[0]
+        forced = verdict_backend._encode_all([verdict_backend.render(conv, g.text)])[0]
+        if forced[: len(prompt)] != prompt or len(forced) - len(prompt) != g.num_tokens:
+            continue  # re-tokenizing the text gives other tokens: the cache rightly misses there
+        hit = verdict_backend.prefix_cache.longest(forced, len(forced))
+        fed = len(prompt) + g.num_tokens - 1  # the last sampled token was never fed
+        assert hit is not None and hit[0] == fed // block * block
+        checked += 1
+    assert checked, "no analysis re-tokenized to its own tokens"
 
 
 def test_progress_bar(tiny_backend: HFBackend, capsys: pytest.CaptureFixture[str]) -> None:

@@ -11,9 +11,12 @@ Decoding is our own KV-cache loop (no `generate()`), which gives what R-PRM scor
   (`HFBackend.batch_tokens`). The prefix cache holds at most `token_budget` tokens more.
 - other models use the generic loop: left-padded batches through `model(...)`, the prompt's
   cache repeated for its K samples;
-- sample j of conversation i draws from its own `torch.Generator` seeded with
-  `row_seed(seeds[i], j)` through the Gumbel-max trick on temperature/top-p filtered RAW
-  logits, so a sample does not depend on which other rows share its batch;
+- sample j of conversation i draws its uniforms once, from a `torch.Generator` seeded with
+  `row_seed(seeds[i], j)` (one per token it may generate), and takes token t by inverse CDF of
+  the temperature/top-p filtered distribution of its RAW logits at uniform t (`SAMPLER`): a
+  sample does not depend on which other rows share its batch, and a decoding step costs a few
+  batched tensor ops whatever the number of rows (a Gumbel-max draw per row costs one
+  random-number call and a vocabulary of noise per row per token);
 - the verdict probability P(" Yes") / (P(" Yes") + P(" No")) is read from the raw logits at the
   first step whose text (assistant prefix + generated so far) ends with
   `Is the step correct (Yes/No)?` — the same number the teacher-forced reference
@@ -34,14 +37,18 @@ from components.backends.base import BackendError, Conversation, Generation, req
 from components.config import BackendParams, SamplingParams
 from components.prompts import NO_TOKEN_TEXT, VERDICT_PHRASE, YES_TOKEN_TEXT
 
+# How the hf backend turns a row seed into tokens; part of every journal fingerprint, so samples
+# drawn by an earlier sampler are never mixed with new ones.
+SAMPLER = "inverse-cdf/1"
+
 
 @dataclass
 class _Row:
-    """One sample being decoded: conversation `conv`, sample `index`."""
+    """One sample being decoded: conversation `conv`, sample `index`; `uniforms[t]` picks its token t."""
 
     conv: int
     index: int
-    generator: Any
+    uniforms: list[float]
     prefix: str
     ids: list[int] = field(default_factory=list)
     p_yes: float | None = None
@@ -209,6 +216,8 @@ class SharedPromptLM:
     """
 
     def __init__(self, model: Any):
+        import torch
+
         inner = model.model
         self.embed = inner.embed_tokens
         self.layers = list(inner.layers)
@@ -221,6 +230,8 @@ class SharedPromptLM:
         self.kv_heads = int(model.config.num_key_value_heads)
         self.groups = self.heads // self.kv_heads
         self.scaling = float(attn.scaling)
+        # torch's fused CPU attention that also returns the log-sum-exp (`_attend`)
+        self.fused = hasattr(torch.ops.aten, "_scaled_dot_product_flash_attention_for_cpu")
 
     @staticmethod
     def _rope(x: Any, cos: Any, sin: Any) -> Any:
@@ -295,8 +306,37 @@ class SharedPromptLM:
 
     def _attend(self, q: Any, pk: Any, pv: Any, bias: Any, gk: Any, gv: Any, gen_bias: Any) -> Any:
         """Attention of queries q [C, kvh, S, g, d] (pre-scaled) over prompt KV [C, kvh, W, d]
-        (+ bias [C, 1, 1, W]) and generated KV [C, kvh, S, span, d] (+ gen_bias); one softmax
-        over both parts through their common maximum, in float32."""
+        (+ bias [C, 1, 1, W]) and generated KV [C, kvh, S, span, d] (+ gen_bias [C, 1, S, 1, span]):
+        one softmax over both parts. On CPU each part runs torch's fused flash kernel, which also
+        returns its log-sum-exp, and the two are merged by those weights (`_attend_fused`);
+        elsewhere the scores are materialized (`_attend_dense`)."""
+        if self.fused and q.device.type == "cpu":
+            return self._attend_fused(q, pk, pv, bias, gk, gv, gen_bias)
+        return self._attend_dense(q, pk, pv, bias, gk, gv, gen_bias)
+
+    @staticmethod
+    def _attend_fused(q: Any, pk: Any, pv: Any, bias: Any, gk: Any, gv: Any, gen_bias: Any) -> Any:
+        """`_attend` through `aten._scaled_dot_product_flash_attention_for_cpu`, one call per part."""
+        import torch
+
+        flash = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu
+        n, kvh, s, g, d = q.shape
+        span = gk.shape[3]
+        o_p, lse_p = flash(q.reshape(n, kvh, s * g, d), pk, pv, 0.0, False, attn_mask=bias, scale=1.0)
+        rows = n * kvh * s
+        o_g, lse_g = flash(
+            q.reshape(rows, 1, g, d), gk.reshape(rows, 1, span, d), gv.reshape(rows, 1, span, d), 0.0, False,
+            attn_mask=gen_bias.expand(n, kvh, s, 1, span).reshape(rows, 1, 1, span), scale=1.0,
+        )
+        lse_p, lse_g = lse_p.view(n, kvh, s, g, 1), lse_g.view(n, kvh, s, g, 1)
+        top = torch.maximum(lse_p, lse_g)
+        w_p, w_g = (lse_p - top).exp_(), (lse_g - top).exp_()
+        o = o_p.view(n, kvh, s, g, d) * w_p + o_g.view(n, kvh, s, g, d) * w_g
+        return (o / (w_p + w_g)).to(pv.dtype)
+
+    @staticmethod
+    def _attend_dense(q: Any, pk: Any, pv: Any, bias: Any, gk: Any, gv: Any, gen_bias: Any) -> Any:
+        """`_attend` with materialized scores: one softmax through the parts' common maximum, in float32."""
         import torch
 
         n, kvh, s, g, d = q.shape
@@ -428,6 +468,7 @@ class HFBackend:
     """Generation backend on a local transformers causal LM (see module docstring)."""
 
     name = "hf"
+    sampler = SAMPLER
 
     def __init__(self, model_path: str | Path, params: BackendParams, dtype: str = "float32"):
         import torch
@@ -474,8 +515,11 @@ class HFBackend:
         )
         return text + prefix
 
-    def _encode(self, text: str) -> list[int]:
-        return list(self.tokenizer(text, add_special_tokens=False).input_ids)
+    def _encode_all(self, texts: Sequence[str]) -> list[list[int]]:
+        """Token ids of each text, in one tokenizer call (the fast tokenizer batches them)."""
+        if not texts:
+            return []
+        return [list(ids) for ids in self.tokenizer(list(texts), add_special_tokens=False).input_ids]
 
     def _left_pad(self, seqs: Sequence[Sequence[int]]) -> tuple[Any, Any, Any]:
         import torch
@@ -524,7 +568,7 @@ class HFBackend:
 
         if len(conversations) != len(prefixes):
             raise ValueError("conversations and prefixes differ in length")
-        seqs = [self._encode(self.render(c, p)) for c, p in zip(conversations, prefixes, strict=True)]
+        seqs = self._encode_all([self.render(c, p) for c, p in zip(conversations, prefixes, strict=True)])
         if self.fast is not None:  # one unpadded pass per sequence, from its longest remembered prefix
             with torch.inference_mode():
                 logits = [self._encode_kv(seq)[1] for seq in seqs]
@@ -586,36 +630,43 @@ class HFBackend:
         return batches
 
     @staticmethod
-    def _nucleus(scores: Any, top_p: float, k: int = 64) -> Any:
-        """Scores with every token outside the top-p nucleus set to -inf (the best token always
-        stays). Looks at the k best tokens first and sorts the whole vocabulary only when some
-        row's nucleus is larger."""
-        import torch
-
-        probs = scores.softmax(dim=-1)
-        best, idx = probs.topk(min(k, probs.shape[-1]), dim=-1)  # descending
-        before = best.cumsum(dim=-1) - best  # mass of the better tokens
-        if best.shape[-1] < probs.shape[-1] and not bool((before[:, -1] >= top_p).all()):
+    def _nucleus(probs: Any, top_p: float, widths: Sequence[int] = (16, 128)) -> tuple[Any, Any]:
+        """(kept probabilities in descending order, their token ids) of each row's top-p nucleus;
+        tokens outside it get probability 0 (the best token always stays). Looks at the best
+        `widths[0]` tokens first, then `widths[1]`, and sorts the whole vocabulary only when some
+        row's nucleus is larger still (the result is the same whichever width holds it)."""
+        vocab = probs.shape[-1]
+        for k in [w for w in widths if w < vocab]:
+            best, idx = probs.topk(k, dim=-1)  # descending
+            before = best.cumsum(dim=-1) - best  # mass of the better tokens
+            if bool((before[:, -1] >= top_p).all()):
+                break
+        else:
             best, idx = probs.sort(dim=-1, descending=True)
             before = best.cumsum(dim=-1) - best
         drop = before >= top_p
         drop[:, 0] = False
-        kept = scores.gather(-1, idx).masked_fill(drop, float("-inf"))
-        return torch.full_like(scores, float("-inf")).scatter(-1, idx, kept)
+        return best.masked_fill(drop, 0.0), idx
 
     def _sample(self, logits: Any, rows: Sequence[_Row], sampling: SamplingParams) -> Any:
-        """Next token of every row: Gumbel-max on temperature/top-p filtered raw logits."""
+        """Next token of every row: inverse CDF, at the row's next uniform, of the
+        temperature/top-p filtered softmax of its raw logits (argmax at temperature 0)."""
         import torch
 
         if sampling.temperature == 0:
             return logits.argmax(dim=-1)
-        scores = logits / sampling.temperature
+        probs = (logits / sampling.temperature).softmax(dim=-1)
         if sampling.top_p < 1.0:
-            scores = self._nucleus(scores, sampling.top_p)
-        noise = torch.empty_like(scores)
-        for k, r in enumerate(rows):
-            noise[k].exponential_(generator=r.generator)
-        return (scores - noise.log()).argmax(dim=-1)
+            kept, idx = self._nucleus(probs, sampling.top_p)
+        else:
+            kept, idx = probs, None
+        cdf = kept.double().cumsum(dim=-1)
+        u = torch.tensor([r.uniforms[len(r.ids)] for r in rows], dtype=torch.float64, device=logits.device)
+        pick = torch.searchsorted(cdf, (u * cdf[:, -1])[:, None], right=True)[:, 0]
+        # u < 1, so pick is inside the support but for rounding at the very top: clamp to the
+        # last token with probability > 0
+        pick = torch.minimum(pick, (kept > 0).sum(dim=-1) - 1) if idx is not None else pick.clamp_(max=cdf.shape[-1] - 1)
+        return pick if idx is None else idx.gather(-1, pick[:, None])[:, 0]
 
     def _advance(self, logits: Any, live: Sequence[_Row], sampling: SamplingParams, stop: Sequence[str]) -> Any:
         """One decoding step of the live rows (logits in their order): read verdicts where the
@@ -645,14 +696,19 @@ class HFBackend:
                     r.finish, r.stop_at = "stop", len(r.ids)
         return tokens
 
-    def _new_rows(self, batch: Sequence[tuple[int, int]], prefixes: Sequence[str], seeds: Sequence[int]) -> list[_Row]:
+    def _new_rows(
+        self, batch: Sequence[tuple[int, int]], prefixes: Sequence[str], seeds: Sequence[int], sampling: SamplingParams
+    ) -> list[_Row]:
+        """Rows for (conversation, sample) pairs, each with its own seeded uniforms."""
         import torch
 
         rows = []
+        draws = sampling.max_new_tokens if sampling.temperature > 0 else 0
         for i, j in batch:
             g = torch.Generator(device=self.device)
             g.manual_seed(row_seed(seeds[i], j))
-            rows.append(_Row(conv=i, index=j, generator=g, prefix=prefixes[i]))
+            u = torch.rand(draws, generator=g, dtype=torch.float64, device=self.device).tolist() if draws else []
+            rows.append(_Row(conv=i, index=j, uniforms=u, prefix=prefixes[i]))
         return rows
 
     def _generate_shared(
@@ -703,7 +759,7 @@ class HFBackend:
                     held = state.prompts * (state.width + slots * max_new)
                     self.peak_batch = max(self.peak_batch, (state.prompts, held))
                     for i, js in enter:
-                        new = self._new_rows([(i, j) for j in js], prefixes, seeds)
+                        new = self._new_rows([(i, j) for j in js], prefixes, seeds, sampling)
                         grid += new + [None] * (slots - len(new))
                     fresh = [last.expand(slots, -1) for _, last in encoded]
                     logits = torch.cat([logits[: len(grid) - slots * len(enter)], *fresh])
@@ -718,6 +774,7 @@ class HFBackend:
                     for c in range(state.prompts):
                         if c not in kept:
                             finished = [r for r in grid[c * slots : (c + 1) * slots] if r is not None]
+                            self._remember_unfinished(state, c, prompts, finished)
                             done += finished
                             bar.update(len(finished))
                     state.keep(keep)
@@ -727,6 +784,26 @@ class HFBackend:
                 if grid:
                     logits = self.fast.step(feed, [len(r.ids) - 1 if r is not None else 0 for r in grid], state)
         return done
+
+    def _remember_unfinished(
+        self, state: _SharedState, c: int, prompts: Sequence[list[int]], rows: Sequence[_Row]
+    ) -> None:
+        """Put the KV of prompt c + each row's fed tokens into the prefix cache, for the rows that
+        did not reach the verdict: the teacher-forced pass that reads their verdict
+        (`verdict_probability`) then encodes only the phrase and the last partial block (the
+        cache checks the tokens, so a re-tokenization that differs just encodes more)."""
+        import torch
+
+        for r in rows:
+            if r.p_yes is not None or len(r.ids) < 2:
+                continue
+            s, fed = r.index % state.slots, len(r.ids) - 1
+            n = state.prompt_len[c]
+            kvs = [
+                (torch.cat([pk[c, :, :n], gk[c, :, s, :fed]], dim=1), torch.cat([pv[c, :, :n], gv[c, :, s, :fed]], dim=1))
+                for pk, pv, gk, gv in zip(state.prompt_k, state.prompt_v, state.gen_k, state.gen_v, strict=True)
+            ]
+            self.prefix_cache.add([*prompts[r.conv], *r.ids[:fed]], kvs)
 
     def _decode_batch(
         self,
@@ -741,7 +818,7 @@ class HFBackend:
 
         convs = list(dict.fromkeys(i for i, _ in batch))
         slot = {c: k for k, c in enumerate(convs)}
-        rows = self._new_rows(batch, prefixes, seeds)
+        rows = self._new_rows(batch, prefixes, seeds, sampling)
         ids, mask, pos = self._left_pad([prompts[c] for c in convs])
         with torch.inference_mode():
             out = self.model(
@@ -809,7 +886,7 @@ class HFBackend:
         n_conv = len(conversations)
         seeds, prefixes = request_rows(n_conv, sampling, seeds, assistant_prefixes)
         stop = [s for s in (stop or []) if s]
-        prompts = [self._encode(self.render(c, p)) for c, p in zip(conversations, prefixes, strict=True)]
+        prompts = self._encode_all([self.render(c, p) for c, p in zip(conversations, prefixes, strict=True)])
         results: list[list[Generation | None]] = [[None] * sampling.n for _ in range(n_conv)]
         with tqdm(total=n_conv * sampling.n, desc="generate (hf)", unit="sample", disable=not progress) as bar:
             if self.fast is not None:
