@@ -81,18 +81,34 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--concurrency", type=int, default=8, help="d: concurrent requests (vs 1)")
     p.add_argument("--latency", type=float, default=0.2, help="d: server latency per request, seconds")
     p.add_argument("--dvc-repeats", type=int, default=3, help="c: timed no-op dvc repro runs")
-    p.add_argument("--threads", type=int, default=1,
-                   help="torch intra-op threads (default 1: on a shared CPU, more threads spin-wait; "
-                        "0 keeps torch's default)")
+    p.add_argument("--threads", default="auto",
+                   help="torch intra-op threads: a number, 0 for torch's default, or 'auto' (default): "
+                        "torch's default when the machine is idle (1-minute load average < 0.5), else 1, "
+                        "because on a busy CPU torch's threads spin-wait on each other")
     p.add_argument("--repeats", type=int, default=3,
                    help="a: interleaved runs of each side; throughput from each side's fastest run")
     p.add_argument("--profile", action="store_true", help="a: cProfile the scorer into <out>/profile_scorer.txt")
     args = p.parse_args(argv)
+    if args.threads != "auto":
+        try:
+            args.threads = int(args.threads)
+        except ValueError:
+            p.error(f"--threads: expected a number or 'auto', got {args.threads!r}")
     args.only = [s.strip() for s in args.only.split(",") if s.strip()]
     unknown = sorted(set(args.only) - set(SECTIONS))
     if unknown:
         p.error(f"--only: unknown sections {unknown}; choose from {','.join(SECTIONS)}")
     return args
+
+
+def choose_threads(requested: int | str, load: float | None) -> tuple[int, str]:
+    """torch intra-op threads for `--threads` (0: torch's default) and why; 'auto' takes torch's
+    default on an idle machine (1-minute load average < 0.5) and 1 thread on a busy one."""
+    if requested != "auto":
+        return int(requested), "--threads"
+    if load is not None and load >= 0.5:
+        return 1, f"auto: load average {load:.2f} >= 0.5, so 1 thread (more would spin-wait)"
+    return 0, f"auto: load average {load if load is not None else float('nan'):.2f} < 0.5, so torch's default"
 
 
 def _meta(args: argparse.Namespace, model_desc: str | None, backend_name: str | None) -> dict[str, Any]:
@@ -143,10 +159,11 @@ def _prompt_tokens(model_path: Path, solutions: list[Any]) -> list[int]:
 def run_sections(args: argparse.Namespace) -> dict[str, Any]:
     """Run the chosen sections; return the JSON report (sections that fail carry their error)."""
     params = load_params(args.params)
-    if args.threads:
+    threads, args.threads_reason = choose_threads(args.threads, os.getloadavg()[0] if hasattr(os, "getloadavg") else None)
+    if threads:
         import torch
 
-        torch.set_num_threads(args.threads)
+        torch.set_num_threads(threads)
     if args.backend:
         params.backend.kind = args.backend
     if args.token_budget:
@@ -284,7 +301,8 @@ def markdown(report: dict[str, Any]) -> str:
         "# R-PRM benchmark",
         "",
         f"{meta['started']} · model: {meta['model']} · backend: {meta['backend']} · "
-        f"{meta['cpus']} CPUs (load {meta['load_average_1m']:.1f}) · torch {meta.get('torch')} · "
+        f"{meta['cpus']} CPUs (load {meta['load_average_1m']:.1f}) · torch {meta.get('torch')}, "
+        f"{meta.get('threads')} threads ({meta['args'].get('threads_reason', '')}) · "
         f"process peak RSS {report['process_peak_rss_mb']:.0f} MiB",
         "",
         "| section | metric | value | target / notes |",

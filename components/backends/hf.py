@@ -8,7 +8,13 @@ Decoding is our own KV-cache loop (no `generate()`), which gives what R-PRM scor
   samples (their queries meet it in one matmul); generated KV is preallocated per row. Batches
   are continuous: prompts enter longest first and leave when all their samples are done, the
   freed room taking the next ones, within `batch_size` prompts and `token_budget` KV tokens
-  (`HFBackend.batch_tokens`). The prefix cache holds at most `token_budget` tokens more.
+  (`HFBackend.batch_tokens`); the batch's buffers are reused (a leaving prompt's place is taken
+  by the last one, not by shifting all). On CPU, a decoding step's attention runs torch's fused
+  flash kernel, one call for the prompt part and one for the generated part, merged by their
+  log-sum-exp. The prefix cache holds at most `token_budget` tokens more. Only encoder-computed
+  KV enters the cache, and an encoding continuing a cached prefix is bitwise the encoding from
+  scratch, so samples and verdict probabilities do not depend on what the cache held (resumed
+  runs reproduce uninterrupted ones byte for byte).
 - other models use the generic loop: left-padded batches through `model(...)`, the prompt's
   cache repeated for its K samples;
 - sample j of conversation i draws its uniforms once, from a `torch.Generator` seeded with
@@ -137,29 +143,49 @@ def fast_path_supported(model: Any) -> bool:
     )
 
 
-def _pad_to(x: Any, axis: int, width: int, fill: float) -> Any:
-    """`x` padded with `fill` along `axis` up to `width`."""
+def _fill_holes(keep: Sequence[int], count: int) -> list[int]:
+    """New order of the kept prompts (increasing positions among `count`): each kept one stays
+    where it is, and the last ones fill the holes left by the others, so a batch losing a
+    prompt copies one prompt's KV instead of shifting all that follow it."""
+    m, kept = len(keep), set(keep)
+    movers = [c for c in reversed(keep) if c >= m]
+    return [c if c in kept else movers.pop(0) for c in range(m)] if len(keep) < count else list(keep)
+
+
+def _merge_attention(a: tuple[Any, Any], b: tuple[Any, Any]) -> Any:
+    """Attention over the union of two key sets from each set's (output, log-sum-exp): the
+    outputs weighted by their share of the total softmax mass. (Through the larger log-sum-exp,
+    not `torch.logaddexp`: that one rounds differently in the vectorized body of a tensor and in
+    its tail, so a row's value would depend on the batch around it.)"""
     import torch
 
-    if x.shape[axis] >= width:
-        return x
-    shape = list(x.shape)
-    shape[axis] = width - x.shape[axis]
-    return torch.cat([x, x.new_full(shape, fill)], dim=axis)
+    (o_a, lse_a), (o_b, lse_b) = a, b
+    top = torch.maximum(lse_a, lse_b)
+    w_a, w_b = (lse_a - top).exp_(), (lse_b - top).exp_()
+    return (o_a * w_a + o_b * w_b) / (w_a + w_b)
 
 
 @dataclass
 class _SharedState:
-    """KV of the batch being decoded: each prompt once, right-padded to the longest one
-    ([C, kv heads, W, d] per layer), and every row's generated tokens ([C, kv heads, S, T, d]);
-    row r = c * S + s is sample slot s of prompt c."""
+    """KV of the batch being decoded: each prompt once, right-padded ([cap, kv heads, Wcap, d]
+    per layer), and every row's generated tokens ([cap, kv heads, S, T, d]); row r = c * S + s
+    is sample slot s of prompt c, for the first C = `prompts` of `cap` allocated prompts.
+
+    The buffers are allocated for as many prompts as the token budget admits at their width
+    (`max_prompts`, `budget`) and reused: prompts are written in and compacted in place, and
+    the buffers are reallocated only when a batch outgrows them (more prompts, or a longer one,
+    or a shorter width that admits more prompts). Positions past a prompt's length, or past a
+    row's generated tokens, may hold stale values: attention masks them.
+    """
 
     prompt_k: list[Any]
     prompt_v: list[Any]
-    prompt_bias: Any  # [C, 1, 1, W]: 0 on prompt tokens, -inf on the padding
+    prompt_bias: Any  # [cap, 1, 1, Wcap]: 0 on prompt tokens, -inf on the padding
     gen_k: list[Any]
     gen_v: list[Any]
     slots: int
+    max_prompts: int = 1
+    budget: int = 0  # KV tokens: cap * (Wcap + slots * T) stays within it (one prompt may exceed it)
     prompt_len: list[int] = field(default_factory=list)
 
     @property
@@ -169,40 +195,67 @@ class _SharedState:
 
     @property
     def width(self) -> int:
-        """Padded prompt length (W)."""
-        return int(self.prompt_bias.shape[-1])
+        """Padded prompt length of the batch (W: its longest prompt)."""
+        return max(self.prompt_len, default=0)
+
+    @property
+    def allocated_tokens(self) -> int:
+        """KV tokens the buffers hold room for."""
+        cap, room = self.prompt_bias.shape[0], self.gen_k[0].shape[3] if self.gen_k else 0
+        return int(cap * (self.prompt_bias.shape[-1] + self.slots * room))
 
     def keep(self, convs: Sequence[int]) -> None:
-        """Keep only the prompts at positions `convs` (with their rows) and trim the padding."""
+        """Keep only the prompts at positions `convs`, with their rows, as prompts 0, 1, ... in that
+        order (only those whose position changes are copied)."""
         import torch
 
-        index = torch.tensor(list(convs), dtype=torch.long, device=self.prompt_bias.device)
+        moves = [(t, c) for t, c in enumerate(convs) if t != c]
+        if moves:
+            dev = self.prompt_bias.device
+            dst = torch.tensor([t for t, _ in moves], dtype=torch.long, device=dev)
+            src = torch.tensor([c for _, c in moves], dtype=torch.long, device=dev)
+            for buf in [self.prompt_bias, *self.prompt_k, *self.prompt_v, *self.gen_k, *self.gen_v]:
+                buf.index_copy_(0, dst, buf.index_select(0, src))
         self.prompt_len = [self.prompt_len[c] for c in convs]
-        width = max(self.prompt_len, default=0)
-        self.prompt_k = [k[:, :, :width].index_select(0, index) for k in self.prompt_k]
-        self.prompt_v = [v[:, :, :width].index_select(0, index) for v in self.prompt_v]
-        self.prompt_bias = self.prompt_bias[..., :width].index_select(0, index)
-        self.gen_k = [k.index_select(0, index) for k in self.gen_k]
-        self.gen_v = [v.index_select(0, index) for v in self.gen_v]
+
+    def _reallocate(self, prompts: int, width: int) -> None:
+        """Buffers for at least `prompts` prompts of `width` tokens, keeping the current ones."""
+        import torch
+
+        room = self.gen_k[0].shape[3]
+        fits = self.budget // max(1, width + self.slots * room) if self.budget else self.max_prompts
+        cap = max(prompts, min(self.max_prompts, fits))
+        keep, w = self.prompts, min(self.width, width)
+
+        def grown(buf: Any, shape: tuple[int, ...], fill: float, pad_axis: int | None) -> Any:
+            out = torch.full(shape, fill, dtype=buf.dtype, device=buf.device)
+            if pad_axis is None:
+                out[:keep] = buf[:keep]
+            elif pad_axis == 2:
+                out[:keep, :, :w] = buf[:keep, :, :w]
+            else:
+                out[:keep, ..., :w] = buf[:keep, ..., :w]
+            return out
+
+        kvh, d = self.prompt_k[0].shape[1], self.prompt_k[0].shape[3]
+        self.prompt_bias = grown(self.prompt_bias, (cap, 1, 1, width), float("-inf"), 3)
+        self.prompt_k = [grown(k, (cap, kvh, width, d), 0.0, 2) for k in self.prompt_k]
+        self.prompt_v = [grown(v, (cap, kvh, width, d), 0.0, 2) for v in self.prompt_v]
+        self.gen_k = [grown(k, (cap, *k.shape[1:]), 0.0, None) for k in self.gen_k]
+        self.gen_v = [grown(v, (cap, *v.shape[1:]), 0.0, None) for v in self.gen_v]
 
     def add(self, prompts: Sequence[list[tuple[Any, Any]]]) -> None:
         """Append encoded prompts (per layer keys, values [kv heads, L, d]) with fresh rows."""
-        import torch
-
         lens = [int(kvs[0][0].shape[1]) for kvs in prompts]
-        width = max([self.width, *lens])
-        bias = torch.full((len(lens), 1, 1, width), float("-inf"), dtype=self.prompt_bias.dtype,
-                          device=self.prompt_bias.device)
-        for c, n in enumerate(lens):
-            bias[c, ..., :n] = 0.0
-        self.prompt_bias = torch.cat([_pad_to(self.prompt_bias, 3, width, float("-inf")), bias])
-        for layer in range(len(self.prompt_k)):
-            for store, part in ((self.prompt_k, 0), (self.prompt_v, 1)):
-                new = [_pad_to(kvs[layer][part][None], 2, width, 0.0) for kvs in prompts]
-                store[layer] = torch.cat([_pad_to(store[layer], 2, width, 0.0), *new])
-            for store in (self.gen_k, self.gen_v):
-                gen = store[layer]
-                store[layer] = torch.cat([gen, gen.new_zeros((len(lens), *gen.shape[1:]))])
+        need, width = self.prompts + len(lens), max([self.width, *lens])
+        if need > self.prompt_bias.shape[0] or width > self.prompt_bias.shape[-1]:
+            self._reallocate(need, width)
+        for c, (kvs, n) in enumerate(zip(prompts, lens, strict=True), start=self.prompts):
+            self.prompt_bias[c, ..., :n] = 0.0
+            self.prompt_bias[c, ..., n:] = float("-inf")
+            for layer, (k, v) in enumerate(kvs):
+                self.prompt_k[layer][c, :, :n] = k
+                self.prompt_v[layer][c, :, :n] = v
         self.prompt_len += lens
 
 
@@ -269,6 +322,8 @@ class SharedPromptLM:
             if past:
                 k = torch.cat([past[len(kvs) - 1][0][None], k], dim=2)
                 v = torch.cat([past[len(kvs) - 1][1][None], v], dim=2)
+            # one fused call over prefix + new keys, blocked from position 0: the result is
+            # bitwise the same whether the prefix came from the cache or was encoded with it
             o = F.scaled_dot_product_attention(
                 q, k, v, attn_mask=mask, is_causal=mask is None, scale=self.scaling, enable_gqa=True
             )
@@ -276,8 +331,11 @@ class SharedPromptLM:
             x = x + layer.mlp(layer.post_attention_layernorm(x))
         return kvs, self.lm_head(self.norm(x[0, -1:]))[0].float()
 
-    def empty_state(self, slots: int, max_tokens: int, dtype: Any, device: str) -> _SharedState:
-        """A batch without prompts, `slots` sample rows per prompt, `max_tokens` generated KV per row."""
+    def empty_state(
+        self, slots: int, max_tokens: int, dtype: Any, device: str, *, max_prompts: int = 1, budget: int = 0
+    ) -> _SharedState:
+        """A batch without prompts, `slots` sample rows per prompt, `max_tokens` generated KV per
+        row; its buffers grow to at most `max_prompts` prompts within `budget` KV tokens (0: no cap)."""
         import torch
 
         kv, d = self.kv_heads, self.head_dim
@@ -288,6 +346,8 @@ class SharedPromptLM:
             gen_k=[torch.zeros((0, kv, slots, max(1, max_tokens), d), dtype=dtype, device=device) for _ in self.layers],
             gen_v=[torch.zeros((0, kv, slots, max(1, max_tokens), d), dtype=dtype, device=device) for _ in self.layers],
             slots=slots,
+            max_prompts=max_prompts,
+            budget=budget,
         )
 
     @staticmethod
@@ -328,11 +388,10 @@ class SharedPromptLM:
             q.reshape(rows, 1, g, d), gk.reshape(rows, 1, span, d), gv.reshape(rows, 1, span, d), 0.0, False,
             attn_mask=gen_bias.expand(n, kvh, s, 1, span).reshape(rows, 1, 1, span), scale=1.0,
         )
-        lse_p, lse_g = lse_p.view(n, kvh, s, g, 1), lse_g.view(n, kvh, s, g, 1)
-        top = torch.maximum(lse_p, lse_g)
-        w_p, w_g = (lse_p - top).exp_(), (lse_g - top).exp_()
-        o = o_p.view(n, kvh, s, g, d) * w_p + o_g.view(n, kvh, s, g, d) * w_g
-        return (o / (w_p + w_g)).to(pv.dtype)
+        return _merge_attention(
+            (o_p.view(n, kvh, s, g, d), lse_p.view(n, kvh, s, g, 1)),
+            (o_g.view(n, kvh, s, g, d), lse_g.view(n, kvh, s, g, 1)),
+        ).to(pv.dtype)
 
     @staticmethod
     def _attend_dense(q: Any, pk: Any, pv: Any, bias: Any, gk: Any, gv: Any, gen_bias: Any) -> Any:
@@ -736,7 +795,7 @@ class HFBackend:
         queue = deque((i, range(j, min(n, j + slots))) for i in order for j in range(0, n, slots))
         dev = self.device
         dtype = self.model.get_input_embeddings().weight.dtype
-        state = self.fast.empty_state(slots, max_new - 1, dtype, dev)
+        state = self.fast.empty_state(slots, max_new - 1, dtype, dev, max_prompts=self.params.batch_size, budget=budget)
         grid: list[_Row | None] = []  # row c * slots + s: sample slot s of prompt c (None: unused)
         logits = torch.zeros((0, len(self.verdict.may_end)), device=dev)
         done: list[_Row] = []
@@ -756,7 +815,7 @@ class HFBackend:
                 if enter:
                     encoded = [self._encode_kv(prompts[i]) for i, _ in enter]
                     state.add([kvs for kvs, _ in encoded])
-                    held = state.prompts * (state.width + slots * max_new)
+                    held = max(state.prompts * (state.width + slots * max_new), state.allocated_tokens)
                     self.peak_batch = max(self.peak_batch, (state.prompts, held))
                     for i, js in enter:
                         new = self._new_rows([(i, j) for j in js], prefixes, seeds, sampling)
@@ -774,9 +833,9 @@ class HFBackend:
                     for c in range(state.prompts):
                         if c not in kept:
                             finished = [r for r in grid[c * slots : (c + 1) * slots] if r is not None]
-                            self._remember_unfinished(state, c, prompts, finished)
                             done += finished
                             bar.update(len(finished))
+                    keep = _fill_holes(keep, state.prompts)
                     state.keep(keep)
                     select = torch.tensor([c * slots + s for c in keep for s in range(slots)], dtype=torch.long)
                     feed = feed[select.to(dev)]
@@ -784,26 +843,6 @@ class HFBackend:
                 if grid:
                     logits = self.fast.step(feed, [len(r.ids) - 1 if r is not None else 0 for r in grid], state)
         return done
-
-    def _remember_unfinished(
-        self, state: _SharedState, c: int, prompts: Sequence[list[int]], rows: Sequence[_Row]
-    ) -> None:
-        """Put the KV of prompt c + each row's fed tokens into the prefix cache, for the rows that
-        did not reach the verdict: the teacher-forced pass that reads their verdict
-        (`verdict_probability`) then encodes only the phrase and the last partial block (the
-        cache checks the tokens, so a re-tokenization that differs just encodes more)."""
-        import torch
-
-        for r in rows:
-            if r.p_yes is not None or len(r.ids) < 2:
-                continue
-            s, fed = r.index % state.slots, len(r.ids) - 1
-            n = state.prompt_len[c]
-            kvs = [
-                (torch.cat([pk[c, :, :n], gk[c, :, s, :fed]], dim=1), torch.cat([pv[c, :, :n], gv[c, :, s, :fed]], dim=1))
-                for pk, pv, gk, gv in zip(state.prompt_k, state.prompt_v, state.gen_k, state.gen_v, strict=True)
-            ]
-            self.prefix_cache.add([*prompts[r.conv], *r.ids[:fed]], kvs)
 
     def _decode_batch(
         self,
