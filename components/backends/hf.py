@@ -143,13 +143,13 @@ def fast_path_supported(model: Any) -> bool:
     )
 
 
-def _fill_holes(keep: Sequence[int], count: int) -> list[int]:
-    """New order of the kept prompts (increasing positions among `count`): each kept one stays
+def _fill_holes(keep: Sequence[int]) -> list[int]:
+    """New order of the kept prompts (increasing positions): each kept one stays
     where it is, and the last ones fill the holes left by the others, so a batch losing a
     prompt copies one prompt's KV instead of shifting all that follow it."""
     m, kept = len(keep), set(keep)
     movers = [c for c in reversed(keep) if c >= m]
-    return [c if c in kept else movers.pop(0) for c in range(m)] if len(keep) < count else list(keep)
+    return [c if c in kept else movers.pop(0) for c in range(m)]
 
 
 def _merge_attention(a: tuple[Any, Any], b: tuple[Any, Any]) -> Any:
@@ -201,7 +201,7 @@ class _SharedState:
     @property
     def allocated_tokens(self) -> int:
         """KV tokens the buffers hold room for."""
-        cap, room = self.prompt_bias.shape[0], self.gen_k[0].shape[3] if self.gen_k else 0
+        cap, room = self.prompt_bias.shape[0], self.gen_k[0].shape[3]
         return int(cap * (self.prompt_bias.shape[-1] + self.slots * room))
 
     def keep(self, convs: Sequence[int]) -> None:
@@ -835,7 +835,7 @@ class HFBackend:
                             finished = [r for r in grid[c * slots : (c + 1) * slots] if r is not None]
                             done += finished
                             bar.update(len(finished))
-                    keep = _fill_holes(keep, state.prompts)
+                    keep = _fill_holes(keep)
                     state.keep(keep)
                     select = torch.tensor([c * slots + s for c in keep for s in range(slots)], dtype=torch.long)
                     feed = feed[select.to(dev)]
