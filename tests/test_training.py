@@ -271,8 +271,13 @@ def test_sft_resumes_after_kill(tmp_path: Path, sft_run: tuple[Path, dict], tiny
     assert report["checkpoints_deleted"]["unfinished"] == 1 and not partial.exists()
     assert report["global_step"] == 4
     resumed, straight = weights(project / paths.SFT_MODEL), weights(uninterrupted / paths.SFT_MODEL)
+    base = weights(project / paths.BASE_MODEL)
+    # Measured against what training moved each tensor. Usually the runs are bitwise equal, but
+    # CPU BLAS is not bitwise reproducible across processes (one CI run: 4.3e-5 on a 1.25e-2
+    # update); a resume with reset Adam moments moves a tensor 13-24% of its update away.
     for key, value in straight.items():
-        assert (resumed[key] - value).abs().max() < 1e-5, key
+        moved = (value - base[key]).norm()
+        assert (resumed[key] - value).norm() <= 1e-2 * moved, key
 
 
 def test_checkpoint_inspection(tmp_path: Path, sft_run: tuple[Path, dict], default_params: Params,
