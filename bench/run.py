@@ -83,7 +83,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--dvc-repeats", type=int, default=3, help="c: timed no-op dvc repro runs")
     p.add_argument("--threads", default="auto",
                    help="torch intra-op threads: a number, 0 for torch's default, or 'auto' (default): "
-                        "torch's default when the machine is idle (1-minute load average < 0.5), else 1, "
+                        "torch's default when other processes keep under half a CPU busy (measured over 1 s "
+                        "from /proc/stat before the sections run), else 1, "
                         "because on a busy CPU torch's threads spin-wait on each other")
     p.add_argument("--repeats", type=int, default=3,
                    help="a: interleaved runs of each side; throughput from each side's fastest run")
@@ -101,14 +102,34 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     return args
 
 
-def choose_threads(requested: int | str, load: float | None) -> tuple[int, str]:
+def busy_cores(seconds: float = 1.0) -> tuple[float | None, str]:
+    """CPUs' worth of work other processes are doing now (this one sleeps while it measures):
+    from /proc/stat over `seconds`, or the 1-minute load average where there is no /proc/stat."""
+    def sample() -> tuple[int, int]:
+        fields = [int(x) for x in Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:]]
+        return sum(fields[:8]), fields[3] + fields[4]  # all jiffies (steal included), idle + iowait
+
+    try:
+        total0, idle0 = sample()
+        time.sleep(seconds)
+        total1, idle1 = sample()
+    except (OSError, ValueError, IndexError):
+        load = os.getloadavg()[0] if hasattr(os, "getloadavg") else None
+        return load, "1-minute load average"
+    spent = max(1, total1 - total0)
+    return (os.cpu_count() or 1) * (spent - (idle1 - idle0)) / spent, f"/proc/stat over {seconds:g} s"
+
+
+def choose_threads(requested: int | str, busy: float | None, source: str = "load") -> tuple[int, str]:
     """torch intra-op threads for `--threads` (0: torch's default) and why; 'auto' takes torch's
-    default on an idle machine (1-minute load average < 0.5) and 1 thread on a busy one."""
+    default on an idle machine (other processes busy < 0.5 CPUs, `busy_cores`) and 1 thread on
+    a busy one."""
     if requested != "auto":
         return int(requested), "--threads"
-    if load is not None and load >= 0.5:
-        return 1, f"auto: load average {load:.2f} >= 0.5, so 1 thread (more would spin-wait)"
-    return 0, f"auto: load average {load if load is not None else float('nan'):.2f} < 0.5, so torch's default"
+    if busy is not None and busy >= 0.5:
+        return 1, f"auto: others busy {busy:.2f} CPUs ({source}) >= 0.5, so 1 thread (more would spin-wait)"
+    shown = f"{busy:.2f}" if busy is not None else "unknown"
+    return 0, f"auto: others busy {shown} CPUs ({source}) < 0.5, so torch's default"
 
 
 def _meta(args: argparse.Namespace, model_desc: str | None, backend_name: str | None) -> dict[str, Any]:
@@ -159,7 +180,7 @@ def _prompt_tokens(model_path: Path, solutions: list[Any]) -> list[int]:
 def run_sections(args: argparse.Namespace) -> dict[str, Any]:
     """Run the chosen sections; return the JSON report (sections that fail carry their error)."""
     params = load_params(args.params)
-    threads, args.threads_reason = choose_threads(args.threads, os.getloadavg()[0] if hasattr(os, "getloadavg") else None)
+    threads, args.threads_reason = choose_threads(args.threads, *(busy_cores() if args.threads == "auto" else (None, "")))
     if threads:
         import torch
 

@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -28,6 +29,24 @@ def test_single_sample_seed_maps_onto_the_scorers_streams(monkeypatch: pytest.Mo
         for j in range(6):
             assert row_seed(single_sample_seed(seed, j), 0) == row_seed(seed, j)
     assert single_sample_seed(7, 0) == 7
+
+
+def test_auto_threads_follow_what_other_processes_use_now(monkeypatch: pytest.MonkeyPatch) -> None:
+    """`--threads auto` pins one thread while another process spins, torch's default otherwise."""
+    monkeypatch.syspath_prepend(str(ROOT))
+    from bench.run import busy_cores, choose_threads
+
+    assert choose_threads(3, None) == (3, "--threads")
+    assert choose_threads("auto", 0.1, "x")[0] == 0 and choose_threads("auto", None)[0] == 0
+    assert choose_threads("auto", 0.9, "x")[0] == 1
+    spinner = subprocess.Popen([sys.executable, "-c", "import time\nt = time.time() + 30\nwhile time.time() < t: pass"])
+    try:
+        time.sleep(0.3)
+        busy, source = busy_cores(0.5)
+    finally:
+        spinner.kill()
+        spinner.wait()
+    assert source.startswith("/proc/stat") and busy is not None and busy >= 0.8
 
 
 @pytest.mark.slow
