@@ -203,9 +203,12 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--project-dir", default=".")
     parser.add_argument("--stages", nargs="*", choices=STAGES)
-    parser.add_argument("--retries", type=int, default=3)
+    parser.add_argument("--retries", type=int, default=3, help="retries of the remote-engine stages")
+    parser.add_argument("--retry-backoff", type=float, default=10.0,
+                        help="seconds before the first retry; doubles with each retry (+-50%% jitter)")
     args = parser.parse_args()
-    result = pipeline(project_dir=args.project_dir, stages=args.stages, retries=args.retries)
+    result = pipeline(project_dir=args.project_dir, stages=args.stages, retries=args.retries,
+                      retry_backoff_s=args.retry_backoff)
     for r in result["stages"]:
         print(f"{r['stage']:<13} {r['status']:<8} {r['seconds']:>7.1f} s")
     print(f"{'total':<22} {sum(r['seconds'] for r in result['stages']):>7.1f} s")

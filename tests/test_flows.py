@@ -344,3 +344,43 @@ def test_scheduled_retraining_end_to_end(served: dict, project: Path, prefect_en
     assert "| prepare | skipped |" in pipeline_md
     assert "| evaluate | ran |" in pipeline_md and "| register | ran |" in pipeline_md
     assert "**kept**" in artifact(api, "rprm-retrain", run3["id"])
+
+
+@pytest.mark.timeout(900)
+def test_a_remote_stage_is_retried_after_a_failure(project: Path, prefect_env: dict, tmp_path: Path) -> None:
+    """`evaluate` fails while another DVC process holds the repository lock (a real failure:
+    DVC gives up after 3 s); the flow retries it with backoff and the retry runs it."""
+    from dvc.repo import Repo
+
+    root = tmp_path / "project"
+    shutil.copytree(project, root, symlinks=True)
+    env = {**prefect_env, "PYTHONPATH": str(root)}
+    subprocess.run([sys.executable, "-m", "dvc", "repro", "--single-item", "prepare"], cwd=root, env=env,
+                   check=True, capture_output=True)
+    api, log = prefect_env["PREFECT_API_URL"], tmp_path / "flow.log"
+    holder = Repo(str(root))
+    holder.lock.lock()
+    try:
+        proc = start([sys.executable, "-m", "flows.pipeline", "--project-dir", str(root), "--stages", "evaluate",
+                      "--retries", "2", "--retry-backoff", "1"], log, env, root)
+        try:
+            wait_for(lambda: "Unable to acquire lock" in log.read_text(errors="replace"),
+                     "first attempt failing on the DVC lock", proc, log, 300)
+        finally:
+            holder.lock.unlock()
+            holder.close()
+        assert proc.wait(timeout=600) == 0, log.read_text()[-4000:]
+    finally:
+        stop_group(proc)
+
+    (run,) = call("POST", f"{api}/flow_runs/filter", json={
+        "flows": {"name": {"any_": ["rprm-pipeline"]}}, "flow_runs": {"deployment_id": {"is_null_": True}},
+        "sort": "START_TIME_DESC", "limit": 1}).json()
+    assert run["state"]["type"] == "COMPLETED"
+    (task_run,) = call("POST", f"{api}/task_runs/filter", json={
+        "flow_runs": {"id": {"any_": [run["id"]]}}}).json()
+    assert task_run["name"] == "evaluate" and task_run["state"]["type"] == "COMPLETED"
+    assert task_run["run_count"] == 2
+    history = call("GET", f"{api}/task_run_states/", params={"task_run_id": task_run["id"]}).json()
+    assert [s["name"] for s in history].count("Retrying") == 1
+    assert json.loads((root / "reports/processbench.json").read_text())
