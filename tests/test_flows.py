@@ -363,6 +363,10 @@ def test_a_remote_stage_is_retried_after_a_failure(project: Path, prefect_env: d
     try:
         proc = start([sys.executable, "-m", "flows.pipeline", "--project-dir", str(root), "--stages", "evaluate",
                       "--retries", "2", "--retry-backoff", "1"], log, env, root)
+    except BaseException:
+        holder.lock.unlock()
+        raise
+    try:
         try:
             wait_for(lambda: "Unable to acquire lock" in log.read_text(errors="replace"),
                      "first attempt failing on the DVC lock", proc, log, 300)
