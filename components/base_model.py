@@ -103,11 +103,11 @@ def template_texts() -> list[str]:
     return texts
 
 
-def tokenizer_corpus(corpus_files: Sequence[str | Path]) -> list[str]:
-    """Training texts for the tiny tokenizer: bundled strings, weighted template and verdicts."""
+def tokenizer_corpus(corpus_files: Sequence[str | Path], extra_texts: Sequence[str] = ()) -> list[str]:
+    """Training texts for the tiny tokenizer: bundled strings, domain texts, weighted template and verdicts."""
     from components import prompts
 
-    texts: list[str] = []
+    texts: list[str] = list(extra_texts)
     for path in sorted(Path(p) for p in corpus_files):
         for _lineno, obj in iter_json_lines(path):
             texts.extend(_strings(obj))
@@ -236,7 +236,8 @@ def _info(model: Any, tok: Any, kind: str, source: str, dtype: str, **extra: Any
 
 
 def build_tiny_model(
-    tiny: TinyModelParams, out_dir: str | Path, corpus_files: Sequence[str | Path]
+    tiny: TinyModelParams, out_dir: str | Path, corpus_files: Sequence[str | Path],
+    extra_texts: Sequence[str] = (),
 ) -> dict[str, Any]:
     """Build the tiny random Qwen2 + trained BPE tokenizer into `out_dir`; return its info.
 
@@ -247,8 +248,12 @@ def build_tiny_model(
 
     if not corpus_files:
         raise BaseModelError("no tokenizer corpus files given (expected data/bundled/prm800k/*.jsonl)")
-    tk = train_tokenizer(tokenizer_corpus(corpus_files), tiny.vocab_size)
+    tk = train_tokenizer(tokenizer_corpus(corpus_files, extra_texts), tiny.vocab_size - tiny.number_tokens)
     tok = wrap_tokenizer(tk)
+    if tiny.number_tokens:
+        # Whole numbers as single tokens. Added tokens are matched (longest first) before the
+        # pre-tokenizer, which Qwen2's tokenizer class fixes to one digit per token.
+        tok.add_tokens([str(i) for i in range(tiny.number_tokens)])
     yes, no = verdict_token_ids(tok)
     if len(yes) != 1 or len(no) != 1:
         raise BaseModelError(
@@ -409,7 +414,12 @@ def build_base_model(params: Params, out_dir: str | Path = paths.BASE_MODEL) -> 
             raise BaseModelError(
                 f"{Path(params.data.bundled_dir) / 'prm800k'}: no *.jsonl files for the tokenizer corpus"
             )
-        return build_tiny_model(m.tiny, out_dir, corpus)
+        extra: list[str] = []
+        if params.domain.kind == "arithmetic":  # the default domain's own words and numbers
+            from components.arithmetic import corpus_texts
+
+            extra = corpus_texts(params.domain.arithmetic)
+        return build_tiny_model(m.tiny, out_dir, corpus, extra)
     if m.kind == "gguf":
         return materialise_gguf(m, out_dir)
     return materialise_pretrained(m, out_dir)

@@ -48,12 +48,12 @@ from typing import Any
 
 from tqdm.auto import tqdm
 
-from components import paths, search
+from components import arithmetic, paths, search
 from components.backends.base import GenerationBackend
 from components.config import BestOfNParams, Params, SamplingParams
 from components.data import CANDIDATE_POOLS, load_bon_testset, load_candidate_pool, split_steps
 from components.grading import EXTRACTIONS, OUTCOMES, Grade, Grader, reference_answers
-from components.io import Journal, write_json
+from components.io import DataError, Journal, read_jsonl, write_json
 from components.records import BonProblem, Candidate, CandidatePool, Solution
 from components.scoring import (
     NEUTRAL_REWARD,
@@ -97,13 +97,15 @@ class GradedProblem:
     candidates: list[GradedCandidate]
     classes: list[int | None] = field(default_factory=list)
 
-    def selection_view(self) -> search.ProblemCandidates:
-        """What `components.search` selection needs."""
+    def selection_view(self, aggregation: str | None = None) -> search.ProblemCandidates:
+        """What `components.search` selection needs; scores re-aggregated from the step rewards
+        when `aggregation` is given (else the stage's own `score`)."""
         return search.ProblemCandidates(
             self.id,
             [c.grade.correct for c in self.candidates],
             list(self.classes),
-            [c.score for c in self.candidates],
+            [c.score if aggregation is None else search.aggregate(c.step_rewards, aggregation)
+             for c in self.candidates],
         )
 
 
@@ -275,22 +277,32 @@ def generate_pools(
 def score_candidates(problems: Sequence[GradedProblem], scorer: StepScorer, aggregation: str) -> None:
     """Full scoring of every candidate's steps; step rewards and aggregated score set in place.
 
+    Identical candidates of a problem (same steps) are scored once, under the first one's id, and
+    share its rewards (a policy repeats itself; the repeats would cost analyses and say nothing new).
     All problems go to the scorer in one call (solution id `<dataset>/<problem id>#<index>`),
     so its waves advance every dataset's candidates together: the number of backend calls is
     the longest candidate's step count, not the sum over datasets.
     """
     solutions = []
-    owners = []
+    owners: list[list[GradedCandidate]] = []
+    first: dict[tuple[str, str, tuple[str, ...]], int] = {}
     for p in problems:
         for c in p.candidates:
-            if c.steps:
-                solutions.append(
-                    Solution(id=f"{p.dataset}/{p.id}#{c.index}", question=p.question, steps=c.steps, subset=p.dataset)
-                )
-                owners.append(c)
-    for cand, scored in zip(owners, scorer.score_detailed(solutions), strict=True):
-        cand.step_rewards = scored.rewards()
-        cand.score = search.aggregate(cand.step_rewards, aggregation)
+            if not c.steps:
+                continue
+            key = (p.dataset, p.id, tuple(c.steps))
+            if key in first:  # an identical candidate of the same problem: scored once, shared
+                owners[first[key]].append(c)
+                continue
+            first[key] = len(solutions)
+            solutions.append(
+                Solution(id=f"{p.dataset}/{p.id}#{c.index}", question=p.question, steps=c.steps, subset=p.dataset)
+            )
+            owners.append([c])
+    for cands, scored in zip(owners, scorer.score_detailed(solutions), strict=True):
+        for cand in cands:
+            cand.step_rewards = scored.rewards()
+            cand.score = search.aggregate(cand.step_rewards, aggregation)
 
 
 class ScorerRewarder:
@@ -336,7 +348,12 @@ def prm_metrics(problems: Sequence[GradedProblem]) -> dict[str, float]:
     """Best-of-n and PRM-weighted voting accuracy at the full n."""
     views = [p.selection_view() for p in problems]
     n = max((len(p.candidates) for p in problems), default=0)
-    return {f"prm@{n}": search.accuracy(views, "prm"), f"prm_vote@{n}": search.accuracy(views, "prm_vote")}
+    out = {f"prm@{n}": search.accuracy(views, "prm"), f"prm_vote@{n}": search.accuracy(views, "prm_vote")}
+    for how in search.AGGREGATIONS:  # every aggregation of the same step rewards, side by side
+        agg = [p.selection_view(how) for p in problems]
+        out[f"prm_{how}@{n}"] = search.accuracy(agg, "prm")
+        out[f"prm_vote_{how}@{n}"] = search.accuracy(agg, "prm_vote")
+    return out
 
 
 def choice_rows(problems: Sequence[GradedProblem]) -> list[dict[str, Any]]:
@@ -416,11 +433,26 @@ def _model_path(name: str) -> Path | str:
     return name
 
 
+def arithmetic_pools() -> list[CandidatePool]:
+    """The in-domain Best-of-N pool `prepare` staged for the arithmetic domain (dataset `arithmetic`)."""
+    if not paths.BON_ARITHMETIC.exists() or paths.BON_ARITHMETIC.stat().st_size == 0:
+        raise DataError(paths.BON_ARITHMETIC, None, None, "no arithmetic Best-of-N pool: set domain.kind: arithmetic "
+                        "and run `rprm prepare`, or drop `arithmetic` from best_of_n.datasets")
+    return read_jsonl(paths.BON_ARITHMETIC, CandidatePool, key=lambda r: r.id)
+
+
+def load_testset(params: Params, dataset: str) -> list[BonProblem]:
+    """A dataset's problems with reference answers: a bundled test set, or the arithmetic pool's problems."""
+    if dataset == arithmetic.SUBSET:
+        return [BonProblem(id=p.id, dataset=dataset, problem=p.problem, answer=p.answer or "") for p in arithmetic_pools()]
+    return load_bon_testset(params.data, dataset)
+
+
 def required_models(params: Params) -> dict[str, str]:
     """The models the stage will load, by params key: the PRM always, the policy when sampled from."""
     bp = params.best_of_n
     needed: dict[str, str] = {}
-    generates = any(not (bp.candidates == "pool" and d in CANDIDATE_POOLS) for d in bp.datasets)
+    generates = any(not (bp.candidates == "pool" and d in (*CANDIDATE_POOLS, arithmetic.SUBSET)) for d in bp.datasets)
     if generates or (bp.guided_search.enabled and bp.guided_search.strategies):
         needed["best_of_n.policy_model"] = bp.policy_model or "base"  # upstream of the PRM: first
     needed["best_of_n.prm_model"] = bp.prm_model
@@ -448,6 +480,10 @@ def _pool_for(
     policy_name: str,
 ) -> tuple[list[BonProblem], list[CandidatePool], dict[str, Any]]:
     bp = params.best_of_n
+    if bp.candidates == "pool" and dataset == arithmetic.SUBSET:
+        pools = {p.id: p for p in arithmetic_pools()}
+        kept = [p for p in problems if p.id in pools][: bp.max_problems]
+        return kept, [pools[p.id] for p in kept], {"pool": f"generated:{paths.BON_ARITHMETIC.as_posix()} ({arithmetic.POLICY_NAME})"}
     if bp.candidates == "pool" and dataset in CANDIDATE_POOLS:
         pools = {p.id: p for p in load_candidate_pool(params.data, dataset)}
         in_pool = [p for p in problems if p.id in pools]
@@ -555,7 +591,7 @@ def run(params: Params) -> dict[str, Any]:
     bp = params.best_of_n
     # Every input file and model folder is checked before any model, MLflow run or journal: bad
     # data or a missing model fails here (file, line, field) and nothing is written.
-    testsets = {d: load_bon_testset(params.data, d) for d in bp.datasets}
+    testsets = {d: load_testset(params, d) for d in bp.datasets}
     for d in bp.datasets:
         if bp.candidates == "pool" and d in CANDIDATE_POOLS:
             load_candidate_pool(params.data, d)
@@ -566,7 +602,11 @@ def run(params: Params) -> dict[str, Any]:
 
     def get_backend(path: Path | str) -> GenerationBackend:
         if str(path) not in backends:
-            backends[str(path)] = load_backend(params.backend, path)
+            if str(path) == arithmetic.POLICY_NAME:  # the simulated policy of the arithmetic domain
+                domain = params.domain.arithmetic
+                backends[str(path)] = arithmetic.ArithmeticPolicy(domain, arithmetic.problem_splits(domain)["bon"])
+            else:
+                backends[str(path)] = load_backend(params.backend, path)
         return backends[str(path)]
 
     def policy() -> GenerationBackend:
@@ -636,6 +676,9 @@ def run(params: Params) -> dict[str, Any]:
                     )
                     guided.update(g_report)
                     guided["seconds"] = time.monotonic() - t0
+                    for d, entry in guided["datasets"].items():
+                        if d in report["datasets"]:  # sampling from the policy alone, on the same problems
+                            entry["policy_alone_pass@1"] = report["datasets"][d]["pass@1"]
             finally:
                 for b in backends.values():
                     b.close()

@@ -16,7 +16,7 @@ import typer
 
 from components.backends.base import BackendError
 from components.config import Params, ParamsError, load_params
-from components.io import DataError
+from components.io import DataError, StageRefused
 
 app = typer.Typer(
     help="R-PRM: reasoning-driven generative process reward model pipeline.",
@@ -46,7 +46,7 @@ def _call(target: str, *args, **kwargs):
     module, func = target.split(":")
     try:
         return getattr(importlib.import_module(f"components.{module}"), func)(*args, **kwargs)
-    except (DataError, ParamsError, BackendError) as err:
+    except (DataError, ParamsError, BackendError, StageRefused) as err:
         _fail(str(err))
     except KeyboardInterrupt:
         _fail("interrupted; finished work is journaled, rerun to resume", 130)

@@ -39,6 +39,12 @@ class TinyModelParams(Section):
     intermediate_size: int = Field(128, ge=8, description="MLP width.")
     max_position_embeddings: int = Field(2048, ge=128, description="Longest sequence.")
     seed: int = Field(0, description="Seed for weights and tokenizer training.")
+    number_tokens: int = Field(
+        0,
+        ge=0,
+        description="Make the numbers 0..N-1 single (added) tokens, taken out of vocab_size; 0 keeps Qwen2's one "
+        "digit per token. Lets a tiny model copy and compare numbers as single symbols.",
+    )
 
 
 class ModelParams(Section):
@@ -137,6 +143,50 @@ class DataParams(Section):
     )
 
 
+class ErrorMixParams(Section):
+    """Relative weights of the error kinds in the arithmetic domain (need not sum to 1)."""
+
+    wrong_result: float = Field(0.3, ge=0, description="x op b = y' with y' != x op b (teacher recomputes it).")
+    wrong_copy: float = Field(0.3, ge=0, description="An operand copied wrongly (no source: teacher finds it).")
+    no_source: float = Field(0.25, ge=0, description="An extra term with no source (teacher finds it).")
+    wrong_operation: float = Field(
+        0.15, ge=0, description="Right arithmetic, wrong operation for the question (the offline teacher cannot see it)."
+    )
+
+
+class ArithmeticDomainParams(Section):
+    """The generated arithmetic word-problem domain (components/arithmetic.py)."""
+
+    seed: int = Field(0, description="Seed of every generated problem, label and candidate.")
+    steps: int = Field(3, ge=1, le=8, description="Operations per problem (a solution has steps + 1 steps).")
+    max_operand: int = Field(20, ge=3, description="Start quantity and +/- operands are drawn from 2..this.")
+    max_multiplier: int = Field(4, ge=2, description="Multipliers are drawn from 2..this.")
+    max_value: int = Field(99, ge=10, description="Every intermediate quantity stays within 1..this.")
+    train_problems: int = Field(600, ge=1, description="Training problems (PRM800K format).")
+    negative_rate: float = Field(
+        0.6, ge=0, le=1, description="Chance that a training step also gets an erroneous alternative (rated -1)."
+    )
+    error_mix: ErrorMixParams = Field(default_factory=ErrorMixParams)
+    heldout_problems: int = Field(80, ge=1, description="Held-out benchmark solutions (ProcessBench format).")
+    heldout_correct_share: float = Field(0.4, ge=0, le=1, description="Share of all-correct held-out solutions.")
+    bon_problems: int = Field(40, ge=1, description="Best-of-N problems.")
+    bon_candidates: int = Field(8, ge=1, description="Policy samples per Best-of-N problem.")
+    policy_error_rate: float = Field(
+        0.25, ge=0, le=1, description="Chance that the simulated policy gets a step wrong."
+    )
+
+
+class DomainParams(Section):
+    """What the PRM is trained and judged on."""
+
+    kind: Literal["arithmetic", "prm800k"] = Field(
+        "arithmetic",
+        description="arithmetic: generated word problems (default profile; the real benchmarks are still "
+        "evaluated, as out-of-domain); prm800k: PRM800K from `data` (the paper).",
+    )
+    arithmetic: ArithmeticDomainParams = Field(default_factory=ArithmeticDomainParams)
+
+
 class TrackingParams(Section):
     tracking_uri: str = Field(
         "sqlite:///mlruns.db", description="Overridden by MLFLOW_TRACKING_URI when set."
@@ -202,6 +252,15 @@ class LoraParams(Section):
     target_modules: list[str] = Field(default_factory=lambda: ["q_proj", "k_proj", "v_proj", "o_proj"])
 
 
+class GenerationCheckParams(Section):
+    """After training: sample analyses of held-out prompts to measure verdict reach (reports only)."""
+
+    max_prompts: int = Field(64, ge=0, description="Held-out prompts sampled (0: skip the check).")
+    max_new_tokens: int = Field(224, ge=1, description="Longest analysis (as scoring.sampling.max_new_tokens).")
+    temperature: float = Field(0.95, ge=0, description="Sampling temperature (as scoring).")
+    seed: int = 0
+
+
 class TrainParams(Section):
     learning_rate: float = Field(5e-6, gt=0)
     num_train_epochs: float = Field(1.0, gt=0)
@@ -224,6 +283,7 @@ class TrainParams(Section):
     accelerate_config: str | None = Field(
         None, description="accelerate config file (repository path) for multi-process runs."
     )
+    generation_check: GenerationCheckParams = Field(default_factory=GenerationCheckParams)
     min_verdict_share: float = Field(
         0.2,
         ge=0,
@@ -262,6 +322,12 @@ class DPOParams(TrainParams):
     learning_rate: float = Field(5e-7, gt=0)
     beta: float = Field(0.1, gt=0)
     loss_type: str = Field("sigmoid", description="TRL DPO loss type.")
+    sft_weight: float = Field(
+        0.0,
+        ge=0,
+        description="Weight of an SFT (NLL) term on the chosen analysis added to the DPO loss (RPO; TRL "
+        "loss_type [loss_type, 'sft'] with these loss_weights). Keeps the model able to write whole analyses.",
+    )
     precompute_ref_log_probs: bool = False
     max_prompt_length: int | None = Field(None, ge=16)
 
@@ -344,13 +410,34 @@ class BestOfNParams(Section):
     guided_search: GuidedSearchParams = Field(default_factory=GuidedSearchParams)
 
 
+class QualityGateParams(Section):
+    """Floors a model must clear before `register` gives it a version (nothing is registered otherwise)."""
+
+    enabled: bool = Field(True, description="Refuse models below the floors (false: register anything).")
+    benchmark: Literal["heldout", "processbench"] = Field(
+        "heldout",
+        description="Where the floors are read: heldout (the in-domain benchmark of the arithmetic domain) or "
+        "processbench (average over its subsets).",
+    )
+    min_verdict_reach: float = Field(
+        0.9, ge=0, le=1, description="Share of analyses that must reach the verdict phrase in the generation pass."
+    )
+    min_f1_margin: float = Field(
+        0.0, ge=0, description="First-error F1 must beat the better trivial predictor (first step wrong / no step "
+        "wrong) by more than this (F1 points, 0-100).",
+    )
+
+
 class RegisterParams(Section):
     model: Literal["sft", "dpo"] = "dpo"
     alias: str = "challenger"
+    gate: QualityGateParams = Field(default_factory=QualityGateParams)
 
 
 class PromoteParams(Section):
-    metric: str = "processbench_avg_f1"
+    metric: str = Field(
+        "heldout_f1", description="Version tag compared (heldout_f1, processbench_avg_f1, prmbench_prmscore, ...)."
+    )
     margin: float = Field(0.0, ge=0, description="Challenger must beat champion by more than this.")
 
 
@@ -361,6 +448,7 @@ class Params(Section):
     """The whole params file."""
 
     model: ModelParams = Field(default_factory=ModelParams)
+    domain: DomainParams = Field(default_factory=DomainParams)
     data: DataParams = Field(default_factory=DataParams)
     teacher: TeacherParams = Field(default_factory=TeacherParams)
     backend: BackendParams = Field(default_factory=BackendParams)

@@ -67,6 +67,8 @@ THRESHOLD_CSV = paths.PLOTS / "threshold.csv"
 SCALING_PNG = paths.PLOTS / "scaling.png"
 THRESHOLD_PNG = paths.PLOTS / "threshold.png"
 PRMBENCH_PNG = paths.PLOTS / "prmbench.png"
+HELDOUT_REPORT = paths.REPORTS / "heldout.json"
+HELDOUT_SCALING_PNG = paths.PLOTS / "heldout_scaling.png"
 JOURNALS = paths.SCORES / "journals"
 
 
@@ -224,6 +226,30 @@ def prmbench_at(items: Sequence[PRMBenchItem], scored: Sequence[ScoredSolution],
 # --------------------------------------------------------------------------------------
 
 
+def verdict_reach(scored: Sequence[ScoredSolution]) -> dict[str, Any]:
+    """Analyses that reached the verdict phrase in the generation pass (no fallback), and their share."""
+    gens = sum(s.generations() for s in scored)
+    fallbacks = sum(s.fallbacks() for s in scored)
+    return {"generations": gens, "fallbacks": fallbacks,
+            "verdict_reach_rate": (gens - fallbacks) / gens if gens else None}
+
+
+def trivial_predictors(items: Sequence[ProcessBenchItem]) -> dict[str, Any]:
+    """First-error F1 of the two predictors that read no step: "the first step is wrong", "no step is wrong"."""
+    out = {}
+    for name, pred in (("first_step_wrong", 0), ("no_step_wrong", -1)):
+        m = benchmarks.processbench_subset_metrics([it.label for it in items], [pred] * len(items))
+        out[name] = {"f1": m["f1"], "acc_erroneous": m["acc_erroneous"], "acc_correct": m["acc_correct"]}
+    return out
+
+
+def _load_heldout() -> list[ProcessBenchItem]:
+    """The in-domain held-out benchmark staged by `prepare` (empty outside the arithmetic domain)."""
+    if not paths.HELDOUT.exists():
+        return []
+    return read_jsonl(paths.HELDOUT, ProcessBenchItem, key=lambda r: r.id)
+
+
 def _load_benchmarks() -> tuple[list[ProcessBenchItem], list[PRMBenchItem]]:
     for p in (paths.PROCESSBENCH, paths.PRMBENCH):
         if not p.exists():
@@ -261,7 +287,8 @@ def _prediction_rows(model: str, pb_items: Sequence[ProcessBenchItem], pb_scored
 
 
 def _evaluate_model(params: Params, name: str, plan: SweepPlan, pb_items: list[ProcessBenchItem],
-                    prmb_items: list[PRMBenchItem], subsets: list[str]) -> dict[str, Any]:
+                    prmb_items: list[PRMBenchItem], subsets: list[str],
+                    heldout_items: list[ProcessBenchItem]) -> dict[str, Any]:
     from components.backends import load_backend
 
     ev = params.evaluate
@@ -274,6 +301,11 @@ def _evaluate_model(params: Params, name: str, plan: SweepPlan, pb_items: list[P
     backend = load_backend(params.backend, path, dtype=params.model.dtype)
     try:
         fingerprint = scoring_fingerprint(backend, scoring, tag)
+        heldout_scored = StepScorer(
+            backend, scoring, ev.early_exit, exit_points=plan.points,
+            journal=journal_path(evaluated, "heldout", fingerprint), journal_tag=tag,
+            desc=f"{name} held-out",
+        ).score_detailed(processbench_solutions(heldout_items)) if heldout_items else []
         pb_scored = StepScorer(
             backend, scoring, ev.early_exit, exit_points=plan.points,
             journal=journal_path(evaluated, "processbench", fingerprint), journal_tag=tag,
@@ -290,11 +322,23 @@ def _evaluate_model(params: Params, name: str, plan: SweepPlan, pb_items: list[P
     thr, cmp_ = ev.prmbench.threshold, ev.prmbench.comparison
     pb = {**info, "k": plan.k, "threshold": plan.threshold,
           **processbench_at(pb_items, pb_scored, subsets, plan.k, plan.threshold),
+          **verdict_reach(pb_scored),
           "cost": processbench_cost(pb_items, pb_scored, plan, ev.early_exit)}
+    heldout: dict[str, Any] = {}
+    if heldout_items:
+        hsubsets = sorted({benchmarks.processbench_subset(it) for it in heldout_items})
+        at = processbench_at(heldout_items, heldout_scored, hsubsets, plan.k, plan.threshold)
+        heldout = {**info, "k": plan.k, "threshold": plan.threshold, "f1": at["avg_f1"],
+                   **({k: v for k, v in at["subsets"][hsubsets[0]].items() if k != "f1"} if len(hsubsets) == 1 else {}),
+                   "subsets": at["subsets"], **verdict_reach(heldout_scored),
+                   "f1_vs_k": {str(k): processbench_at(heldout_items, heldout_scored, hsubsets, k, plan.threshold)["avg_f1"]
+                               for k in plan.ks},
+                   "f1_vs_threshold": {f"{t:g}": processbench_at(heldout_items, heldout_scored, hsubsets, plan.k, t)["avg_f1"]
+                                       for t in plan.thresholds},
+                   "cost": processbench_cost(heldout_items, heldout_scored, plan, ev.early_exit)}
     prmb = {**info, "k": plan.k, "threshold": thr, "comparison": cmp_,
             **prmbench_at(prmb_items, prmb_scored, plan.k, thr, cmp_),
-            "generations": sum(s.generations() for s in prmb_scored),
-            "fallbacks": sum(s.fallbacks() for s in prmb_scored)}
+            **verdict_reach(prmb_scored)}
     scaling = {
         "processbench_k": {str(k): _curve_point(processbench_at(pb_items, pb_scored, subsets, k, plan.threshold))
                            for k in plan.ks},
@@ -307,19 +351,27 @@ def _evaluate_model(params: Params, name: str, plan: SweepPlan, pb_items: list[P
 
     out = paths.SCORES / name
     write_jsonl(out / "processbench.jsonl", (s.to_step_scores(plan.threshold, plan.k) for s in pb_scored))
+    write_jsonl(out / "heldout.jsonl", (s.to_step_scores(plan.threshold, plan.k) for s in heldout_scored))
     write_jsonl(out / "prmbench.jsonl", (s.to_step_scores(thr, plan.k) for s in prmb_scored))
     write_jsonl(out / "prmbench_results.jsonl", (
         benchmarks.prmbench_result_line(it, [r for r in s.rewards(plan.k) if r is not None], thr, cmp_)
         for it, s in zip(prmb_items, prmb_scored, strict=True)
     ))
     rows = _prediction_rows(name, pb_items, pb_scored, prmb_items, prmb_scored, plan, thr, cmp_)
+    if heldout:
+        def num(x: float | None) -> str:
+            return "-" if x is None else f"{x:.1f}"
+
+        console.print(f"{name}: held-out ({len(heldout_items)} solutions) first-error F1 {num(heldout['f1'])} "
+                      f"(erroneous {num(heldout.get('acc_erroneous'))}, correct {num(heldout.get('acc_correct'))}), "
+                      f"verdict reach {_pct(heldout['verdict_reach_rate'])}")
     console.print(benchmarks.processbench_table(pb, f"ProcessBench: {name} (K={plan.k}, threshold {plan.threshold})"))
     console.print(benchmarks.prmbench_table(prmb, f"PRMBench: {name} (K={plan.k}, score {cmp_} {thr})"))
     c = pb["cost"]
     console.print(f"{name}: ProcessBench scored {c['steps_scored']}/{c['steps_total']} steps "
                   f"({c['generations']} analyses; early exit saved {_pct(c['saved_fraction'])}, a headline-only "
                   f"early exit would save {_pct(c['saved_fraction_headline_early_exit'])})")
-    return {"processbench": pb, "prmbench": prmb, "scaling": scaling, "rows": rows}
+    return {"processbench": pb, "prmbench": prmb, "heldout": heldout, "scaling": scaling, "rows": rows}
 
 
 def _pct(x: float | None) -> str:
@@ -387,16 +439,21 @@ def run(params: Params) -> dict[str, Any]:
         raise DataError("params", None, "evaluate.models", "no model to evaluate")
     plan = sweep_plan(params)
     pb_items, prmb_items = _load_benchmarks()
+    heldout_items = _load_heldout()
     seen = {benchmarks.processbench_subset(it) for it in pb_items}
     subsets = [s for s in ev.processbench.subsets if s in seen] + sorted(seen - set(ev.processbench.subsets))
-    inputs = [paths.PROCESSBENCH, paths.PRMBENCH, *dict.fromkeys(resolve_model(m)[0] for m in ev.models)]
+    inputs = [paths.PROCESSBENCH, paths.PRMBENCH, *([paths.HELDOUT] if heldout_items else []),
+              *dict.fromkeys(resolve_model(m)[0] for m in ev.models)]
     with tracking.stage_run("evaluate", params, sections=["backend", "scoring", "evaluate"], inputs=inputs):
-        results = {m: _evaluate_model(params, m, plan, pb_items, prmb_items, subsets) for m in dict.fromkeys(ev.models)}
+        results = {m: _evaluate_model(params, m, plan, pb_items, prmb_items, subsets, heldout_items)
+                   for m in dict.fromkeys(ev.models)}
         models = list(results)
         head = models[-1]
+        out_of_domain = params.domain.kind != "prm800k"
         pb_report = {
             "processbench_avg_f1": results[head]["processbench"]["avg_f1"],
             "headline_model": head, "k": plan.k, "k_sampled": plan.k_max, "threshold": plan.threshold,
+            "out_of_domain": out_of_domain,
             "models": {m: r["processbench"] for m, r in results.items()},
         }
         prmb_report = {
@@ -411,11 +468,28 @@ def run(params: Params) -> dict[str, Any]:
         write_json(PROCESSBENCH_REPORT, pb_report)
         write_json(PRMBENCH_REPORT, prmb_report)
         write_json(SCALING_REPORT, scaling_report)
+        heldout_report: dict[str, Any] = {"domain": params.domain.kind, "items": len(heldout_items)}
+        if heldout_items:
+            heldout_report.update({
+                "heldout_f1": results[head]["heldout"]["f1"], "headline_model": head, "k": plan.k,
+                "threshold": plan.threshold, "trivial_predictors": trivial_predictors(heldout_items),
+                "models": {m: r["heldout"] for m, r in results.items()},
+            })
+        write_json(HELDOUT_REPORT, heldout_report)
         figures = _write_plots(models, scaling, {m: r["prmbench"] for m, r in results.items()}, subsets, plan)
+        if heldout_items:
+            figures.append(plots.line_plot(
+                {f"{m} ({results[m]['heldout']['evaluated_model']})" if results[m]["heldout"]["substituted"] else m:
+                 {k: results[m]["heldout"]["f1_vs_k"][str(k)] for k in plan.ks} for m in models},
+                HELDOUT_SCALING_PNG, title=f"Held-out {params.domain.kind} first-error F1 vs K "
+                f"({len(heldout_items)} solutions, threshold {plan.threshold:g})",
+                x_label="K (analyses per step)", y_label="F1", log2_x=True,
+            ))
 
         tracking.log_report(pb_report, "reports/processbench.json")
         tracking.log_report(prmb_report, "reports/prmbench.json")
         tracking.log_report(scaling_report, "reports/scaling.json")
+        tracking.log_report(heldout_report, "reports/heldout.json")
         for m in models:
             for k in plan.ks:
                 f1 = scaling[m]["processbench_k"][str(k)]["avg_f1"]
@@ -426,4 +500,4 @@ def run(params: Params) -> dict[str, Any]:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", UserWarning)  # MLflow's schema hint about integer columns
             tracking.log_table([row for r in results.values() for row in r["rows"]], "predictions.json")
-    return {"processbench": pb_report, "prmbench": prmb_report, "scaling": scaling_report}
+    return {"processbench": pb_report, "prmbench": prmb_report, "scaling": scaling_report, "heldout": heldout_report}

@@ -22,6 +22,10 @@ from pydantic import BaseModel, ValidationError
 T = TypeVar("T", bound=BaseModel)
 
 
+class StageRefused(RuntimeError):
+    """A stage refuses to go on for a stated reason (a quality gate, say); nothing was written."""
+
+
 class DataError(ValueError):
     """Bad input data: carries the file, the 1-based line and the field at fault."""
 

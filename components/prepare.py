@@ -23,7 +23,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from components import paths
+from components import arithmetic, paths
 from components.config import DataParams, Params
 from components.data import (
     PRMBENCH_FILE,
@@ -37,7 +37,13 @@ from components.data import (
     source_root,
 )
 from components.io import DataError, write_json, write_jsonl
-from components.records import PRM800KSolution, PRMBenchItem, ProcessBenchItem, StepSample
+from components.records import (
+    CandidatePool,
+    PRM800KSolution,
+    PRMBenchItem,
+    ProcessBenchItem,
+    StepSample,
+)
 
 
 @dataclass
@@ -62,6 +68,8 @@ class Prepared:
     processbench: list[ProcessBenchItem]
     prmbench: list[PRMBenchItem]
     report: dict[str, Any] = field(default_factory=dict)
+    heldout: list[ProcessBenchItem] = field(default_factory=list)  # in-domain benchmark (arithmetic)
+    bon_pool: list[CandidatePool] = field(default_factory=list)  # in-domain Best-of-N pool (arithmetic)
 
 
 def rating_label(rating: int, neutral_rating: str) -> bool | None:
@@ -231,11 +239,25 @@ def stage_benchmarks(params: Params) -> tuple[list[ProcessBenchItem], list[PRMBe
 def build(params: Params) -> Prepared:
     """Load, flatten, decontaminate, cap, split and stage benchmarks; nothing is written."""
     pp = params.prepare
-    solutions = with_labelled(params.data, load_prm800k(params.data))
+    arith = params.domain.kind == "arithmetic"
+    splits = arithmetic.problem_splits(params.domain.arithmetic) if arith else {}
+    generated = (arithmetic.training_solutions(params.domain.arithmetic, splits["train"]) if arith
+                 else load_prm800k(params.data))
+    solutions = with_labelled(params.data, generated)
     samples, fc = flatten(solutions, pp.neutral_rating)
     all_problems = {problem_id(s.problem) for s in solutions}
-    decon: dict[str, Any] = {"enabled": pp.decontaminate, "removed_problems": 0, "removed_samples": 0}
-    if pp.decontaminate:
+    decon: dict[str, Any] = {"enabled": pp.decontaminate and not arith, "removed_problems": 0, "removed_samples": 0}
+    heldout: list[ProcessBenchItem] = []
+    bon_pool: list[CandidatePool] = []
+    if arith:  # generated problems cannot be in MATH-500 or ProcessBench; held-out ones avoid training's
+        heldout = arithmetic.heldout_benchmark(params.domain.arithmetic, splits["heldout"])
+        bon_pool = arithmetic.bon_pools(params.domain.arithmetic, splits["bon"])
+        trained = {s.problem for s in solutions}
+        if any(it.problem in trained for it in heldout) or any(p.problem in trained for p in bon_pool):
+            raise DataError("data/labelled", None, "problem", "a labelled training problem is also a held-out "
+                            "or Best-of-N problem of the arithmetic domain")
+        decon["note"] = "generated domain: held-out and Best-of-N problems are disjoint from training by construction"
+    elif pp.decontaminate:
         banned, sizes = contamination_set(params)
         samples, _, n_removed = decontaminate(samples, banned)
         hit = [s for s in solutions if normalize_problem(s.problem) in banned]
@@ -256,8 +278,9 @@ def build(params: Params) -> Prepared:
     pb, prmb, bench = stage_benchmarks(params)
     dup = Counter((s.problem_id, tuple(s.previous_steps), s.now_step) for s in samples)
     report: dict[str, Any] = {
-        "source": params.data.source,
-        "files": list(params.data.prm800k_files),
+        "domain": params.domain.kind,
+        "source": "generated" if arith else params.data.source,
+        "files": [] if arith else list(params.data.prm800k_files),
         "solutions": len(solutions),
         "problems_read": len(all_problems),
         **_label_counts(samples),
@@ -277,7 +300,21 @@ def build(params: Params) -> Prepared:
         "repeated_samples": sum(n - 1 for n in dup.values() if n > 1),
         "benchmarks": bench,
     }
-    return Prepared(train=train, val=val, processbench=pb, prmbench=prmb, report=report)
+    if arith:
+        report["heldout"] = {
+            "items": len(heldout),
+            "all_correct": sum(it.label == -1 for it in heldout),
+            "first_error_at": dict(sorted(Counter(str(it.label) for it in heldout if it.label >= 0).items())),
+        }
+        report["bon_pool"] = {
+            "problems": len(bon_pool),
+            "candidates": sum(len(p.candidates) for p in bon_pool),
+            "policy_correct_rate": sum(c.correct for p in bon_pool for c in p.candidates)
+            / max(1, sum(len(p.candidates) for p in bon_pool)),
+        }
+        bench["out_of_domain"] = True
+    return Prepared(train=train, val=val, processbench=pb, prmbench=prmb, report=report,
+                    heldout=heldout, bon_pool=bon_pool)
 
 
 def _print_counts(report: dict[str, Any]) -> None:
@@ -311,11 +348,11 @@ def input_paths(params: Params) -> list[str]:
     out: list[Path] = []
     local = params.data.source != "hub"
     root = source_root(params.data)
-    if local:
+    if local and params.domain.kind != "arithmetic":
         out += [root / f for f in params.data.prm800k_files]
     if any(paths.LABELLED.glob("*.jsonl")):
         out.append(paths.LABELLED)
-    if params.prepare.decontaminate:
+    if params.prepare.decontaminate and params.domain.kind != "arithmetic":
         out.append(source_root(params.data, "bundled" if not local else None) / "bon/testsets/math500.jsonl")
         if local:
             out.append(root / "processbench")
@@ -357,11 +394,13 @@ def run(params: Params) -> dict[str, Any]:
     from components import tracking
 
     prepared = build(params)  # every input validated before anything is written
-    with tracking.stage_run("prepare", params, sections=["data", "prepare"], inputs=input_paths(params)):
+    with tracking.stage_run("prepare", params, sections=["domain", "data", "prepare"], inputs=input_paths(params)):
         write_jsonl(paths.STEPS_TRAIN, prepared.train)
         write_jsonl(paths.STEPS_VAL, prepared.val)
         write_jsonl(paths.PROCESSBENCH, prepared.processbench)
         write_jsonl(paths.PRMBENCH, prepared.prmbench)
+        write_jsonl(paths.HELDOUT, prepared.heldout)
+        write_jsonl(paths.BON_ARITHMETIC, prepared.bon_pool)
         write_json(paths.PREPARE_COUNTS, prepared.report)
         tracking.log_report(prepared.report, "prepare.json")
     _print_counts(prepared.report)

@@ -8,9 +8,17 @@ points the alias `register.alias` (`challenger`) at it, and tags the version wit
 headline metrics of `reports/processbench.json` and `reports/prmbench.json`, the run, the git
 commit and the model folder's hash. It writes `reports/registration.json`.
 
+Quality gate (`register.gate`): before anything is logged, the model's verdict-reach rate and
+first-error F1 on the gate's benchmark (the in-domain held-out benchmark by default) must clear
+the floors: reach at least `min_verdict_reach`, F1 above the better of the trivial predictors
+"the first step is wrong" and "no step is wrong" by more than `min_f1_margin`. A model that
+misses a floor is refused (exit 2, a message naming the metric) and nothing is registered.
+
 `rprm promote` moves the alias `champion` to the challenger when the challenger's
-`promote.metric` (ProcessBench average F1) beats the champion's by more than `promote.margin`,
-or when there is no champion; otherwise it leaves the champion and says why. The decision is
+`promote.metric` (held-out first-error F1 by default) beats the champion's by more than
+`promote.margin`, or when there is no champion; otherwise it leaves the champion and says why.
+Both versions carry the digest of the benchmark files they were judged on; versions judged on
+different files are not compared. The decision is
 recorded as tags on both versions. Registry stages are deprecated in MLflow; only aliases are
 used.
 """
@@ -29,13 +37,14 @@ from typing import Any
 import components
 from components import paths, serving, tracking
 from components.config import Params
-from components.io import DataError, write_json
+from components.io import DataError, StageRefused, write_json
 
 log = logging.getLogger(__name__)
 
 CHAMPION = "champion"
 PROCESSBENCH_REPORT = paths.REPORTS / "processbench.json"
 PRMBENCH_REPORT = paths.REPORTS / "prmbench.json"
+HELDOUT_REPORT = paths.REPORTS / "heldout.json"
 REGISTRATION_REPORT = paths.REPORTS / "registration.json"
 LOGGED_MODEL_NAME = "prm"  # the pyfunc's name inside the register run
 SERVING_REQUIREMENTS = (
@@ -82,7 +91,9 @@ def _model_section(report: dict[str, Any], path: Path, model: str) -> dict[str, 
 def headline_metrics(model: str, reports: Path = paths.REPORTS) -> dict[str, float]:
     """The model's headline metrics from the evaluate reports (ProcessBench F1s, PRMScore).
 
-    Keys: `processbench_avg_f1`, `processbench_<subset>_f1`, `prmbench_prmscore`,
+    Keys: `processbench_avg_f1`, `processbench_<subset>_f1`, `processbench_verdict_reach_rate`,
+    `heldout_f1`, `heldout_acc_erroneous`, `heldout_acc_correct`, `heldout_verdict_reach_rate`,
+    `heldout_trivial_f1` (when the held-out benchmark was evaluated), `prmbench_prmscore`,
     `prmbench_<group>`. Undefined values (null: e.g. a ProcessBench subset without correct or
     without erroneous solutions has no F1) are left out.
     """
@@ -94,6 +105,17 @@ def headline_metrics(model: str, reports: Path = paths.REPORTS) -> dict[str, flo
     for subset, row in (pb.get("subsets") or {}).items():
         if isinstance(row, dict) and (v := _number(row.get("f1"))) is not None:
             out[f"processbench_{subset}_f1"] = v
+    if (v := _number(pb.get("verdict_reach_rate"))) is not None:
+        out["processbench_verdict_reach_rate"] = v
+    held_path = reports / HELDOUT_REPORT.name
+    if held_path.exists() and _read_report(held_path).get("items"):
+        held = _read_report(held_path)
+        section = _model_section(held, held_path, model)
+        for key in ("f1", "acc_erroneous", "acc_correct", "verdict_reach_rate"):
+            if (v := _number(section.get(key))) is not None:
+                out[f"heldout_{key}"] = v
+        floors = [_number(t.get("f1")) for t in (held.get("trivial_predictors") or {}).values() if isinstance(t, dict)]
+        out["heldout_trivial_f1"] = max([f for f in floors if f is not None], default=0.0)
     prm_path = reports / PRMBENCH_REPORT.name
     prm = _model_section(_read_report(prm_path), prm_path, model)
     if (v := _number(prm.get("prmscore"))) is not None:
@@ -107,6 +129,39 @@ def headline_metrics(model: str, reports: Path = paths.REPORTS) -> dict[str, flo
 # --------------------------------------------------------------------------------------
 # register
 # --------------------------------------------------------------------------------------
+
+
+def quality_gate(params: Params, metrics: dict[str, float]) -> list[str]:
+    """Why the model fails `register.gate` (one line per floor missed); empty when it passes."""
+    gate = params.register.gate
+    if not gate.enabled:
+        return []
+    if gate.benchmark == "heldout":
+        f1_key, reach_key, floor = "heldout_f1", "heldout_verdict_reach_rate", metrics.get("heldout_trivial_f1", 0.0)
+        if "heldout_trivial_f1" not in metrics:
+            return ["register.gate.benchmark is 'heldout' but reports/heldout.json has no held-out benchmark "
+                    "(domain.kind must be 'arithmetic'; or gate on 'processbench')"]
+    else:
+        f1_key, reach_key, floor = "processbench_avg_f1", "processbench_verdict_reach_rate", 0.0
+    failures = []
+    reach = metrics.get(reach_key)
+    if reach is None or reach < gate.min_verdict_reach:
+        failures.append(f"{reach_key}={'undefined' if reach is None else f'{reach:.3f}'} is below the floor "
+                        f"register.gate.min_verdict_reach={gate.min_verdict_reach:g}")
+    f1 = metrics.get(f1_key)
+    if f1 is None or f1 <= floor + gate.min_f1_margin:
+        failures.append(f"{f1_key}={'undefined' if f1 is None else f'{f1:.2f}'} does not beat the better trivial "
+                        f"predictor (F1 {floor:.2f}) by more than register.gate.min_f1_margin={gate.min_f1_margin:g}")
+    return failures
+
+
+def benchmark_digests() -> dict[str, str]:
+    """Content digests of the prepared benchmark files a version was judged on (promote compares like with like)."""
+    out = {}
+    for name, path in (("heldout", paths.HELDOUT), ("processbench", paths.PROCESSBENCH), ("prmbench", paths.PRMBENCH)):
+        if path.exists():
+            out[name] = tracking.data_hash(path)
+    return out
 
 
 def model_config(params: Params) -> dict[str, Any]:
@@ -154,6 +209,10 @@ def run_register(params: Params) -> dict[str, Any]:
 
     model_dir = _check_model_dir(params.register.model)
     metrics = headline_metrics(params.register.model)
+    failures = quality_gate(params, metrics)
+    if failures:
+        raise StageRefused(f"quality gate: models/{params.register.model} is not registered: " + "; ".join(failures))
+    digests = benchmark_digests()
     name = params.tracking.registered_model
     inputs = [model_dir, PROCESSBENCH_REPORT, PRMBENCH_REPORT]
     sections = ["backend", "scoring", "tracking", "register"]
@@ -175,6 +234,7 @@ def run_register(params: Params) -> dict[str, Any]:
             **({"source.git_commit": commit} if commit else {}),
             "scoring.k": str(params.scoring.sampling.n),
             "scoring.threshold": str(params.scoring.threshold),
+            **{f"benchmark.{b}_md5": d for b, d in digests.items()},
         }
         version = mlflow.register_model(info.model_uri, name, tags=tags)
         client.set_registered_model_alias(name, params.register.alias, version.version)
@@ -238,6 +298,14 @@ def _metric(version: Any, key: str) -> float | None:
     return value if value is not None and math.isfinite(value) else None
 
 
+def _benchmark_of(metric: str) -> str | None:
+    """The version tag holding the digest of the benchmark `metric` is measured on, if any."""
+    for bench in ("heldout", "processbench", "prmbench"):
+        if metric.startswith(f"{bench}_"):
+            return f"benchmark.{bench}_md5"
+    return None
+
+
 def promote(params: Params) -> dict[str, Any]:
     """`rprm promote`: move `champion` to the challenger if it wins by the margin; record why."""
     import mlflow
@@ -266,6 +334,10 @@ def promote(params: Params) -> dict[str, Any]:
     elif decision["challenger_metric"] is None:
         promoted, reason = False, (f"challenger version {challenger.version} has no '{key}' "
                                    "(undefined on its evaluation); the champion stays")
+    elif _benchmark_of(key) and (challenger.tags or {}).get(_benchmark_of(key)) != (champion.tags or {}).get(_benchmark_of(key)):
+        promoted, reason = False, (f"challenger version {challenger.version} and champion version {champion.version} "
+                                   f"were judged on different {key.split('_')[0]} benchmark files "
+                                   f"(tag {_benchmark_of(key)}); re-evaluate both on the same one")
     elif decision["champion_metric"] is None:
         promoted, reason = False, (f"champion version {champion.version} has no '{key}' tag; "
                                    "compare by hand and move the alias if intended")

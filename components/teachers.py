@@ -518,6 +518,7 @@ class StepCheck:
     previous_claims: int
     previous_wrong: int
     data_source: str
+    unsourced: tuple[str, ...]  # operands of the claims that appear nowhere before the Now Step
     repeats: bool
     prior: tuple[float, str]  # weak prior P(correct) and why, used when no claim is checkable
 
@@ -528,28 +529,32 @@ def _claims_of(text: str) -> tuple[Claim, ...]:
 
 
 def check_step(sample: StepSample) -> StepCheck:
-    """Check the arithmetic of the Now Step and the Previous Steps, and trace its numbers."""
+    """Check the arithmetic of the Now Step and the Previous Steps, and trace its numbers.
+
+    The numbers traced are the operands of its calculations (the left-hand sides), or, in a step
+    without a calculation, every number it states: each must appear in the question or a
+    Previous Step. A result computed here is not traced.
+    """
     claims = _claims_of(sample.now_step)
     previous = [c for p in sample.previous_steps for c in _claims_of(p)]
-    numbers: list[str] = []
-    for c in claims:
-        for part in (c.lhs, c.rhs):
-            numbers.extend(_NUMBER.findall(part))
-    numbers = list(dict.fromkeys(numbers))[:3]
     known = set(_NUMBER.findall(normalize_math(" ".join([sample.question, *sample.previous_steps]))))
-    seen = [x for x in numbers if x in known]
-    new = [x for x in numbers if x not in known]
-    if not numbers:
-        data = "No numbers to trace."
-    elif not new:
-        data = f"{', '.join(seen)} come from earlier text."
+    if claims:
+        traced = list(dict.fromkeys(x for c in claims for x in _NUMBER.findall(c.lhs)))
     else:
-        data = f"{', '.join(new)} computed here" + (f"; {', '.join(seen)} from earlier." if seen else ".")
+        traced = list(dict.fromkeys(_NUMBER.findall(normalize_math(sample.now_step))))
+    unsourced = tuple(x for x in traced if x not in known)
+    if not traced:
+        data = "It uses no number."
+    elif not unsourced:
+        data = f"Every number it uses comes from the question or the Previous Steps: {', '.join(traced[:3])}."
+    else:
+        data = f"A number it uses, {unsourced[0]}, appears nowhere in the question or the Previous Steps."
     return StepCheck(
         claims=claims,
         previous_claims=len(previous),
         previous_wrong=sum(not c.holds for c in previous),
         data_source=data,
+        unsourced=unsourced,
         repeats=any(sample.now_step.strip() == p.strip() for p in sample.previous_steps),
         prior=_heuristic_p_correct(sample),
     )
@@ -602,7 +607,7 @@ class OfflineTeacher:
             prev = f"Steps 1-{k}: no calculation to check."
 
         if claims:
-            now = _pick(rng, ["It computes {c}.", "It states {c}.", "It claims {c}."]).format(c=claims[0].describe())
+            now = _pick(rng, ["It computes a new quantity from earlier ones.", "It carries out a calculation."])
         else:
             now = _pick(rng, ["It states a fact or a plan; nothing to compute.", "It describes the next move; no calculation."])
 
@@ -611,21 +616,27 @@ class OfflineTeacher:
             rng, ["It follows from the Previous Steps.", "It is consistent with the Previous Steps."]
         )
 
+        # Each section leads with its judgement; the numbers that back it follow.
         meta: dict = {"claims": len(claims), "wrong_claims": len(wrong)}
         if wrong:
             c = wrong[0]
-            calc = f"{c.describe()} is wrong: it is {_fmt(c.lhs_value)}, not {_fmt(c.rhs_value)}."
-            verdict, conclusion = "No", "The Now Step has a calculation error."
+            calc = f"The calculation is wrong: {c.lhs.strip()} is {_fmt(c.lhs_value)}, not {_fmt(c.rhs_value)}."
+            verdict, conclusion = "No", "The Now Step is wrong: it has a calculation error."
             meta["decided_by"] = "calculation"
+        elif check.unsourced:
+            calc = (f"The calculation itself is correct: {claims[0].describe()}." if claims
+                    else "There is no calculation to check.")
+            verdict, conclusion = "No", "The Now Step is wrong: it uses a number with no source."
+            meta["decided_by"] = "data_source"
         elif claims:
-            what = claims[0].describe() if len(claims) == 1 else f"All {len(claims)} calculations"
-            calc = _pick(rng, ["{c} holds.", "Rechecked: {c} is right.", "{c} is correct."]).format(c=what)
-            verdict, conclusion = "Yes", "The calculations are correct."
+            what = claims[0].describe() if len(claims) == 1 else f"all {len(claims)} calculations hold"
+            calc = _pick(rng, ["The calculation is correct: {c}.", "The calculation is right: {c}."]).format(c=what)
+            verdict, conclusion = "Yes", "The Now Step is correct."
             meta["decided_by"] = "calculation"
         else:
             p, why = check.prior
             yes = rng.random() < _tempered(p, temperature)
-            calc = f"None to check. Weak rule: {why}."
+            calc = f"There is no calculation to check. Weak rule: {why}."
             verdict = "Yes" if yes else "No"
             conclusion = "I find no error." if yes else "I doubt the Now Step."
             meta["decided_by"] = "heuristic"

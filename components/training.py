@@ -67,7 +67,7 @@ import yaml
 from components import paths
 from components.config import DPOParams, Params, TrainParams, dump_params, load_params
 from components.io import DataError, iter_json_lines, parse_record, read_json, write_json
-from components.prompts import VERDICT_NO, VERDICT_YES, parse_verdict
+from components.prompts import VERDICT_NO, VERDICT_PHRASE, VERDICT_YES, parse_verdict
 from components.records import PreferencePair, SFTExample
 
 log = logging.getLogger(__name__)
@@ -534,7 +534,9 @@ def build_trainer(stage: str, params: Params) -> tuple[Any, dict[str, Any]]:
         from trl import DPOConfig, DPOTrainer
 
         assert isinstance(section, DPOParams)
-        args = DPOConfig(**args_kw, beta=section.beta, loss_type=[section.loss_type],
+        losses = [section.loss_type] + (["sft"] if section.sft_weight > 0 else [])
+        weights = [1.0] + ([section.sft_weight] if section.sft_weight > 0 else [])
+        args = DPOConfig(**args_kw, beta=section.beta, loss_type=losses, loss_weights=weights,
                          precompute_ref_log_probs=section.precompute_ref_log_probs)
         ref_model = None
         if not section.lora.enabled and not section.precompute_ref_log_probs:
@@ -545,6 +547,7 @@ def build_trainer(stage: str, params: Params) -> tuple[Any, dict[str, Any]]:
     info = {
         "train_examples": len(train_rows),
         "val_examples": len(val_rows),
+        "val_prompts": [(r["prompt"], r["verdict"]) for r in val_rows],
         "dropped_too_long": {"train": dropped_train, "val": dropped_val},
         "verdicts": data.verdicts,
         "val_verdicts": [r["verdict"] for r in val_rows],
@@ -569,8 +572,39 @@ def train(stage: str, params: Params) -> dict[str, Any]:
     save_final_model(trainer, io_.model_out, lora=section.lora.enabled, params=params)
     report = _report(stage, trainer, result, eval_metrics, info, plan, preference)
     if trainer.is_world_process_zero():
+        report["generation_check"] = generation_check(io_.model_out, info["val_prompts"], section, params)
         write_json(io_.report, report)
     return report
+
+
+def generation_check(model_dir: Path, prompts: Sequence[tuple[list[dict[str, str]], str]],
+                     section: TrainParams, params: Params) -> dict[str, Any]:
+    """Sample one analysis per held-out prompt from the trained model: how many reach the verdict
+    phrase (the regression a preference accuracy hides) and agree with the verdict the data wants."""
+    from components.backends import load_backend
+    from components.config import SamplingParams
+
+    check = section.generation_check
+    unique = list({json.dumps(p, sort_keys=True): (p, v) for p, v in prompts}.values())[: check.max_prompts]
+    if not unique:
+        return {"prompts": 0, "verdict_reach_rate": None, "verdict_agreement": None}
+    sampling = SamplingParams(n=1, temperature=check.temperature, top_p=0.95,
+                              max_new_tokens=check.max_new_tokens, seed=check.seed)
+    backend = load_backend(params.backend, model_dir, dtype=params.model.dtype)
+    try:
+        gens = backend.generate([p for p, _ in unique], sampling)
+    finally:
+        backend.close()
+    texts = [g[0].text for g in gens]
+    verdicts = [parse_verdict(t).verdict for t in texts]
+    return {
+        "prompts": len(unique),
+        "max_new_tokens": check.max_new_tokens,
+        "verdict_reach_rate": sum(VERDICT_PHRASE in t for t in texts) / len(texts),
+        "valid_verdict_rate": sum(v != "invalid" for v in verdicts) / len(texts),
+        "verdict_agreement": sum(v == want for v, (_, want) in zip(verdicts, unique, strict=True)) / len(texts),
+        "mean_tokens": sum(g[0].num_tokens for g in gens) / len(gens),
+    }
 
 
 def _last_logged(history: list[dict[str, Any]], key: str) -> float | None:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import shutil
 from pathlib import Path
 
@@ -13,8 +14,11 @@ from mlflow import MlflowClient
 
 from components import registry
 from components.config import Params
-from components.io import DataError
+from components.io import DataError, StageRefused
+from components.records import PRMBenchItem, ProcessBenchItem
 from components.tracking import data_hash
+
+ROOT = Path(__file__).resolve().parents[1]
 
 
 @pytest.fixture
@@ -30,10 +34,14 @@ def project(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, tiny_model_dir: Pat
 
 
 def params(margin: float = 0.0) -> Params:
+    """Registry params judged on ProcessBench (the reports these tests write); the gate's floors are
+    exercised by the gate tests below, so a null F1 here is registered with the gate off."""
     p = Params()
     p.tracking.experiment = "r-prm-registry-test"
     p.scoring.sampling.n = 2
     p.promote.margin = margin
+    p.promote.metric = "processbench_avg_f1"
+    p.register.gate.benchmark = "processbench"
     return p
 
 
@@ -42,7 +50,7 @@ def write_reports(avg_f1: float | None, prmscore: float = 0.55) -> None:
     Path("reports").mkdir(exist_ok=True)
     subsets = {"gsm8k": {"f1": 40.0}, "math": {"f1": None}}
     pb = {"processbench_avg_f1": avg_f1, "headline_model": "dpo",
-          "models": {m: {"avg_f1": avg_f1, "subsets": subsets} for m in ("sft", "dpo")}}
+          "models": {m: {"avg_f1": avg_f1, "subsets": subsets, "verdict_reach_rate": 0.97} for m in ("sft", "dpo")}}
     prm = {"prmbench_prmscore": prmscore, "headline_model": "dpo",
            "models": {m: {"prmscore": prmscore, "groups": {"simplicity": 0.5, "soundness": None}}
                       for m in ("sft", "dpo")}}
@@ -152,6 +160,7 @@ def test_promote_without_champion_then_kept_then_moved(project: Path) -> None:
 def test_undefined_f1_registers_but_cannot_beat_a_champion(project: Path) -> None:
     """A null ProcessBench F1 (e.g. a subset without correct solutions) is left out, not fatal."""
     p = params(margin=0.0)
+    p.register.gate.enabled = False  # the gate would refuse an undefined F1 (tested below)
     register(None, p)
     v1 = MlflowClient().get_model_version("r-prm", "1")
     assert "processbench_avg_f1" not in v1.tags and v1.tags["prmbench_prmscore"] == "0.55"
@@ -212,3 +221,74 @@ def test_register_names_the_missing_configured_model_folder(project: Path) -> No
     with pytest.raises(DataError, match=r"^models/sft: does not exist: run `rprm sft` \(or `dvc repro sft`\) first"):
         registry.run_register(p)
     assert MlflowClient().search_registered_models() == []
+
+
+# --------------------------------------------------------------------------------------
+# The quality gate
+# --------------------------------------------------------------------------------------
+
+
+def test_gate_refuses_low_verdict_reach_or_f1_and_registers_nothing(project: Path) -> None:
+    p = params()
+    write_reports(45.0)
+    pb = json.loads(Path("reports/processbench.json").read_text())
+    pb["models"]["dpo"]["verdict_reach_rate"] = 0.5
+    Path("reports/processbench.json").write_text(json.dumps(pb))
+    with pytest.raises(StageRefused, match=r"processbench_verdict_reach_rate=0\.500 is below the floor"):
+        registry.run_register(p)
+    write_reports(0.0)  # F1 0: no better than "the first step is wrong" / "no step is wrong"
+    with pytest.raises(StageRefused, match=r"processbench_avg_f1=0\.00 does not beat the better trivial"):
+        registry.run_register(p)
+    assert MlflowClient().search_registered_models() == []
+    assert not Path("reports/registration.json").exists()
+    p.register.gate.benchmark = "heldout"  # no held-out benchmark was evaluated: said, not guessed
+    write_reports(45.0)
+    with pytest.raises(StageRefused, match="no held-out benchmark"):
+        registry.run_register(p)
+
+
+def test_gate_refuses_a_model_that_never_reaches_a_verdict_end_to_end(
+    project: Path, default_params: Params, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The random tiny model never writes the verdict phrase: evaluate it for real on a small
+    held-out arithmetic benchmark, then `rprm register` refuses it (exit 2, metric named)."""
+    from typer.testing import CliRunner
+
+    from components import arithmetic, evaluate, paths
+    from components.cli import app
+    from components.io import write_jsonl
+
+    data = default_params.model_dump()
+    data["tracking"]["tracking_uri"] = os.environ["MLFLOW_TRACKING_URI"]
+    data["tracking"]["experiment"] = "r-prm-gate-test"
+    data["scoring"]["sampling"].update(n=1, max_new_tokens=8)
+    data["evaluate"].update(models=["dpo"], k_sweep=[1], thresholds=[])
+    p = Params.model_validate(data)
+    domain = p.domain.arithmetic.model_copy(update={"heldout_problems": 4})
+    write_jsonl(paths.HELDOUT, arithmetic.heldout_benchmark(domain, arithmetic.problem_splits(domain)["heldout"]))
+    bench = json.loads((ROOT / "data/bundled/processbench/gsm8k.jsonl").read_text().splitlines()[0])
+    write_jsonl(paths.PROCESSBENCH, [ProcessBenchItem(**{**bench, "steps": bench["steps"][:2], "label": 1},
+                                                      subset="gsm8k")])
+    row = json.loads((ROOT / "data/bundled/prmbench/prmbench_preview.jsonl").read_text().splitlines()[0])
+    write_jsonl(paths.PRMBENCH, [PRMBenchItem(**{**row, "modified_process": row["modified_process"][:2]})])
+    evaluate.run(p)
+    held = json.loads(Path("reports/heldout.json").read_text())
+    assert held["models"]["dpo"]["verdict_reach_rate"] == 0.0
+    Path("params.yaml").write_text(yaml.safe_dump(p.model_dump(mode="json")))
+    result = CliRunner().invoke(app, ["register", "-p", "params.yaml"])
+    assert result.exit_code == 2
+    assert "heldout_verdict_reach_rate=0.000 is below the floor register.gate.min_verdict_reach=0.9" in result.output
+    assert MlflowClient().search_registered_models() == []
+
+
+def test_promote_refuses_to_compare_versions_judged_on_different_benchmarks(project: Path) -> None:
+    p = params()
+    Path("data/prepared").mkdir(parents=True)
+    Path("data/prepared/processbench.jsonl").write_text('{"id": "a"}\n')
+    register(40.0, p)
+    assert registry.promote(p)["promoted"]
+    Path("data/prepared/processbench.jsonl").write_text('{"id": "b"}\n')  # another benchmark file
+    register(60.0, p)
+    decision = registry.promote(p)
+    assert not decision["promoted"] and "different processbench benchmark files" in decision["reason"]
+    assert aliases()["champion"] == "1"

@@ -1,0 +1,124 @@
+"""The generated arithmetic domain: determinism, record formats, labels, disjoint splits, error kinds."""
+
+from __future__ import annotations
+
+import random
+from collections import Counter
+
+import pytest
+
+from components import arithmetic
+from components.config import ArithmeticDomainParams, SamplingParams
+from components.prepare import flatten
+from components.records import StepSample
+from components.teachers import OfflineTeacher, find_claims
+
+
+def small(**kw: object) -> ArithmeticDomainParams:
+    return ArithmeticDomainParams(train_problems=60, heldout_problems=40, bon_problems=10, **kw)
+
+
+def _claim_holds(step: str) -> bool:
+    return all(c.holds for c in find_claims(step))
+
+
+def test_generation_is_deterministic_and_splits_are_disjoint() -> None:
+    a, b = arithmetic.problem_splits(small()), arithmetic.problem_splits(small())
+    assert a == b
+    questions = {split: {p.question for p in probs} for split, probs in a.items()}
+    assert not questions["train"] & questions["heldout"]
+    assert not (questions["train"] | questions["heldout"]) & questions["bon"]
+    assert arithmetic.problem_splits(small(seed=1))["train"] != a["train"]
+
+
+def test_every_intermediate_value_stays_in_range() -> None:
+    params = small()
+    for p in arithmetic.problem_splits(params)["train"]:
+        value = p.start
+        for op, b in p.ops:
+            value = arithmetic.apply(op, value, b)
+            assert 1 <= value <= params.max_value
+        assert value == p.answer
+
+
+def test_training_solutions_flatten_into_labelled_step_samples() -> None:
+    params = small(negative_rate=1.0)
+    sols = arithmetic.training_solutions(params, arithmetic.problem_splits(params)["train"])
+    samples, counts = flatten(sols, "positive")
+    assert counts.rated == len(samples)
+    # every step: the right step (label True) and a wrong alternative (False), prefix = right steps
+    assert Counter(s.label for s in samples) == {True: len(sols) * 4, False: len(sols) * 4}
+    for s in samples:
+        assert all(_claim_holds(prev) for prev in s.previous_steps)
+        if s.label:
+            assert _claim_holds(s.now_step)
+
+
+@pytest.mark.parametrize("kind", arithmetic.ERROR_KINDS)
+def test_each_error_kind_is_wrong_in_its_own_way(kind: str) -> None:
+    params = small()
+    rng = random.Random(0)
+    seen_kinds = Counter()
+    for p in arithmetic.problem_splits(params)["train"][:30]:
+        value = arithmetic.apply(p.ops[0][0], p.start, p.ops[0][1])
+        good = arithmetic.correct_step(p, 1, value)
+        bad = arithmetic.wrong_step(p, 1, value, kind, rng, [arithmetic.correct_step(p, 0, p.start).text])
+        assert not bad.correct and bad.text != good.text
+        seen_kinds[bad.kind] += 1
+        numbers = set(arithmetic._NUMBER.findall(p.question + " " + str(value)))
+        claim = find_claims(bad.text)[0]
+        operands = set(arithmetic._NUMBER.findall(claim.lhs))
+        if bad.kind == "wrong_result":
+            assert not claim.holds and operands <= numbers
+        elif bad.kind in ("wrong_copy", "no_source"):
+            assert claim.holds and not operands <= numbers  # right arithmetic on a number from nowhere
+        else:
+            assert claim.holds and operands <= numbers and bad.value != good.value
+    assert seen_kinds[kind] > 0
+
+
+def test_heldout_benchmark_has_correct_and_erroneous_solutions_with_first_error_labels() -> None:
+    params = small()
+    items = arithmetic.heldout_benchmark(params, arithmetic.problem_splits(params)["heldout"])
+    labels = Counter(it.label for it in items)
+    assert labels[-1] > 0 and sum(n for label, n in labels.items() if label >= 0) > 0
+    for it in items:
+        assert it.subset == arithmetic.SUBSET and it.final_answer_correct == (it.label == -1)
+        for i, step in enumerate(it.steps[: it.label if it.label >= 0 else None]):
+            assert _claim_holds(step), (it.id, i)
+
+
+def test_offline_teacher_catches_what_it_can_check_and_misses_wrong_operations() -> None:
+    params = small()
+    teacher, rng = OfflineTeacher(), random.Random(0)
+    verdicts: dict[str, list[bool]] = {k: [] for k in arithmetic.ERROR_KINDS}
+    for p in arithmetic.problem_splits(params)["train"]:
+        first = arithmetic.correct_step(p, 0, p.start)
+        for kind in arithmetic.ERROR_KINDS:
+            bad = arithmetic.wrong_step(p, 1, first.value, kind, rng, [first.text])
+            sample = StepSample(id=p.id, problem_id=p.id, question=p.question, previous_steps=[first.text],
+                                now_step=bad.text, step_index=1, label=False, source="test")
+            text, _ = teacher.write_analysis(sample, random.Random(1), 0.0)
+            verdicts[bad.kind].append(text.endswith("No"))
+    assert all(verdicts["wrong_result"]) and all(verdicts["wrong_copy"]) and all(verdicts["no_source"])
+    assert not any(verdicts["wrong_operation"])  # the teacher cannot see this kind: agreement is not 100%
+
+
+def test_policy_proposes_next_steps_seeded_per_row_and_bon_pool_grades() -> None:
+    params = small(policy_error_rate=0.5)
+    bon = arithmetic.problem_splits(params)["bon"]
+    policy = arithmetic.ArithmeticPolicy(params, bon)
+    conv = [{"role": "user", "content": bon[0].question}]
+    sampling = SamplingParams(n=6, temperature=1.0, top_p=1.0, max_new_tokens=32, seed=0)
+    a = policy.generate([conv], sampling, seeds=[7], assistant_prefixes=[""])
+    b = policy.generate([conv, conv], sampling, seeds=[3, 7], assistant_prefixes=["", ""])
+    assert [g.text for g in a[0]] == [g.text for g in b[1]]
+    assert len({g.text for g in a[0]}) > 1  # right and wrong proposals
+    pools = arithmetic.bon_pools(params, bon)
+    for pool in pools:
+        assert pool.answer == str(next(p for p in bon if p.id == pool.id).answer)
+        for cand in pool.candidates:
+            assert len(cand.steps) == params.steps + 1 and "\\boxed{" in cand.steps[-1]
+    assert 0 < sum(c.correct for p in pools for c in p.candidates) < sum(len(p.candidates) for p in pools)
+    with pytest.raises(arithmetic.BackendError, match="not a problem"):
+        policy.generate([[{"role": "user", "content": "What is 2 + 2?"}]], sampling)
