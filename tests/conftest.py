@@ -116,7 +116,9 @@ def synthetic_analysis(correct: bool) -> str:
     Deliberately compact, with no repeated section headers: a two-layer model trained for a
     few seconds then writes it reliably even after long prompts (with all five headers it
     loses its place between sections and loops). The verdict is decided at "Hence it is
-    correct/wrong", so the one-pass P(Yes) at the verdict is close to 0 or 1.
+    correct/wrong"; the briefly trained two-layer model barely conditions on it (measured on
+    the current tiny model: P(Yes) at the verdict is about 0.35 after either word), so tests
+    compare its verdict probabilities with tolerances far below their spread, not with 0 and 1.
     """
     return (
         "Analysis:\n"
