@@ -62,7 +62,7 @@ from components.scoring import (
 
 log = logging.getLogger(__name__)
 
-# Published figures of the real OlympiadBench pool (rprm-method.md section 8; data README).
+# Published figures of the real OlympiadBench pool (docs/method.md §11; data README).
 PUBLISHED = {"olympiadbench": {"pass@1": 0.380, "pass@8": 0.585}}
 CURVE_METHODS = ("pass@1", "maj", "prm", "prm_vote", "pass@n")
 _SETTINGS_KEY = "__settings__"

@@ -1,6 +1,6 @@
 """Best-of-N selection, baselines, accuracy curves and PRM-guided step-level search.
 
-Pure and small, after search-and-learn (field-notes 4a). Two aggregation axes are kept apart:
+Pure and small, after Hugging Face's search-and-learn. Two aggregation axes are kept apart:
 the K analyses of a step are averaged into a step reward by the scorer (the paper's mean);
 this module reduces a candidate's step rewards to a solution score with an explicit
 aggregation (`min`, `last`, `product`, `mean`).

@@ -28,29 +28,34 @@ from components.prompts import (
     teacher_messages,
 )
 
-METHOD_DOC = Path(__file__).resolve().parents[2] / "shared" / "docs" / "rprm-method.md"
+METHOD_DOC = Path(__file__).resolve().parents[1] / "docs" / "method.md"
+# The reference the project was written from, when it sits beside the checkout (not in a clone).
+REFERENCE_DOC = Path(__file__).resolve().parents[2] / "shared" / "docs" / "rprm-method.md"
 
 
-def _template_from_method_doc() -> str:
-    text = METHOD_DOC.read_text(encoding="utf-8")
+def _template_block(doc: Path) -> str:
+    text = doc.read_text(encoding="utf-8")
     section = text.split("### 2.1 The R-PRM prompt", 1)[1]
     block = section.split("```", 2)[1]
     assert block.startswith("\n")
     return block[1:-1]  # drop the newline after the fence and the one before the closing fence
 
 
-@pytest.mark.skipif(not METHOD_DOC.exists(), reason="../shared/docs/rprm-method.md not present beside the checkout")
 def test_template_is_byte_exact_with_method_doc() -> None:
-    expected = _template_from_method_doc()
+    expected = _template_block(METHOD_DOC)
     assert RPRM_TEMPLATE == expected
     assert "Conclusion: \n" in RPRM_TEMPLATE  # trailing space kept
     assert RPRM_TEMPLATE.endswith("Reply: ")  # trailing space kept
     assert RPRM_TEMPLATE.count("{}") == 3
 
 
-@pytest.mark.skipif(not METHOD_DOC.exists(), reason="../shared/docs/rprm-method.md not present beside the checkout")
+@pytest.mark.skipif(not REFERENCE_DOC.exists(), reason="the reference ../shared/docs/rprm-method.md is not beside the checkout")
+def test_method_doc_template_equals_the_reference() -> None:
+    assert _template_block(METHOD_DOC) == _template_block(REFERENCE_DOC)
+
+
 def test_teacher_system_prompt_has_extra_blank_line_before_conclusion() -> None:
-    expected_block = _template_from_method_doc().split("\n\nQuestion: {}")[0]
+    expected_block = _template_block(METHOD_DOC).split("\n\nQuestion: {}")[0]
     assert prompts.TEACHER_SYSTEM_PROMPT == expected_block.replace("\nConclusion: ", "\n\nConclusion: ")
     assert prompts.TEACHER_TEMPLATE == (
         "Question: {}\nPrevious Steps: {}\nNow Step: {}\nPlease carefully analyze the correctness of the Now Step.\nReply:"
