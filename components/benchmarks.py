@@ -1,4 +1,4 @@
-"""ProcessBench and PRMBench metrics (docs/method.md, "Metrics") and the scoring commands.
+"""ProcessBench and PRMBench metrics (docs/method.md §10) and the scoring commands.
 
 Pure metric functions first, then readers that validate a predictions / results file against a
 benchmark, then the two CLI entry points (`rprm score-processbench`, `rprm score-prmbench`).

@@ -1,8 +1,8 @@
-"""The R-PRM prompt, step formatting and verdict parsing (docs/method.md, "Prompts" to "Verdict").
+"""The R-PRM prompt, step formatting and verdict parsing (docs/method.md §2 to §4).
 
 Everything here must match the official code byte for byte; tests pin it against docs/method.md
 and against the vendored official teacher prompt file (components/resources/). Where we deviate
-on purpose it is a parameter or documented in docs/method.md ("Deviations"), never silent.
+on purpose it is a parameter or documented in docs/method.md §12, never silent.
 """
 
 from __future__ import annotations
@@ -18,7 +18,7 @@ VERDICT_PHRASE = "Is the step correct (Yes/No)?"
 VERDICT_PREFIX = "Verification: " + VERDICT_PHRASE + " "
 VERDICT_YES = VERDICT_PREFIX + "Yes"
 VERDICT_NO = VERDICT_PREFIX + "No"
-# Appended to an analysis that never reached the verdict (docs/method.md, "Step reward").
+# Appended to an analysis that never reached the verdict (docs/method.md §9.3).
 FALLBACK_SUFFIX = "\nBased on your analysis. Is the answer correct (Yes/No)?"
 # Reward tokens: first id of these strings (leading space!).
 YES_TOKEN_TEXT = " Yes"
@@ -110,7 +110,7 @@ def teacher_messages(
     now_step: str,
     prompt: TeacherPrompt | None = None,
 ) -> list[dict[str, str]]:
-    """One-shot teacher chat as the official code renders it (docs/method.md, "Teacher prompt").
+    """One-shot teacher chat as the official code renders it (docs/method.md §2.2).
 
     `[system, user(example question), assistant(example answer), ..., user(filled template)]`:
     the examples are sent verbatim; in the filled template `left-brackets` / `right-brackets`

@@ -22,7 +22,7 @@ Accuracy curves subsample n = 1, 2, 4, ... (and N) candidates per problem. With
 random subsets of size n drawn without replacement by `random.Random(f"{seed}:{problem}:{n}")`
 (so the curve does not depend on problem order), and at n = N the single full set.
 
-Guided search (docs/method.md, "Best-of-N and guided search"; search-and-learn's one-signature design): every
+Guided search (docs/method.md §11; search-and-learn's one-signature design): every
 strategy is `strategy(problem, policy, prm, config) -> SearchResult` and `STRATEGIES` maps
 names to them. Each has a lockstep form over several problems (`BATCHED_STRATEGIES`: one
 policy call and one PRM call per iteration for all of them) that gives every problem the

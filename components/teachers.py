@@ -1,4 +1,4 @@
-"""Teachers for seed-data synthesis (docs/method.md, "Seed synthesis" and "Teacher prompt").
+"""Teachers for seed-data synthesis (docs/method.md §2.2, §6).
 
 Two kinds, chosen by `teacher.kind`:
 

@@ -17,7 +17,7 @@ log-probabilities. So the client tops up with more requests until it has `n` cho
 r of row i carries seed `row_seed(seeds[i], choices so far) mod 2**31-1`, so results do not
 depend on batching).
 
-Verdict probability (docs/method.md, "Step reward"). In the generation pass `p_yes` is read
+Verdict probability (docs/method.md §9). In the generation pass `p_yes` is read
 from the top log-probabilities of the token that starts right after the first verdict phrase:
 P(" Yes") / (P(" Yes") + P(" No")), with the tokens matched exactly as the hf backend does (the
 token texts " Yes" and " No", leading space included; `Yes`, `yes` or ` YES` never count). When
