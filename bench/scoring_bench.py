@@ -3,7 +3,7 @@ scoring, and memory on the longest ProcessBench solutions.
 
 The naive baseline is what the official code does, one step and one analysis at a time: one
 `generate` call with n=1 per analysis, then a second teacher-forced forward pass per analysis to
-read P(" Yes") (rprm-method.md section 5, point 4). It asks for exactly the random streams the
+read P(" Yes") (docs/method.md §9.2). It asks for exactly the random streams the
 batched scorer uses (analysis j of step i of solution s is stream row_seed(step_seed(seed, s, i),
 j)), so both see the same analyses and must give the same step rewards; the bench checks it.
 """

@@ -1,9 +1,9 @@
-"""ProcessBench and PRMBench metrics (rprm-method.md sections 6 and 7) and the scoring commands.
+"""ProcessBench and PRMBench metrics (docs/method.md §10) and the scoring commands.
 
 Pure metric functions first, then readers that validate a predictions / results file against a
 benchmark, then the two CLI entry points (`rprm score-processbench`, `rprm score-prmbench`).
 
-ProcessBench (section 6, QwenLM/ProcessBench `run_eval.py`): per subset, `acc_erroneous` =
+ProcessBench (QwenLM/ProcessBench `run_eval.py`): per subset, `acc_erroneous` =
 100 x share of samples with label != -1 whose predicted first error equals the label,
 `acc_correct` the same over label == -1, `f1` their harmonic mean; `avg_f1` the unweighted
 mean over subsets. The predicted first error is the first step with reward < threshold
@@ -15,7 +15,7 @@ mean over subsets. The predicted first error is the first step with reward < thr
 - `avg_f1` is the mean over the subsets whose F1 is defined (listed in `avg_over`); null when
   none is. On the complete benchmark every subset is defined, so it is the paper's number.
 
-PRMBench (section 7, ssmisya/PRMBench `prmtest_classified/task.py`): per item, E = the 0-based
+PRMBench (ssmisya/PRMBench `prmtest_classified/task.py`): per item, E = the 0-based
 set of `error_steps` (given 1-based); for each judged step i: i not in E and label True -> TP,
 not in E and False -> FN, in E and False -> TN, in E and True -> FP (an error step beyond the
 solution's length simply never matches, as upstream). Precision/recall/F1 and the negative ones
@@ -26,6 +26,18 @@ classes (not the mean of the groups). Like the official loader, only the first i
 that occurs several times is scored (five `multi_solutions` idx are duplicated in the preview
 data); the others are counted in `duplicates_skipped`. Scores are fractions in [0, 1], as the
 official evaluator reports them.
+
+Scoring files from any PRM: two modes (`--mode`), and every report says which one was used.
+- `threshold` (default): decisions are remade from the file's scores with our threshold:
+  ProcessBench's first error from `step_rewards` (a line with only `first_error` keeps it),
+  PRMBench's step labels from `step_level_validity_scores` (`label = score >= threshold`, or `>`;
+  a line with only labels keeps them);
+- `file`: the file's own decisions, as the official evaluators read them; the threshold is
+  ignored: ProcessBench's `first_error` per line (QwenLM's `run_eval.py` compares the PRM's
+  predicted index), PRMBench's `step_level_validity_labels` (ssmisya/PRMBench's `task.py` reads
+  only the labels). A line without them is an error naming file, line and field.
+The report's `mode` and `threshold` (null in `file` mode) say what was done, and
+`prediction_source` / `label_source` count where each line's decision came from.
 """
 
 from __future__ import annotations
@@ -52,6 +64,8 @@ POSITIVE_F1_ONLY = frozenset({"multi_solutions"})
 REDUNDANCY_CLASSES = frozenset({"redundency", "circular"})
 
 Comparison = Literal[">=", ">"]
+ScoreMode = Literal["threshold", "file"]
+SCORE_MODES: tuple[str, ...] = ("threshold", "file")
 
 
 # --------------------------------------------------------------------------------------
@@ -345,17 +359,22 @@ def _check_scores(values: Any, n_steps: int, path: Path, line: int, field: str, 
 
 
 def read_processbench_predictions(
-    path: str | Path, items: Sequence[ProcessBenchItem], threshold: float
+    path: str | Path, items: Sequence[ProcessBenchItem], threshold: float, mode: ScoreMode = "threshold",
+    sources: Counter[str] | None = None,
 ) -> dict[str, int]:
     """Validate a predictions file against the benchmark and return the predicted first errors.
 
     One JSON object per line with `id` and either `step_rewards` (one score in [0, 1] per step;
     null allowed only after a step below the threshold, as an early exit leaves them) or
-    `first_error` (-1 or a 0-based step index). `step_rewards` wins when both are present (a
-    StepScores file is a valid predictions file). Unknown, duplicate or missing ids, a wrong
-    number of scores, a NaN or out-of-range score: DataError naming file, line and id.
+    `first_error` (-1 or a 0-based step index). In `threshold` mode `step_rewards` wins when both
+    are present (a StepScores file is a valid predictions file); in `file` mode `first_error` is
+    required and used, the threshold ignored. `sources`, when given, counts the lines decided by
+    each field. Unknown, duplicate or missing ids, a wrong number of scores, a NaN or
+    out-of-range score: DataError naming file, line and id.
     """
     path = Path(path)
+    if mode not in SCORE_MODES:
+        raise DataError(path, None, None, f"mode must be one of {SCORE_MODES}, got {mode!r}")
     by_id = {it.id: it for it in items}
     preds: dict[str, int] = {}
     lines: dict[str, int] = {}
@@ -372,18 +391,24 @@ def read_processbench_predictions(
         if sid in preds:
             raise DataError(path, line, "id", f"duplicate id {sid!r} (first on line {lines[sid]})")
         n = len(item.steps)
-        if "step_rewards" in obj and obj["step_rewards"] is not None:
+        if mode == "threshold" and "step_rewards" in obj and obj["step_rewards"] is not None:
             rewards = _check_scores(obj["step_rewards"], n, path, line, "step_rewards", who, allow_null=True)
             try:
                 pred = predict_first_error(rewards, threshold)
             except ValueError as err:
                 raise DataError(path, line, "step_rewards", f"{who}: {err}") from None
-        elif "first_error" in obj:
+            source = "step_rewards"
+        elif obj.get("first_error") is not None:
             pred = obj["first_error"]
             if isinstance(pred, bool) or not isinstance(pred, int) or not -1 <= pred < n:
                 raise DataError(path, line, "first_error", f"{who}: must be -1 or a step index in [0, {n - 1}], got {pred!r}")
+            source = "first_error"
+        elif mode == "file":
+            raise DataError(path, line, "first_error", f"{who}: --mode file uses the file's `first_error`, and this line has none")
         else:
             raise DataError(path, line, "step_rewards", f"{who}: needs `step_rewards` or `first_error`")
+        if sources is not None:
+            sources[source] += 1
         preds[sid] = pred
         lines[sid] = line
     missing = [it.id for it in items if it.id not in preds]
@@ -406,14 +431,18 @@ class PRMBenchResults:
 
 
 def _result_labels(scores: Mapping[str, Any], n: int, classification: str, path: Path, line: int,
-                   who: str, threshold: float, comparison: Comparison) -> tuple[list[bool], str]:
+                   who: str, threshold: float, comparison: Comparison,
+                   mode: ScoreMode = "threshold") -> tuple[list[bool], str]:
     if classification in REDUNDANCY_CLASSES and "step_level_redundancy_labels" in scores:
         red = scores["step_level_redundancy_labels"]
         if not isinstance(red, list) or len(red) != n or not all(isinstance(v, bool) for v in red):
             raise DataError(path, line, "scores.step_level_redundancy_labels",
                             f"{who}: expected {n} booleans (one per step)")
         return [not v for v in red], "redundancy_labels"
-    if "step_level_validity_scores" in scores:
+    if mode == "file" and "step_level_validity_labels" not in scores:
+        raise DataError(path, line, "scores.step_level_validity_labels",
+                        f"{who}: --mode file uses the file's step labels, and this line has none")
+    if mode == "threshold" and "step_level_validity_scores" in scores:
         vals = _check_scores(scores["step_level_validity_scores"], n, path, line,
                              "scores.step_level_validity_scores", who, allow_null=False)
         return step_labels([float(v) for v in vals if v is not None], threshold, comparison), "scores"
@@ -436,13 +465,16 @@ def read_prmbench_results(
     items: Sequence[PRMBenchItem],
     threshold: float,
     comparison: Comparison = ">=",
+    mode: ScoreMode = "threshold",
 ) -> PRMBenchResults:
     """Validate an official-format PRMBench results file and label every step.
 
     Lines: `{"idx": "<classification>_<source idx>", "scores": {...}}` with
-    `step_level_validity_scores` (thresholded here with `comparison`) and/or
-    `step_level_validity_labels` (used when there are no scores); `step_level_redundancy_labels`
-    replace them for the two Simplicity classes, as upstream. `"validity": false` marks an item
+    `step_level_validity_scores` and/or `step_level_validity_labels`. In `threshold` mode the
+    scores are thresholded here with `comparison` (labels are used when there are no scores); in
+    `file` mode the labels are used as they are (threshold ignored, as the official evaluator)
+    and a line without them is an error. `step_level_redundancy_labels` replace them for the two
+    Simplicity classes, as upstream. `"validity": false` marks an item
     the PRM failed on: skipped and counted, as upstream. An idx with the classification prefix
     doubled is accepted; `correct_*` items (the official loader's extras) are ignored and
     counted. Only the first item of a repeated idx is scored (official de-duplication); a
@@ -450,6 +482,8 @@ def read_prmbench_results(
     benchmark item needs a result.
     """
     path = Path(path)
+    if mode not in SCORE_MODES:
+        raise DataError(path, None, None, f"mode must be one of {SCORE_MODES}, got {mode!r}")
     first: dict[str, PRMBenchItem] = {}
     dup_idx: set[str] = set()
     for it in items:
@@ -493,7 +527,7 @@ def read_prmbench_results(
         if not isinstance(scores, dict):
             raise DataError(path, line, "scores", f"{who}: expected an object with step scores or labels")
         labels, source = _result_labels(scores, len(item.modified_process), item.classification,
-                                        path, line, who, threshold, comparison)
+                                        path, line, who, threshold, comparison, mode)
         labels_by_idx[key] = labels
         sources[source] += 1
     missing = [k for k in first if k not in labels_by_idx]
@@ -560,42 +594,62 @@ def _print(table: Any) -> None:
     Console().print(table)
 
 
-def cli_score_processbench(predictions: Path, benchmark: Path, threshold: float, out: Path | None) -> dict[str, Any]:
+def _mode_title(mode: ScoreMode, rule: str) -> str:
+    return rule if mode == "threshold" else "the file's own decisions, threshold ignored"
+
+
+def cli_score_processbench(predictions: Path, benchmark: Path, threshold: float, out: Path | None,
+                           mode: ScoreMode = "threshold") -> dict[str, Any]:
     """Score a ProcessBench predictions file (any PRM); print the table, write `out` if given.
 
+    `mode` (module docstring): `threshold` remakes each first error from `step_rewards`;
+    `file` uses the file's `first_error` as the official evaluator does. The report says which.
     Every check runs before anything is written: a bad file raises DataError and no report.
     """
+    if mode not in SCORE_MODES:
+        raise DataError(predictions, None, None, f"mode must be one of {SCORE_MODES}, got {mode!r}")
     if not 0.0 <= threshold <= 1.0:
         raise DataError(predictions, None, None, f"threshold must be in [0, 1], got {threshold}")
     items = load_processbench(benchmark)
-    preds = read_processbench_predictions(predictions, items, threshold)
+    sources: Counter[str] = Counter()
+    preds = read_processbench_predictions(predictions, items, threshold, mode, sources)
     report = processbench_metrics((processbench_subset(it), it.label, preds[it.id]) for it in items)
-    report.update(threshold=threshold, predictions=str(predictions), benchmark=str(benchmark))
-    _print(processbench_table(report, f"ProcessBench ({predictions.name}, threshold {threshold})"))
+    report.update(
+        mode=mode, threshold=threshold if mode == "threshold" else None,
+        prediction_source=dict(sources), predictions=str(predictions), benchmark=str(benchmark),
+    )
+    rule = f"first step with reward < {threshold}"
+    _print(processbench_table(report, f"ProcessBench ({predictions.name}; {_mode_title(mode, rule)})"))
     if out is not None:
         write_json(out, report)
     return report
 
 
 def cli_score_prmbench(results: Path, benchmark: Path, threshold: float, out: Path | None,
-                       comparison: Comparison = ">=") -> dict[str, Any]:
+                       comparison: Comparison = ">=", mode: ScoreMode = "threshold") -> dict[str, Any]:
     """Score an official-format PRMBench results file; print the table, write `out` if given.
 
+    `mode` (module docstring): `threshold` relabels steps from `step_level_validity_scores`;
+    `file` uses `step_level_validity_labels` as the official evaluator does. The report says which.
     Every check runs before anything is written: a bad file raises DataError and no report.
     """
+    if mode not in SCORE_MODES:
+        raise DataError(results, None, None, f"mode must be one of {SCORE_MODES}, got {mode!r}")
     if not 0.0 <= threshold <= 1.0:
         raise DataError(results, None, None, f"threshold must be in [0, 1], got {threshold}")
     if comparison not in (">=", ">"):
         raise DataError(results, None, None, f"comparison must be '>=' or '>', got {comparison!r}")
     items = load_prmbench(benchmark)
-    res = read_prmbench_results(results, items, threshold, comparison)
+    res = read_prmbench_results(results, items, threshold, comparison, mode)
     report = prmbench_metrics(res.rows)
     report.update(
-        threshold=threshold, comparison=comparison, results=str(results), benchmark=str(benchmark),
+        mode=mode, threshold=threshold if mode == "threshold" else None,
+        comparison=comparison if mode == "threshold" else None, results=str(results), benchmark=str(benchmark),
         duplicates_skipped=res.duplicates_skipped, invalid_items=res.invalid_items,
         correct_items_ignored=res.correct_items_ignored, label_source=res.label_source,
     )
-    _print(prmbench_table(report, f"PRMBench ({results.name}, label = score {comparison} {threshold})"))
+    rule = f"label = score {comparison} {threshold}"
+    _print(prmbench_table(report, f"PRMBench ({results.name}; {_mode_title(mode, rule)})"))
     if out is not None:
         write_json(out, report)
     return report

@@ -62,7 +62,7 @@ from components.scoring import (
 
 log = logging.getLogger(__name__)
 
-# Published figures of the real OlympiadBench pool (rprm-method.md section 8; data README).
+# Published figures of the real OlympiadBench pool (docs/method.md §11; data README).
 PUBLISHED = {"olympiadbench": {"pass@1": 0.380, "pass@8": 0.585}}
 CURVE_METHODS = ("pass@1", "maj", "prm", "prm_vote", "pass@n")
 _SETTINGS_KEY = "__settings__"
@@ -310,18 +310,19 @@ class ScorerRewarder:
 
     Only the last step of each path is analysed, every request of a call in one backend call,
     so a search costs M proposals per step rather than re-scoring every prefix. The numbers are
-    the scorer's own: path p of problem q is the Solution (`<q>#guided`, question, p) and its
-    last step goes through `StepScorer.analyse_steps`, the code full scoring uses (same seeds,
-    same `scoring.fallback`; a test pins equality with `score_detailed(...).reward(last)`).
+    the scorer's own: path p of problem q is the Solution (`search.path_solution_id(q, p)`,
+    question, p), so every candidate has its own seeds, and its last step goes through
+    `StepScorer.analyse_steps`, the code full scoring uses (same `scoring.fallback`; a test pins
+    equality with `score_detailed(...).reward(last)`).
     """
 
     def __init__(self, scorer: StepScorer):
         self.scorer = scorer
 
     @staticmethod
-    def solution_id(problem_id: str) -> str:
-        """Id under which the paths of a problem are scored."""
-        return f"{problem_id}#guided"
+    def solution_id(problem_id: str, path: Sequence[str]) -> str:
+        """Id under which a path of a problem is scored (its own per path: independent seeds)."""
+        return search.path_solution_id(problem_id, path)
 
     def __call__(self, requests: Sequence[tuple[str, str, Sequence[str]]]) -> list[float | None]:
         """One reward per (problem id, question, path): its last step's K-analysis mean."""
@@ -329,7 +330,7 @@ class ScorerRewarder:
         unique = list(dict.fromkeys(keys))
         if not unique:
             return []
-        sols = [Solution(id=self.solution_id(pid), question=q, steps=list(path)) for pid, q, path in unique]
+        sols = [Solution(id=self.solution_id(pid, path), question=q, steps=list(path)) for pid, q, path in unique]
         analysed = self.scorer.analyse_steps([(sol, len(sol.steps) - 1) for sol in sols], progress=True)
         values = [vals for vals, _ in analysed]
         rewards = {}

@@ -118,9 +118,11 @@ def score_processbench(
     benchmark: Annotated[Path, typer.Option(help="ProcessBench folder or .jsonl file.")] = Path("../shared/data/processbench"),
     threshold: Annotated[float, typer.Option(help="Step wrong iff reward < threshold.")] = 0.5,
     out: Annotated[Path | None, typer.Option(help="Write the report JSON here.")] = None,
+    mode: Annotated[str, typer.Option(help="'threshold': first error from step_rewards at --threshold; "
+                                           "'file': the file's first_error (threshold ignored).")] = "threshold",
 ) -> None:
     """Score any PRM's ProcessBench predictions (per-subset error/correct accuracy, F1, average)."""
-    _call("benchmarks:cli_score_processbench", predictions, benchmark, threshold, out)
+    _call("benchmarks:cli_score_processbench", predictions, benchmark, threshold, out, mode)
 
 
 @app.command("score-prmbench")
@@ -130,9 +132,12 @@ def score_prmbench(
     threshold: Annotated[float, typer.Option(help="Label = score >= threshold.")] = 0.5,
     out: Annotated[Path | None, typer.Option(help="Write the report JSON here.")] = None,
     comparison: Annotated[str, typer.Option(help="'>=' (R-PRM) or '>' (PRMBench's own models).")] = ">=",
+    mode: Annotated[str, typer.Option(help="'threshold': labels from step_level_validity_scores at --threshold; "
+                                           "'file': the file's step_level_validity_labels, as the official "
+                                           "evaluator (threshold ignored).")] = "threshold",
 ) -> None:
     """Compute PRMScore (overall, per class, per group) of any PRM's PRMBench results."""
-    _call("benchmarks:cli_score_prmbench", results, benchmark, threshold, out, comparison)
+    _call("benchmarks:cli_score_prmbench", results, benchmark, threshold, out, comparison, mode)
 
 
 @app.command("validate-params")

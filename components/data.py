@@ -72,7 +72,7 @@ CANDIDATE_POOLS: dict[str, tuple[str, str]] = {
     "olympiadbench": ("olympiadbench_200.qwen2.5-7b-instruct.t1.n8.jsonl", "olympiadbench"),
     "math_cot_100": ("qwen25math_eval_rm_maj_example.math_cot_100.jsonl", "math"),
 }
-STEP_SEPARATOR = "\n\n"  # how unsplit responses are cut into steps (rprm-method.md section 8)
+STEP_SEPARATOR = "\n\n"  # how unsplit responses are cut into steps (docs/method.md §3)
 
 
 # --------------------------------------------------------------------------------------

@@ -1,8 +1,8 @@
-"""The `sample-pairs` stage: the SFT model's own analyses become DPO preference pairs (method 4).
+"""The `sample-pairs` stage: the SFT model's own analyses become DPO preference pairs (docs/method.md §8).
 
 For each selected labelled step sample the SFT model samples K analyses with the R-PRM student
 prompt (`params.sample_pairs.sampling`, engine from `params.backend`). Each analysis is cleaned
-with the official post-processing and sorted by the official rules (rprm-method.md section 4):
+with the official post-processing and sorted by the official rules (docs/method.md §8):
 
 - *invalid*: no verdict string, or more than one (both verdicts included): skipped;
 - it holds the verdict that agrees with the label: *chosen* only if that verdict occurs once
@@ -11,7 +11,7 @@ with the official post-processing and sorted by the official rules (rprm-method.
 
 Pairs are chosen x rejected of the same step sample (optionally capped per step by a seeded
 sample, `max_pairs_per_step`), balanced 1:1 by the chosen verdict (seeded), and split by
-problem into train/validation as in section 2.5 (problems shuffled with the seed; whole
+problem into train/validation as in docs/method.md §6 (problems shuffled with the seed; whole
 problems go to validation until it holds at least `val_size` pairs). Prompts are the student
 chat messages (system + filled template), the same the SFT model was trained on.
 
@@ -71,7 +71,7 @@ def sample_seed(seed: int, sample_id: str) -> int:
 
 
 def pair_role(text: str, label: bool) -> str | None:
-    """'chosen', 'rejected' or None for one post-processed analysis (section 4 rules)."""
+    """'chosen', 'rejected' or None for one post-processed analysis (docs/method.md §8 rules)."""
     n_verdicts = text.count(VERDICT_YES) + text.count(VERDICT_NO)
     if n_verdicts != 1:
         return None

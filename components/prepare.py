@@ -1,6 +1,6 @@
 """The `prepare` stage: PRM800K -> step samples (decontaminated, split by problem); benchmark subsets.
 
-Flattening (rprm-method.md section 2.3): every rated completion at every step becomes one
+Flattening (docs/method.md §5): every rated completion at every step becomes one
 StepSample whose previous steps are the chosen trajectory so far (the chosen completion, or
 the labeler's own step when they wrote one). Ratings map through `prepare.neutral_rating`:
 +1 correct, -1 wrong, 0 correct / wrong / dropped; unrated (null) completions are skipped.

@@ -1,12 +1,15 @@
-"""The R-PRM prompt, step formatting and verdict parsing (rprm-method.md sections 2 and 9).
+"""The R-PRM prompt, step formatting and verdict parsing (docs/method.md §2 to §4).
 
-Everything here must match the official code byte for byte; tests pin it against the method
-document. Where we deviate on purpose it is a parameter, never a silent change.
+Everything here must match the official code byte for byte; tests pin it against docs/method.md
+and against the vendored official teacher prompt file (components/resources/). Where we deviate
+on purpose it is a parameter or documented in docs/method.md §12, never silent.
 """
 
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any, Literal
 
 SYSTEM_PROMPT = "You are a helpful assistant."
@@ -15,7 +18,7 @@ VERDICT_PHRASE = "Is the step correct (Yes/No)?"
 VERDICT_PREFIX = "Verification: " + VERDICT_PHRASE + " "
 VERDICT_YES = VERDICT_PREFIX + "Yes"
 VERDICT_NO = VERDICT_PREFIX + "No"
-# Appended to an analysis that never reached the verdict (section 5, point 3).
+# Appended to an analysis that never reached the verdict (docs/method.md §9.3).
 FALLBACK_SUFFIX = "\nBased on your analysis. Is the answer correct (Yes/No)?"
 # Reward tokens: first id of these strings (leading space!).
 YES_TOKEN_TEXT = " Yes"
@@ -23,7 +26,7 @@ NO_TOKEN_TEXT = " No"
 
 FIRST_STEP_SENTENCE = "Since the Now Step is the first step, there are no Previous Steps."
 
-# Instruction block shared by the student prompt (2.1) and the teacher system prompt (2.2).
+# Instruction block shared by the student prompt and the teacher system prompt (docs/method.md).
 _INSTRUCTIONS = (
     "You are an excellent math teacher. Please verify the correctness of the Now Step.\n"
     "\n"
@@ -41,7 +44,7 @@ _CONCLUSION = (
     "Please verify the correctness of the Now Step based on your analysis, if there is any error in the Now Step then the Now Step is wrong and vice versa the Now Step is correct. At the end of the Conclusion, when you give your final answer, write it in the form \"Verification: Is the step correct (Yes/No)? X\", where X is either Yes or No."
 )
 
-# Section 2.1: the R-PRM template (GenPRM-evaluate-new-for-train3.txt); three positional slots.
+# The R-PRM template (official GenPRM-evaluate-new-for-train3.txt); three positional slots.
 RPRM_TEMPLATE = (
     _INSTRUCTIONS
     + _CONCLUSION
@@ -53,7 +56,8 @@ RPRM_TEMPLATE = (
     "Reply: "
 )
 
-# Section 2.2: teacher system prompt (extra blank line before `Conclusion: `) and user template.
+# Teacher system prompt (extra blank line before `Conclusion: `) and user template; tests pin
+# both to the vendored official teacher prompt file.
 TEACHER_SYSTEM_PROMPT = _INSTRUCTIONS + "\n" + _CONCLUSION
 TEACHER_TEMPLATE = (
     "Question: {}\nPrevious Steps: {}\nNow Step: {}\n"
@@ -74,7 +78,7 @@ def format_now_step(now_step: str, step_index: int) -> str:
 
 
 def render_rprm_prompt(question: str, previous_steps: list[str], now_step: str) -> str:
-    """Fill the section 2.1 template (the user turn of the student)."""
+    """Fill the R-PRM template (the user turn of the student)."""
     return RPRM_TEMPLATE.format(
         question, format_previous_steps(previous_steps), format_now_step(now_step, len(previous_steps))
     )
@@ -104,40 +108,73 @@ def teacher_messages(
     question: str,
     previous_steps: list[str],
     now_step: str,
-    example: tuple[str, str] | None = None,
+    prompt: TeacherPrompt | None = None,
 ) -> list[dict[str, str]]:
-    """One-shot teacher chat (section 2.2): system, example user, example answer, user. No label."""
-    messages = [{"role": "system", "content": TEACHER_SYSTEM_PROMPT}]
-    ex_q, ex_a = example if example is not None else ONE_SHOT_EXAMPLE
-    messages.append({"role": "user", "content": ex_q})
-    messages.append({"role": "assistant", "content": ex_a})
-    user = TEACHER_TEMPLATE.format(
+    """One-shot teacher chat as the official code renders it (docs/method.md §2.2).
+
+    `[system, user(example question), assistant(example answer), ..., user(filled template)]`:
+    the examples are sent verbatim; in the filled template `left-brackets` / `right-brackets`
+    become `{` / `}`. The label is never part of it. `prompt` defaults to the official file.
+    """
+    prompt = prompt if prompt is not None else OFFICIAL_TEACHER_PROMPT
+    messages = [{"role": "system", "content": prompt.system}]
+    for ex_q, ex_a in prompt.examples:
+        messages.append({"role": "user", "content": ex_q})
+        messages.append({"role": "assistant", "content": ex_a})
+    user = prompt.template.format(
         question, format_previous_steps(previous_steps), format_now_step(now_step, len(previous_steps))
     )
     messages.append({"role": "user", "content": _escape_braces(user)})
     return messages
 
 
-# A one-shot example of the target shape (section 2.2). The official example's text is not
-# reproduced in the method document; this one follows its structure exactly.
-ONE_SHOT_EXAMPLE = (
-    TEACHER_TEMPLATE.format(
-        "What is the sum of the first 5 terms of the arithmetic sequence 2, 5, 8, ...?",
-        "Step 1: The first term is 2 and the common difference is 5 - 2 = 3.\n"
-        "Step 2: The fifth term is 2 + 4 * 3 = 14.",
-        "Step 3: The sum is 5 * (2 + 14) / 2 = 40.",
-    ),
-    "Analysis:\n\n"
-    "**Previous Steps Analysis**: \n"
-    "1. Step 1: identifies the first term 2 and the common difference 5 - 2 = 3, which is correct.\n"
-    "2. Step 2: computes the fifth term as 2 + 4 * 3 = 14, which is correct.\n\n"
-    "**Now Step Analysis**: The Now Step computes the sum of the first 5 terms with n(a_1 + a_n)/2.\n\n"
-    "**Data Source Analysis**: It uses n = 5 from the question, a_1 = 2 from Step 1 and a_5 = 14 from Step 2; the sources are correct.\n\n"
-    "**Consistency Analysis**: The Now Step is consistent with the Previous Steps.\n\n"
-    "**Calculation Analysis**: 5 * (2 + 14) / 2 = 5 * 16 / 2 = 40. Reverse check: 40 * 2 / 5 = 16 = 2 + 14. Correct.\n\n"
-    "Conclusion:\nThe Now Step correctly computes the sum. \n"
-    "Verification: Is the step correct (Yes/No)? Yes",
-)
+# The official one-shot teacher prompt file, vendored unchanged (components/resources/README.md).
+TEACHER_PROMPT_FILE = Path(__file__).resolve().parent / "resources" / "teacher_one_shot_official.json"
+
+
+@dataclass(frozen=True)
+class TeacherPrompt:
+    """A one-shot teacher prompt file: system prompt, (question, answer) examples, user template."""
+
+    system: str
+    examples: tuple[tuple[str, str], ...]
+    template: str
+
+
+def load_teacher_prompt(path: str | Path = TEACHER_PROMPT_FILE) -> TeacherPrompt:
+    """Read and check a teacher prompt file in the official format (`system-prompt`, `examples`, `template`)."""
+    from components.io import DataError
+
+    path = Path(path)
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise DataError(path, None, None, "teacher prompt file not found") from None
+    except (UnicodeDecodeError, json.JSONDecodeError) as err:
+        raise DataError(path, getattr(err, "lineno", None), None, f"not valid JSON: {err}") from None
+    if not isinstance(data, dict):
+        raise DataError(path, None, None, f"expected a JSON object, got {type(data).__name__}")
+    for key in ("system-prompt", "template"):
+        if not isinstance(data.get(key), str):
+            raise DataError(path, None, key, "missing or not a string")
+    if data["template"].count("{}") != 3:
+        raise DataError(path, None, "template", "needs exactly three `{}` slots (question, previous steps, now step)")
+    examples = data.get("examples")
+    if not isinstance(examples, list) or not examples:
+        raise DataError(path, None, "examples", "needs a non-empty list of {question, answer}")
+    pairs = []
+    for i, ex in enumerate(examples):
+        for key in ("question", "answer"):
+            if not isinstance(ex, dict) or not isinstance(ex.get(key), str):
+                raise DataError(path, None, f"examples[{i}].{key}", "missing or not a string")
+        pairs.append((ex["question"], ex["answer"]))
+    return TeacherPrompt(data["system-prompt"], tuple(pairs), data["template"])
+
+
+OFFICIAL_TEACHER_PROMPT = load_teacher_prompt()
+# The official one-shot example (question, answer), sent verbatim: its previous steps are joined
+# by a literal backslash-n, as in the official file.
+ONE_SHOT_EXAMPLE: tuple[str, str] = OFFICIAL_TEACHER_PROMPT.examples[0]
 
 
 def postprocess_response(text: str) -> str:

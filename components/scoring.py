@@ -1,11 +1,11 @@
-"""The R-PRM step scorer: K sampled analyses per step, reward = mean P(" Yes") (rprm-method.md 5).
+"""The R-PRM step scorer: K sampled analyses per step, reward = mean P(" Yes") (docs/method.md §9).
 
 For step i of a solution the scorer samples K analyses of
 `prompts.student_messages(question, steps[:i], steps[i])` and takes each analysis's verdict
 probability from the generation pass itself (`Generation.p_yes`, read by the backend at the
 position after the first `Is the step correct (Yes/No)?`). An analysis without it (it never
 reached the verdict phrase, or the engine returned no log-probabilities) gets the fallback
-named by `scoring.fallback` (section 5, point 3):
+named by `scoring.fallback` (docs/method.md §9.3):
 
 - `teacher_forced`: the official second pass, batched: `backend.verdict_probability(conv,
   cut_at_verdict(postprocess_response(text))[0])`, i.e. the analysis cut at the first verdict

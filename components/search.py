@@ -1,6 +1,6 @@
 """Best-of-N selection, baselines, accuracy curves and PRM-guided step-level search.
 
-Pure and small, after search-and-learn (field-notes 4a). Two aggregation axes are kept apart:
+Pure and small, after Hugging Face's search-and-learn. Two aggregation axes are kept apart:
 the K analyses of a step are averaged into a step reward by the scorer (the paper's mean);
 this module reduces a candidate's step rewards to a solution score with an explicit
 aggregation (`min`, `last`, `product`, `mean`).
@@ -22,11 +22,17 @@ Accuracy curves subsample n = 1, 2, 4, ... (and N) candidates per problem. With
 random subsets of size n drawn without replacement by `random.Random(f"{seed}:{problem}:{n}")`
 (so the curve does not depend on problem order), and at n = N the single full set.
 
-Guided search (rprm-method.md section 8; search-and-learn's one-signature design): every
+Guided search (docs/method.md §11; search-and-learn's one-signature design): every
 strategy is `strategy(problem, policy, prm, config) -> SearchResult` and `STRATEGIES` maps
 names to them. Each has a lockstep form over several problems (`BATCHED_STRATEGIES`: one
 policy call and one PRM call per iteration for all of them) that gives every problem the
 result it gets alone, because proposals are seeded per (seed, problem, iteration, beam).
+
+Each candidate path is scored under its own id (`path_solution_id`: the problem id and a hash
+of the path), so the PRM's K analyses of every candidate come from their own random streams,
+as if each candidate were sampled independently; the M candidates of one step never share
+(common) random numbers. A path's reward depends only on the path, not on which other
+candidates were proposed with it.
 
 - `greedy`: the official greedy step-level search. Each iteration samples M next steps from
   the policy (assistant prefix = the chosen steps joined by a blank line, plus a blank line;
@@ -46,6 +52,8 @@ result it gets alone, because proposals are seeded per (seed, problem, iteration
 
 from __future__ import annotations
 
+import hashlib
+import json
 import math
 import random
 from collections.abc import Callable, Mapping, Sequence
@@ -295,6 +303,13 @@ def policy_messages(question: str) -> Conversation:
 def assistant_prefix(steps: Sequence[str]) -> str:
     """Assistant text a continuation starts from: the chosen steps and a blank line."""
     return STEP_SEPARATOR.join(steps) + STEP_SEPARATOR if steps else ""
+
+
+def path_solution_id(problem_id: str, path: Sequence[str]) -> str:
+    """Id under which the PRM scores a candidate path: its own per (problem, path), so each
+    candidate's analyses are seeded independently of the other candidates'."""
+    digest = hashlib.sha256(json.dumps(list(path), ensure_ascii=False).encode()).hexdigest()[:16]
+    return f"{problem_id}#guided:{digest}"
 
 
 def search_seed(seed: int, problem_id: str, iteration: int, beam: int) -> int:

@@ -1,6 +1,6 @@
 """`rprm synthesize`: teacher analyses of labelled steps -> agreement filter -> balanced SFT data.
 
-Method (rprm-method.md sections 2.2 to 2.5):
+Method (docs/method.md §6):
 
 1. The teacher (`teacher.kind`: the offline calculation checker, or a model behind the hf, vllm
    or openai backend) writes K = `teacher.sampling.n` analyses per labelled step sample (all of
@@ -15,8 +15,8 @@ Method (rprm-method.md sections 2.2 to 2.5):
    problems of `steps_val` (prepare's held-out problems, seeded order) until it holds at least
    `synthesize.val_size` records, so no problem ever crosses the split, here or downstream.
    (If `steps_val` is empty, the held-out problems are drawn from the train problems, exactly as
-   section 2.5 does.)
-5. Output: chat SFT examples (system "You are a helpful assistant.", user = the section 2.1
+   the official split does.)
+5. Output: chat SFT examples (system "You are a helpful assistant.", user = the R-PRM
    template, assistant = the analysis), every raw analysis with its verdict and fate in
    `data/synth/critiques.jsonl`, `reports/synthesis.json` and an MLflow run.
 
@@ -294,7 +294,7 @@ def _balance(cands: list[int], rows: list[dict[str, Any]], rng: random.Random) -
 
 
 def _held_out(cands: list[int], rows: list[dict[str, Any]], problem_of: dict[str, str], size: int, rng: random.Random) -> set[int]:
-    """Whole problems, in seeded order, until at least `size` records (section 2.5)."""
+    """Whole problems, in seeded order, until at least `size` records (docs/method.md §6)."""
     by_problem: dict[str, list[int]] = defaultdict(list)
     for c in cands:
         by_problem[problem_of[rows[c]["sample_id"]]].append(c)
@@ -342,7 +342,7 @@ def build_outputs(
         train_set = set(balanced["train"])
         for c in set(balanced["val"]) - val_set:
             rows[c]["_status"] = "val_unused"
-    else:  # no held-out file: hold out whole train problems (section 2.5)
+    else:  # no held-out file: hold out whole train problems (docs/method.md §6)
         val_set = _held_out(balanced["train"], rows, problem_of, syn.val_size, split_rng)
         train_set = set(balanced["train"]) - val_set
     for c in train_set | val_set:

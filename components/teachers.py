@@ -1,9 +1,9 @@
-"""Teachers for seed-data synthesis (rprm-method.md section 2.2; DESIGN.md section 5).
+"""Teachers for seed-data synthesis (docs/method.md §2.2, §6).
 
 Two kinds, chosen by `teacher.kind`:
 
 - :class:`BackendTeacher`: any generation backend (`hf`, `vllm`, `openai`) holding a teacher
-  model, fed the one-shot teacher chat of section 2.2 (:func:`prompts.teacher_messages`). The
+  model, fed the official one-shot teacher chat (:func:`prompts.teacher_messages`). The
   human label is never part of the prompt.
 - :class:`OfflineTeacher`: a genuine, if weak, verifier for the default profile. It never reads
   the label. It finds the arithmetic claims of the Now Step (``a op b = c``, chains
@@ -664,7 +664,7 @@ class OfflineTeacher:
 
 
 def teacher_conversation(sample: StepSample) -> list[dict[str, str]]:
-    """The one-shot teacher chat of section 2.2 for a step sample (the label is never used)."""
+    """The official one-shot teacher chat for a step sample (the label is never used)."""
     return teacher_messages(sample.question, list(sample.previous_steps), sample.now_step)
 
 

@@ -1,4 +1,4 @@
-"""SFT and DPO stages (TRL), with checkpoint resume and multi-process launch (rprm-method.md 3, 4).
+"""SFT and DPO stages (TRL), with checkpoint resume and multi-process launch (docs/method.md §7, §8).
 
 `rprm sft` trains the base model on the synthesized analyses with TRL's `SFTTrainer`; `rprm dpo`
 trains the SFT model on its own preference pairs with `DPOTrainer`, the SFT model being the

@@ -101,6 +101,7 @@ def tiny_model_dir(tmp_path_factory: pytest.TempPathFactory, default_params: Par
     key = [
         (REPO_ROOT / "components" / "base_model.py").read_bytes(),
         (REPO_ROOT / "components" / "prompts.py").read_bytes(),
+        (REPO_ROOT / "components" / "resources" / "teacher_one_shot_official.json").read_bytes(),
         *(p.read_bytes() for p in corpus),
         tiny.model_dump_json().encode(),
         _versions(),
@@ -115,7 +116,9 @@ def synthetic_analysis(correct: bool) -> str:
     Deliberately compact, with no repeated section headers: a two-layer model trained for a
     few seconds then writes it reliably even after long prompts (with all five headers it
     loses its place between sections and loops). The verdict is decided at "Hence it is
-    correct/wrong", so the one-pass P(Yes) at the verdict is close to 0 or 1.
+    correct/wrong"; the briefly trained two-layer model barely conditions on it (measured on
+    the current tiny model: P(Yes) at the verdict is about 0.35 after either word), so tests
+    compare its verdict probabilities with tolerances far below their spread, not with 0 and 1.
     """
     return (
         "Analysis:\n"
@@ -227,3 +230,29 @@ def verdict_model_dir(tmp_path_factory: pytest.TempPathFactory, tiny_model_dir: 
     ]
     out = tmp_path_factory.mktemp("verdict-model") / "model"
     return _cached_model("verdict", key, lambda d: train_verdict_model(tiny_model_dir, d), out)
+
+
+@pytest.fixture(scope="session")
+def vllm_verdict_model_dir(tmp_path_factory: pytest.TempPathFactory, default_params: Params) -> Path:
+    """The tiny verdict model with head_dim 32 (vLLM's CPU attention has no kernel for 16)."""
+    from components.base_model import build_tiny_model
+
+    corpus = sorted(PRM800K_BUNDLED.glob("*.jsonl"))
+    tiny = default_params.model.tiny.model_copy(update={"num_attention_heads": 2, "num_key_value_heads": 1})
+    key = [
+        Path(__file__).read_bytes(),
+        (REPO_ROOT / "components" / "base_model.py").read_bytes(),
+        (REPO_ROOT / "components" / "prompts.py").read_bytes(),
+        (REPO_ROOT / "components" / "resources" / "teacher_one_shot_official.json").read_bytes(),
+        *(p.read_bytes() for p in corpus),
+        tiny.model_dump_json().encode(),
+        _versions(),
+    ]
+
+    def build(dest: Path) -> None:
+        with tempfile.TemporaryDirectory() as tmp:
+            build_tiny_model(tiny, Path(tmp) / "base", corpus)
+            train_verdict_model(Path(tmp) / "base", dest)
+
+    out = tmp_path_factory.mktemp("vllm-verdict-model") / "model"
+    return _cached_model("vllm-verdict", key, build, out)

@@ -7,7 +7,11 @@ with probability `fault_rate` from `fault_kinds` (seeded), else `ok`:
 
 - `ok`: a well-formed answer with at most `max_choices` choices (`transformers serve` returns
   one whatever `n` asks), optional log-probabilities (`logprobs=True`: top log-probs of " Yes"
-  and " No" at the token after the verdict phrase), optional streaming (SSE) when asked;
+  and " No" at the token after the verdict phrase, or `verdict_top` there to inject a top list
+  that lacks one of them or spells them otherwise; `probe_top` does the same for one-token
+  teacher-forced requests), vLLM's `prompt_logprobs` extension when `prompt_logprobs=True` (the
+  log-probability of a prompt ending in " Yes" / " No" is log p_yes / log(1 - p_yes)), optional
+  streaming (SSE) when asked;
 - `500`, `503`, `429`: that status with a JSON error body (and `Retry-After` if configured;
   with `echo_auth_in_errors` the body repeats the request's Authorization header, as a careless
   proxy might, to test that clients redact it);
@@ -90,6 +94,9 @@ class FaultServer:
         max_choices: int = 1,
         logprobs: bool = False,
         p_yes: float = 0.8,
+        verdict_top: dict[str, float] | None = None,
+        probe_top: dict[str, float] | None = None,
+        prompt_logprobs: bool = False,
         responder: Callable[[dict, int], str] | None = None,
         delay_s: float = 0.0,
         hang_s: float = 5.0,
@@ -106,6 +113,9 @@ class FaultServer:
         self.max_choices = max_choices
         self.logprobs = logprobs
         self.p_yes = p_yes
+        self.verdict_top = verdict_top
+        self.probe_top = probe_top
+        self.prompt_logprobs = prompt_logprobs
         self.responder = responder or default_responder
         self.delay_s = delay_s
         self.hang_s = hang_s
@@ -183,10 +193,21 @@ class FaultServer:
         for tok in toks:
             top = {tok: -0.05}
             if so_far.endswith(VERDICT_PREFIX.split("Verification: ")[1]) and tok.strip() in ("Yes", "No"):
-                top = {" Yes": math.log(self.p_yes), " No": math.log(1.0 - self.p_yes)}
+                top = dict(self.verdict_top) if self.verdict_top is not None else self._verdict_pair()
             out.append((tok, top))
             so_far += tok
         return out
+
+    def _verdict_pair(self) -> dict[str, float]:
+        return {" Yes": math.log(self.p_yes), " No": math.log(1.0 - self.p_yes)}
+
+    def _prompt_logprobs(self, body: dict) -> list[dict[str, dict[str, Any]] | None]:
+        """vLLM-style prompt log-probabilities: only the prompt's last token is scored here."""
+        messages = body.get("messages") or []
+        text = messages[-1].get("content", "") if messages else body.get("prompt", "")
+        last = next((t for t in (" Yes", " No") if text.endswith(t)), _tokens(text)[-1] if text else "")
+        lp = {" Yes": math.log(self.p_yes), " No": math.log(1.0 - self.p_yes)}.get(last, -0.05)
+        return [None, {"1": {"logprob": lp, "rank": 1, "decoded_token": last}}]
 
     def answer(self, path: str, body: dict) -> dict:
         """The `ok` JSON answer to a request."""
@@ -196,12 +217,13 @@ class FaultServer:
         chat = path.endswith("/chat/completions")
         choices, total = [], 0
         for i in range(k):
-            if max_tokens == 1:  # a teacher-forced verdict probe
-                text = " Yes" if self.p_yes >= 0.5 else " No"
+            if max_tokens == 1:  # a teacher-forced verdict probe: the greedy token of its top list
+                probe = self.probe_top if self.probe_top is not None else self._verdict_pair()
+                text = max(probe, key=probe.__getitem__)
             else:
                 text = self.responder(body, i)
             entries = self._logprob_entries(text) if max_tokens != 1 else [
-                (text, {" Yes": math.log(self.p_yes), " No": math.log(1.0 - self.p_yes)})
+                (text, dict(self.probe_top) if self.probe_top is not None else self._verdict_pair())
             ]
             total += len(entries)
             want_lp = self.logprobs and (body.get("logprobs") not in (None, False, 0))
@@ -218,6 +240,8 @@ class FaultServer:
                     ]}
             else:
                 choice = {"index": i, "finish_reason": "stop", "text": text}
+                if self.prompt_logprobs and body.get("prompt_logprobs") is not None:
+                    choice["prompt_logprobs"] = self._prompt_logprobs(body)
                 if want_lp:
                     offsets, pos = [], 0
                     for t, _ in entries:
@@ -230,7 +254,7 @@ class FaultServer:
                         "text_offset": offsets,
                     }
             choices.append(choice)
-        return {
+        answer = {
             "id": f"cmpl-{len(self.requests)}",
             "object": "chat.completion" if chat else "text_completion",
             "created": int(time.time()),
@@ -238,6 +262,9 @@ class FaultServer:
             "choices": choices,
             "usage": {"prompt_tokens": 10, "completion_tokens": total, "total_tokens": 10 + total},
         }
+        if chat and self.prompt_logprobs and body.get("prompt_logprobs") is not None:
+            answer["prompt_logprobs"] = self._prompt_logprobs(body)
+        return answer
 
 
 class _Handler(BaseHTTPRequestHandler):

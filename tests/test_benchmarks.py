@@ -351,6 +351,106 @@ def test_invalid_items_are_skipped_as_upstream(tmp_path: Path) -> None:
     assert r["invalid_items"] == 1 and "circular" not in r["classes"] and r["n_items"] == 2
 
 
+def test_prmbench_file_mode_uses_the_files_labels_and_ignores_the_threshold(tmp_path: Path) -> None:
+    """`--mode file` reads step_level_validity_labels as the official evaluator; the report says so."""
+    bench = _prmb_benchmark(tmp_path)
+    # scores and labels disagree on purpose: the labels are what the PRM's own threshold gave (0.61)
+    results = write_lines(tmp_path / "results.jsonl", [
+        {"idx": "circular_p_0", "scores": {"step_level_validity_scores": [0.6, 0.6, 0.9, 0.1],
+                                           "step_level_validity_labels": [False, False, True, False]}},
+        {"idx": "redundency_p_0", "scores": {"step_level_validity_scores": [0.9, 0.55],
+                                             "step_level_validity_labels": [True, False]}},
+        {"idx": "multi_solutions_p_1", "scores": {"step_level_validity_scores": [0.7, 0.58, 0.2],
+                                                  "step_level_validity_labels": [True, False, False]}},
+    ])
+    rethresholded = B.cli_score_prmbench(results, bench, 0.5, None)
+    assert rethresholded["mode"] == "threshold" and rethresholded["threshold"] == 0.5
+    assert rethresholded["comparison"] == ">=" and rethresholded["label_source"] == {"scores": 3}
+    # at 0.5 the 0.6 / 0.55 / 0.58 steps count as correct (circular errors are steps 2 and 3)
+    assert [rethresholded["classes"]["circular"][k] for k in ("tp", "fp", "tn", "fn")] == [1, 2, 0, 1]
+    out = tmp_path / "file_mode.json"
+    official = B.cli_score_prmbench(results, bench, 0.5, out, mode="file")
+    assert official["mode"] == "file" and official["threshold"] is None and official["comparison"] is None
+    assert official["label_source"] == {"labels": 3}
+    assert [official["classes"]["circular"][k] for k in ("tp", "fp", "tn", "fn")] == [0, 1, 1, 2]
+    assert [official["classes"]["redundency"][k] for k in ("tp", "fp", "tn", "fn")] == [1, 0, 1, 0]
+    assert [official["classes"]["multi_solutions"][k] for k in ("tp", "fp", "tn", "fn")] == [1, 0, 0, 2]
+    assert json.loads(out.read_text())["mode"] == "file"
+    # the file's labels equal our relabelling at the PRM's own threshold (0.61)
+    at_061 = B.cli_score_prmbench(results, bench, 0.61, None)
+    assert at_061["prmscore"] == pytest.approx(official["prmscore"]) and at_061["overall"] == official["overall"]
+    # the threshold plays no part in file mode
+    for t, comparison in [(0.0, ">="), (0.99, ">")]:
+        again = B.cli_score_prmbench(results, bench, t, None, comparison=comparison, mode="file")
+        assert again["overall"] == official["overall"] and again["classes"] == official["classes"]
+    # a line with scores only cannot be scored in file mode: file, line and field named
+    scores_only = write_lines(tmp_path / "scores_only.jsonl", [
+        {"idx": "circular_p_0", "scores": {"step_level_validity_labels": [True] * 4}},
+        {"idx": "redundency_p_0", "scores": {"step_level_validity_scores": [0.9, 0.1]}},
+        {"idx": "multi_solutions_p_1", "scores": {"step_level_validity_labels": [True] * 3}},
+    ])
+    with pytest.raises(DataError) as err:
+        B.cli_score_prmbench(scores_only, bench, 0.5, None, mode="file")
+    assert (err.value.line, err.value.field) == (2, "scores.step_level_validity_labels")
+    assert "--mode file" in str(err.value)
+    with pytest.raises(DataError, match="mode must be one of"):
+        B.cli_score_prmbench(results, bench, 0.5, None, mode="labels")
+
+
+def test_processbench_file_mode_uses_the_files_first_error(tmp_path: Path) -> None:
+    """`--mode file` takes each line's `first_error` (the PRM's own decision); the report says so."""
+    bench = _pb_benchmark(tmp_path)
+    # StepScores-like lines: first_error was decided by the PRM at its own threshold (0.6)
+    preds = write_lines(tmp_path / "preds.jsonl", [
+        {"id": "gsm8k-0", "step_rewards": [0.9, 0.55, 0.1], "first_error": 1},
+        {"id": "gsm8k-1", "step_rewards": [0.9, 0.7], "first_error": -1},
+        {"id": "math-0", "step_rewards": [0.58, 0.2], "first_error": 0},
+        {"id": "math-1", "first_error": -1},
+    ])
+    rethresholded = B.cli_score_processbench(preds, bench, 0.5, None)
+    assert rethresholded["mode"] == "threshold" and rethresholded["threshold"] == 0.5
+    assert rethresholded["prediction_source"] == {"step_rewards": 3, "first_error": 1}
+    assert rethresholded["subsets"]["gsm8k"]["acc_erroneous"] == 0.0  # 0.55 >= 0.5: first error at step 2
+    out = tmp_path / "pb.json"
+    official = B.cli_score_processbench(preds, bench, 0.5, out, mode="file")
+    assert official["mode"] == "file" and official["threshold"] is None
+    assert official["prediction_source"] == {"first_error": 4}
+    assert official["avg_f1"] == 100.0
+    assert json.loads(out.read_text())["mode"] == "file"
+    assert B.cli_score_processbench(preds, bench, 0.0, None, mode="file")["avg_f1"] == 100.0  # threshold ignored
+    rewards_only = write_lines(tmp_path / "rewards_only.jsonl", [
+        {"id": "gsm8k-0", "first_error": 1}, {"id": "gsm8k-1", "step_rewards": [0.9, 0.7]},
+    ])
+    with pytest.raises(DataError) as err:
+        B.cli_score_processbench(rewards_only, bench, 0.5, None, mode="file")
+    assert (err.value.line, err.value.field) == (2, "first_error") and "gsm8k-1" in str(err.value)
+
+
+def test_cli_mode_flag_reaches_the_report(tmp_path: Path) -> None:
+    bench = _prmb_benchmark(tmp_path)
+    results = write_lines(tmp_path / "results.jsonl", [
+        {"idx": "circular_p_0", "scores": {"step_level_validity_labels": [True, False, True, False],
+                                           "step_level_validity_scores": [0.1, 0.1, 0.1, 0.1]}},
+        {"idx": "redundency_p_0", "scores": {"step_level_validity_labels": [True, False]}},
+        {"idx": "multi_solutions_p_1", "scores": {"step_level_validity_labels": [True, True, True]}},
+    ])
+    out = tmp_path / "r.json"
+    res = CliRunner().invoke(app, ["score-prmbench", str(results), "--benchmark", str(bench), "--out", str(out),
+                                   "--mode", "file"])
+    assert res.exit_code == 0, res.output
+    assert "threshold ignored" in res.output
+    report = json.loads(out.read_text())
+    assert report["mode"] == "file" and report["threshold"] is None and report["label_source"] == {"labels": 3}
+    pb = _pb_benchmark(tmp_path)
+    preds = write_lines(tmp_path / "p.jsonl", [{"id": i, "first_error": -1} for i in ("gsm8k-0", "gsm8k-1", "math-0", "math-1")])
+    res = CliRunner().invoke(app, ["score-processbench", str(preds), "--benchmark", str(pb), "--out", str(out),
+                                   "--mode", "file"])
+    assert res.exit_code == 0, res.output
+    assert json.loads(out.read_text())["mode"] == "file"
+    res = CliRunner().invoke(app, ["score-processbench", str(preds), "--benchmark", str(pb), "--mode", "labels"])
+    assert res.exit_code != 0 and "mode must be one of" in res.output
+
+
 @needs_shared
 def test_perfect_labels_give_prmscore_one_on_full_prmbench(tmp_path: Path) -> None:
     items = B.load_prmbench(SHARED_PRMB)

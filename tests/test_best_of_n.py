@@ -17,7 +17,7 @@ REPO_ROOT = Path(__file__).resolve().parents[1]
 SHARED_DATA = REPO_ROOT.parent / "shared" / "data"
 POOL_FILE = SHARED_DATA / "bon" / "candidates" / "olympiadbench_200.qwen2.5-7b-instruct.t1.n8.jsonl"
 
-# Published figures of the pool (data README; rprm-method.md section 8).
+# Published figures of the pool (data README; docs/method.md §11).
 PUBLISHED_PASS1, PUBLISHED_PASS8 = 0.380, 0.585
 # On single-answer problems our grader and the publishers' checker follow the same rules, so
 # their baselines must agree to within 1.5 points. The 25 multiple-answer problems differ by

@@ -14,7 +14,13 @@ from components.backends import BackendError, load_backend
 from components.backends.base import GenerationBackend
 from components.backends.hf import HFBackend
 from components.config import BackendParams, SamplingParams
-from components.prompts import VERDICT_PHRASE, cut_at_verdict, parse_verdict, student_messages
+from components.prompts import (
+    VERDICT_PHRASE,
+    cut_at_verdict,
+    parse_verdict,
+    postprocess_response,
+    student_messages,
+)
 
 CONVERSATIONS = [
     student_messages("What is 7 + 5?", [], "7 + 5 = 12"),
@@ -149,7 +155,7 @@ def test_verdict_model_writes_analyses_that_reach_the_verdict(verdict_backend: H
 
 
 def test_one_pass_verdict_probability_equals_teacher_forced(verdict_backend: HFBackend) -> None:
-    """rprm-method 5.3-5.4: cut each analysis at the first phrase, forward pass, last position."""
+    """docs/method.md §9.2: cut each analysis at the first phrase, forward pass, last position."""
     sampling = SamplingParams(n=6, temperature=1.0, top_p=0.95, max_new_tokens=120, seed=21)
     result = verdict_backend.generate(CONVERSATIONS[:2], sampling)
     convs, prefixes, one_pass = [], [], []
@@ -165,13 +171,66 @@ def test_one_pass_verdict_probability_equals_teacher_forced(verdict_backend: HFB
                 assert g.p_yes is None
     assert len(one_pass) >= 6
     teacher_forced = verdict_backend.verdict_probability(convs, prefixes)
+    tolerance = 1e-5  # observed: below 1e-6 (the same float32 computation, other kernels)
     for a, b in zip(one_pass, teacher_forced, strict=True):
-        assert b is not None and abs(a - b) < 1e-4
-    # and the numbers carry information: not all the same
-    assert max(one_pass) - min(one_pass) > 0.01
+        assert b is not None and abs(a - b) < tolerance
+    # and the equality is not that of a constant: the values differ between analyses by far more
+    # than the tolerance (the tiny verdict model's P(Yes) barely depends on the text, so the spread
+    # is small in absolute terms: about 4e-4 here)
+    assert max(one_pass) - min(one_pass) > 10 * tolerance
     # teacher-forced values do not depend on batching either
     single = [verdict_backend.verdict_probability([c], [p])[0] for c, p in zip(convs[:3], prefixes[:3], strict=True)]
     assert all(abs(a - b) < 1e-5 for a, b in zip(single, teacher_forced[:3], strict=True))
+
+
+# Raw analyses as a model may write them, which the official post-processing changes before the
+# verdict (docs/method.md §9.2): indented and trailing-space
+# lines, a leading blank line, a literal backslash-n, and (control) one it leaves unchanged.
+RAW_ANALYSES = [
+    ("indented", "Analysis:\n  **Now Step Analysis**: It adds 7 and 5.\n  Conclusion: Hence it is correct.\n"
+                 "Verification: " + VERDICT_PHRASE),
+    ("trailing_spaces", "Analysis:  \n**Now Step Analysis**: It adds 7 and 5.   \nConclusion: Hence it is correct. \n"
+                        "Verification: " + VERDICT_PHRASE),
+    ("leading_blank", "\n\nAnalysis:\n**Now Step Analysis**: It adds 7 and 5.\nConclusion: Hence it is correct.\n"
+                      "Verification: " + VERDICT_PHRASE),
+    ("literal_backslash_n", "Analysis:\\n**Now Step Analysis**: It adds 7 and 5.\nConclusion: Hence it is correct.\n"
+                            "Verification: " + VERDICT_PHRASE),
+    ("unchanged", "Analysis:\n**Now Step Analysis**: It adds 7 and 5.\nConclusion: Hence it is correct.\n"
+                  "Verification: " + VERDICT_PHRASE),
+]
+
+
+def test_one_pass_reads_the_raw_text_the_official_second_pass_the_postprocessed(verdict_backend: HFBackend) -> None:
+    """Our one-pass P(Yes) is the teacher-forced value of the RAW analysis; the official second pass
+    teacher-forces the POST-PROCESSED one. They are equal when post-processing leaves the text
+    before the verdict alone, and differ when it changes it."""
+    conv = CONVERSATIONS[0]
+    greedy = SamplingParams(n=1, temperature=0.0, top_p=1.0, max_new_tokens=1, seed=0)
+    gaps = {}
+    for name, raw in RAW_ANALYSES:
+        official_prefix, found = cut_at_verdict(postprocess_response(raw))
+        assert found and cut_at_verdict(raw) == (raw, True)
+        # the one-pass value of a generation that wrote `raw`: read as soon as the phrase is there
+        (one_pass,) = verdict_backend.generate([conv], greedy, assistant_prefixes=[raw])[0]
+        raw_forced, official = verdict_backend.verdict_probability([conv, conv], [raw, official_prefix])
+        assert one_pass.p_yes is not None and abs(one_pass.p_yes - raw_forced) < 1e-5
+        gaps[name] = abs(one_pass.p_yes - official)
+        if name == "unchanged":
+            assert official_prefix == raw and gaps[name] < 1e-5
+        else:
+            assert official_prefix != raw
+            assert gaps[name] > 1e-4, (name, one_pass.p_yes, official)  # a different number
+    # and on the analyses the model samples itself: equal exactly where post-processing is a no-op
+    sampling = SamplingParams(n=6, temperature=1.0, top_p=0.95, max_new_tokens=120, seed=21)
+    for conv, gens in zip(CONVERSATIONS[:2], verdict_backend.generate(CONVERSATIONS[:2], sampling), strict=True):
+        for g in gens:
+            raw_prefix, found = cut_at_verdict(g.text)
+            if not found:
+                continue
+            official_prefix, _ = cut_at_verdict(postprocess_response(g.text))
+            (official,) = verdict_backend.verdict_probability([conv], [official_prefix])
+            if official_prefix == raw_prefix:
+                assert abs(g.p_yes - official) < 1e-4
 
 
 def test_assistant_prefix_continues_the_turn_and_reads_a_verdict_at_once(verdict_backend: HFBackend) -> None:

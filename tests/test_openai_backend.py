@@ -204,7 +204,15 @@ def test_server_that_rejects_logprobs_is_asked_without_them() -> None:
     [
         (["Ok.", " Verification:", " Is the step correct (Yes/No)?", " Yes"],
          [{}, {}, {}, {" Yes": -0.1, " No": -2.4}], (pytest.approx(0.909, abs=1e-3), "logprobs")),
-        (["Is the step correct (Yes/No)?", " No"], [{}, {" No": -0.5}], (0.0, "logprobs_yes_missing")),
+        # one verdict token below the top-k: unknown (never clamped to 0 or 1)
+        (["Is the step correct (Yes/No)?", " No"], [{}, {" No": -0.5}], (None, "yes_token_not_in_top_logprobs")),
+        (["Is the step correct (Yes/No)?", " Yes"], [{}, {" Yes": -0.01, " Maybe": -5.0}],
+         (None, "no_token_not_in_top_logprobs")),
+        # only the exact token texts " Yes" / " No" count, as in the hf backend
+        (["Is the step correct (Yes/No)?", " Yes"], [{}, {" Yes": -0.1, "No": -2.4, " no": -3.0}],
+         (None, "no_token_not_in_top_logprobs")),
+        (["Is the step correct (Yes/No)?", "Yes"], [{}, {"Yes": -0.1, "No": -2.4, " YES": -3.0}],
+         (None, "verdict_tokens_not_in_top_logprobs")),
         (["no verdict here"], [{}], (None, "verdict_not_reached")),
         (["Is the step correct (Yes/No", ")? Yes"], [{}, {}], (None, "verdict_token_merged")),
         (["Is the step correct (Yes/No)?"], [{}], (None, "verdict_not_generated")),
@@ -213,6 +221,83 @@ def test_server_that_rejects_logprobs_is_asked_without_them() -> None:
 )
 def test_p_yes_from_token_logprobs(tokens, tops, expected) -> None:
     assert p_yes_from_token_logprobs(tokens, tops) == expected
+
+
+def says_yes(body: dict, index: int) -> str:
+    """An analysis that always samples " Yes" at the verdict (so " No" is known only from the top-k)."""
+    return "Analysis:\n**Calculation Analysis**: 2 + 2 = 4, correct.\nConclusion: correct.\nVerification: " + VERDICT_PHRASE + " Yes"
+
+
+def _scorer(backend: OpenAIBackend, fallback: str = "teacher_forced"):
+    from components.config import ScoringParams
+    from components.scoring import StepScorer
+
+    params = ScoringParams(sampling=SamplingParams(n=2, temperature=0.95, top_p=0.95, max_new_tokens=64, seed=0),
+                           fallback=fallback)
+    return StepScorer(backend, params, early_exit=False, progress=False)
+
+
+def _solution():
+    from components.records import Solution
+
+    return Solution(id="s0", question="What is 2 + 2?", steps=["2 + 2 = 4."])
+
+
+def test_missing_verdict_token_is_not_clamped_but_teacher_forced(tmp_path: Path) -> None:
+    """" No" below the top-k in the generation pass: p_yes None, then the teacher-forced pass."""
+    with FaultServer(logprobs=True, p_yes=0.3, verdict_top={" Yes": -0.01, " Maybe": -4.0},
+                     responder=says_yes) as server:
+        b = backend(server)
+        (row,) = b.generate([CONV], sampling(2))
+        assert [g.p_yes for g in row] == [None, None]
+        assert {g.meta["p_yes_source"] for g in row} == {"no_token_not_in_top_logprobs"}
+        (scored,) = _scorer(b).score_detailed([_solution()])
+        b.close()
+    # the teacher-forced probe (both tokens in its top list) gives P(Yes) = 0.3 for both analyses
+    assert scored.values == [[pytest.approx(0.3), pytest.approx(0.3)]] and scored.fallback == [[True, True]]
+    probes = [r.body for r in server.requests if r.body.get("max_tokens") == 1]
+    assert len(probes) == 2
+    for body in probes:  # each cut after the verdict phrase of the (post-processed) analysis
+        assert body["messages"][-1]["role"] == "assistant"
+        assert body["messages"][-1]["content"].endswith("Verification: " + VERDICT_PHRASE)
+
+
+def test_teacher_forced_reads_exact_values_through_prompt_logprobs() -> None:
+    """Both passes miss " No" in the top-k: vLLM's prompt_logprobs give the exact pair."""
+    prefix = "Analysis: fine.\nVerification: " + VERDICT_PHRASE
+    only_yes = {" Yes": -0.01, " Maybe": -4.0}
+    with FaultServer(logprobs=True, p_yes=0.3, verdict_top=only_yes, probe_top=only_yes, prompt_logprobs=True,
+                     responder=says_yes) as server:
+        b = backend(server)
+        assert b.verdict_probability([CONV], [prefix]) == [pytest.approx(0.3)]
+        first, yes, no = (r.body for r in server.requests)
+        assert first["max_tokens"] == 1 and "prompt_logprobs" not in first
+        assert yes["prompt_logprobs"] == 0 and yes["messages"][-1]["content"] == prefix + " Yes"
+        assert no["prompt_logprobs"] == 0 and no["messages"][-1]["content"] == prefix + " No"
+        assert yes["continue_final_message"] is True and "logprobs" not in yes
+        (scored,) = _scorer(b).score_detailed([_solution()])
+        b.close()
+    assert scored.values == [[pytest.approx(0.3), pytest.approx(0.3)]] and scored.fallback == [[True, True]]
+
+
+def test_without_prompt_logprobs_the_documented_fallback_applies() -> None:
+    """A server without the extension: the teacher-forced value is unknown, the sampled verdict is used."""
+    only_yes = {" Yes": -0.01}
+    with FaultServer(logprobs=True, p_yes=0.3, verdict_top=only_yes, probe_top=only_yes, responder=says_yes) as server:
+        b = backend(server)
+        (scored,) = _scorer(b).score_detailed([_solution()])
+        asked = sum("prompt_logprobs" in r.body for r in server.requests)
+        assert b.verdict_probability([CONV], ["Analysis.\nVerification: " + VERDICT_PHRASE]) == [None]
+        asked_after = sum("prompt_logprobs" in r.body for r in server.requests)
+        b.close()
+    assert scored.values == [[1.0, 1.0]] and scored.fallback == [[True, True]]  # the sampled " Yes"
+    # asked (once per analysis in flight); the server returned none, so the client stopped asking
+    assert 1 <= asked <= 2 and asked_after == asked
+    with FaultServer(logprobs=True, verdict_top=only_yes, responder=says_yes) as server:
+        b = backend(server)
+        (scored,) = _scorer(b, fallback="drop").score_detailed([_solution()])
+        b.close()
+    assert scored.values == [[None, None]] and scored.reward(0) == 0.5  # nothing clamped, nothing kept
 
 
 def test_verdict_probability_chat_and_completions(tiny_model_dir: Path, tmp_path: Path) -> None:

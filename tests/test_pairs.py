@@ -1,4 +1,4 @@
-"""The `sample-pairs` stage: section 4 pair rules, balance, problem split, and a resumable run.
+"""The `sample-pairs` stage: the pair rules of docs/method.md §8, balance, problem split, and a resumable run.
 
 End-to-end runs sample from `verdict_model_dir` (the tiny model trained to write R-PRM analyses
 ending in the verdict line) on short step samples from the bundled PRM800K problems, with MLflow
@@ -39,7 +39,7 @@ RPRM = str(Path(sys.executable).parent / "rprm")
 BODY = "Analysis:\n**Calculation Analysis**: 2 + 2 = 4.\nConclusion: fine.\n"
 
 # --------------------------------------------------------------------------------------
-# Pair rules (rprm-method.md section 4)
+# Pair rules (docs/method.md §8)
 # --------------------------------------------------------------------------------------
 
 

@@ -1,7 +1,10 @@
-"""The R-PRM template, step formatting and verdict parser, pinned to rprm-method.md."""
+"""The R-PRM template, step formatting and verdict parser, pinned to docs/method.md; the teacher
+chat pinned to the official rendering of the vendored official one-shot prompt file."""
 
 from __future__ import annotations
 
+import hashlib
+import json
 import re
 from pathlib import Path
 
@@ -25,29 +28,34 @@ from components.prompts import (
     teacher_messages,
 )
 
-METHOD_DOC = Path(__file__).resolve().parents[2] / "shared" / "docs" / "rprm-method.md"
+METHOD_DOC = Path(__file__).resolve().parents[1] / "docs" / "method.md"
+# The reference the project was written from, when it sits beside the checkout (not in a clone).
+REFERENCE_DOC = Path(__file__).resolve().parents[2] / "shared" / "docs" / "rprm-method.md"
 
 
-def _template_from_method_doc() -> str:
-    text = METHOD_DOC.read_text(encoding="utf-8")
+def _template_block(doc: Path) -> str:
+    text = doc.read_text(encoding="utf-8")
     section = text.split("### 2.1 The R-PRM prompt", 1)[1]
     block = section.split("```", 2)[1]
     assert block.startswith("\n")
     return block[1:-1]  # drop the newline after the fence and the one before the closing fence
 
 
-@pytest.mark.skipif(not METHOD_DOC.exists(), reason="../shared/docs/rprm-method.md not present beside the checkout")
 def test_template_is_byte_exact_with_method_doc() -> None:
-    expected = _template_from_method_doc()
+    expected = _template_block(METHOD_DOC)
     assert RPRM_TEMPLATE == expected
     assert "Conclusion: \n" in RPRM_TEMPLATE  # trailing space kept
     assert RPRM_TEMPLATE.endswith("Reply: ")  # trailing space kept
     assert RPRM_TEMPLATE.count("{}") == 3
 
 
-@pytest.mark.skipif(not METHOD_DOC.exists(), reason="../shared/docs/rprm-method.md not present beside the checkout")
+@pytest.mark.skipif(not REFERENCE_DOC.exists(), reason="the reference ../shared/docs/rprm-method.md is not beside the checkout")
+def test_method_doc_template_equals_the_reference() -> None:
+    assert _template_block(METHOD_DOC) == _template_block(REFERENCE_DOC)
+
+
 def test_teacher_system_prompt_has_extra_blank_line_before_conclusion() -> None:
-    expected_block = _template_from_method_doc().split("\n\nQuestion: {}")[0]
+    expected_block = _template_block(METHOD_DOC).split("\n\nQuestion: {}")[0]
     assert prompts.TEACHER_SYSTEM_PROMPT == expected_block.replace("\nConclusion: ", "\n\nConclusion: ")
     assert prompts.TEACHER_TEMPLATE == (
         "Question: {}\nPrevious Steps: {}\nNow Step: {}\nPlease carefully analyze the correctness of the Now Step.\nReply:"
@@ -77,6 +85,68 @@ def test_teacher_prompt_is_one_shot_and_never_holds_a_label() -> None:
     assert msgs[2]["content"].rstrip().endswith(VERDICT_YES)
     assert "Positive" not in msgs[3]["content"] and "Negative" not in msgs[3]["content"]
     assert msgs[3]["content"].endswith("Reply:")
+
+
+TEACHER_FIXTURE = Path(__file__).resolve().parent / "fixtures" / "teacher_chat_official.json"
+OFFICIAL_PROMPT_SHA256 = "3025bec1538cfe94ff9f42ef89b7914ff644205154ba4042ba29f598fa5ddbd3"
+SHARED_PROMPT_FILE = Path(__file__).resolve().parents[2] / "shared" / "data" / "prompts" / "teacher_one_shot_official.json"
+
+
+@pytest.mark.parametrize("case", json.loads(TEACHER_FIXTURE.read_text(encoding="utf-8"))["cases"])
+def test_teacher_chat_is_byte_exact_with_the_official_rendering(case: dict) -> None:
+    """The fixture replays the official inference.py rendering; ours must give the same bytes."""
+    inp = case["input"]
+    msgs = teacher_messages(inp["question"], inp["previous_steps"], inp["now_step"])
+    assert json.dumps(msgs, ensure_ascii=False).encode() == json.dumps(case["messages"], ensure_ascii=False).encode()
+    assert [m["role"] for m in msgs] == ["system", "user", "assistant", "user"]
+
+
+def test_vendored_teacher_prompt_file_is_the_official_one() -> None:
+    raw = prompts.TEACHER_PROMPT_FILE.read_bytes()
+    assert hashlib.sha256(raw).hexdigest() == OFFICIAL_PROMPT_SHA256  # as components/resources/README.md states
+    if SHARED_PROMPT_FILE.exists():
+        assert raw == SHARED_PROMPT_FILE.read_bytes()
+    official = prompts.OFFICIAL_TEACHER_PROMPT
+    assert official.system == prompts.TEACHER_SYSTEM_PROMPT and official.template == prompts.TEACHER_TEMPLATE
+    question, answer = prompts.ONE_SHOT_EXAMPLE
+    assert (question, answer) == official.examples[0] and len(official.examples) == 1
+    # the example's 12 previous steps are joined by a literal backslash-n, as in the official file
+    previous = question.split("Previous Steps: ", 1)[1].split("\nNow Step: ", 1)[0]
+    assert previous.count("\\n") == 11 and "\n" not in previous
+    assert question.split("\nNow Step: ", 1)[1].startswith("Step 13: ")
+    assert answer.startswith("Analysis:\n\n**Previous Steps Analysis**:") and answer.endswith(VERDICT_YES)
+    assert parse_verdict(answer).verdict == "yes"
+
+
+@pytest.mark.parametrize(
+    ("content", "field"),
+    [
+        ("not json", None),
+        ('["a list"]', None),
+        ('{"template": "Q {} {} {}", "examples": [{"question": "q", "answer": "a"}]}', "system-prompt"),
+        ('{"system-prompt": "s", "template": "Q {} {}", "examples": [{"question": "q", "answer": "a"}]}', "template"),
+        ('{"system-prompt": "s", "template": "Q {} {} {}", "examples": []}', "examples"),
+        ('{"system-prompt": "s", "template": "Q {} {} {}", "examples": [{"question": "q"}]}', "examples[0].answer"),
+    ],
+)
+def test_bad_teacher_prompt_file_names_file_and_field(tmp_path: Path, content: str, field: str | None) -> None:
+    from components.io import DataError
+
+    path = tmp_path / "teacher.json"
+    path.write_text(content, encoding="utf-8")
+    with pytest.raises(DataError) as err:
+        prompts.load_teacher_prompt(path)
+    assert err.value.path == str(path) and err.value.field == field
+    with pytest.raises(DataError, match="not found"):
+        prompts.load_teacher_prompt(tmp_path / "missing.json")
+
+
+def test_teacher_chat_with_another_prompt_file(tmp_path: Path) -> None:
+    path = tmp_path / "teacher.json"
+    path.write_text(json.dumps({"system-prompt": "S", "template": "Q: {}|P: {}|N: {}",
+                                "examples": [{"question": "q1", "answer": "a1"}, {"question": "q2", "answer": "a2"}]}))
+    msgs = teacher_messages("x left-bracketsyright-brackets", [], "z", prompt=prompts.load_teacher_prompt(path))
+    assert [m["content"] for m in msgs] == ["S", "q1", "a1", "q2", "a2", f"Q: x {{y}}|P: {FIRST_STEP_SENTENCE}|N: Step 1: z"]
 
 
 @pytest.mark.parametrize(

@@ -264,10 +264,55 @@ def test_rewarder_equals_the_step_scorer(engines):
     paths = [["2 + 3 = 6."], ["2 + 3 = 5.", "So the answer is \\boxed{5}."]]
     got = rewarder([("p-eq", question, p) for p in paths])
     for path, reward in zip(paths, got, strict=True):
-        sol = Solution(id=ScorerRewarder.solution_id("p-eq"), question=question, steps=path)
+        sol = Solution(id=ScorerRewarder.solution_id("p-eq", path), question=question, steps=path)
         (scored,) = scorer.score_detailed([sol])
         assert reward == pytest.approx(scored.reward(len(path) - 1), abs=1e-6)
         assert 0.0 <= reward <= 1.0
+
+
+class SeedRecordingBackend:
+    """The real PRM backend, recording the seeds of every generate call."""
+
+    def __init__(self, inner):
+        self.inner = inner
+        self.name = inner.name
+        self.seeds: list[list[int]] = []
+
+    def generate(self, conversations, sampling, *, seeds=None, **kw):
+        self.seeds.append(list(seeds))
+        return self.inner.generate(conversations, sampling, seeds=seeds, **kw)
+
+    def verdict_probability(self, conversations, prefixes):
+        return self.inner.verdict_probability(conversations, prefixes)
+
+    def close(self):
+        pass
+
+
+def test_each_candidate_step_is_scored_with_its_own_seeds(engines):
+    """The M candidates of one step get independent PRM samples, not common random numbers."""
+    from components.best_of_n import ScorerRewarder
+    from components.scoring import StepScorer
+
+    _, scorer = engines
+    recording = SeedRecordingBackend(scorer.backend)
+    rewarder = ScorerRewarder(StepScorer(recording, scorer.params, early_exit=False, progress=False))
+    question = "What is $2+3$?"
+    prefix = ["We add 2 and 3."]
+    candidates = [[*prefix, "2 + 3 = 5."], [*prefix, "2 + 3 = 6."], [*prefix, "So the answer is \\boxed{5}."]]
+    together = rewarder([("p-seeds", question, c) for c in candidates])
+    (seeds,) = recording.seeds
+    assert len(set(seeds)) == len(candidates)  # same problem, same step index, different streams
+    ids = {ScorerRewarder.solution_id("p-seeds", c) for c in candidates}
+    assert len(ids) == len(candidates) and all(i.startswith("p-seeds#guided:") for i in ids)
+    # a candidate's reward depends only on its own path, not on the candidates proposed with it
+    for cand, reward in zip(candidates, together, strict=True):
+        assert rewarder([("p-seeds", question, cand)]) == [pytest.approx(reward, abs=1e-6)]
+    assert recording.seeds[1:] == [[s] for s in seeds]
+    # the id (hence the seeds) is a function of the path: same path, same id; another problem, another id
+    assert search.path_solution_id("p", ["a", "b"]) == search.path_solution_id("p", ("a", "b"))
+    assert search.path_solution_id("p", ["a", "b"]) != search.path_solution_id("q", ["a", "b"])
+    assert search.path_solution_id("p", ["a\n\nb"]) != search.path_solution_id("p", ["a", "b"])
 
 
 def test_final_step_detection():

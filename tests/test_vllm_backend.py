@@ -27,19 +27,6 @@ os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
 
 
 @pytest.fixture(scope="module")
-def vllm_verdict_model_dir(tmp_path_factory: pytest.TempPathFactory, default_params: Params) -> Path:
-    """The tiny verdict model with head_dim 32 (vLLM's CPU attention has no kernel for 16)."""
-    from conftest import PRM800K_BUNDLED, train_verdict_model
-
-    from components.base_model import build_tiny_model
-
-    root = tmp_path_factory.mktemp("vllm-models")
-    tiny = default_params.model.tiny.model_copy(update={"num_attention_heads": 2, "num_key_value_heads": 1})
-    build_tiny_model(tiny, root / "base", sorted(PRM800K_BUNDLED.glob("*.jsonl")))
-    return train_verdict_model(root / "base", root / "verdict")
-
-
-@pytest.fixture(scope="module")
 def vllm_backend(vllm_verdict_model_dir: Path, default_params: Params):
     verdict_model_dir = vllm_verdict_model_dir
     params = default_params.backend.model_copy(deep=True)

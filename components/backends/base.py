@@ -4,8 +4,7 @@ A backend takes chat conversations (lists of {"role", "content"} dicts), applies
 chat template itself (or lets the server do it), and returns `sampling.n` generations per
 conversation. Where the engine can, each generation carries `p_yes`: the verdict probability
 P(" Yes") / (P(" Yes") + P(" No")) read from the logits at the position right after the first
-`Is the step correct (Yes/No)?` in the same generation pass (rprm-method.md section 5, point 4;
-DESIGN.md section 5). `verdict_probability` is the teacher-forced path: conversation plus an
+`Is the step correct (Yes/No)?` in the same generation pass (docs/method.md §9.2). `verdict_probability` is the teacher-forced path: conversation plus an
 assistant prefix that ends with the verdict phrase (or the fallback question), one forward
 pass, last position.
 

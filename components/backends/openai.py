@@ -4,7 +4,7 @@ Works with `vllm serve`, SGLang, `transformers serve` and hosted APIs. Requests 
 `/chat/completions` (the server applies the chat template) or, with `use_chat: false`, to
 `/completions` with the prompt rendered by the model's own tokenizer (loaded by name).
 
-Robustness (DESIGN.md section 5): at most `concurrency` requests in flight; a per-request
+Robustness: at most `concurrency` requests in flight; a per-request
 timeout; retries with exponential backoff (`backoff_base_s` doubling, capped at `backoff_max_s`,
 jittered from a random stream seeded by the request's seed and attempt, honouring
 `Retry-After`) on HTTP 5xx/429/408, timeouts, refused or dropped connections, a body cut short,
@@ -15,8 +15,25 @@ malformed JSON and empty `choices`. A request that still fails becomes generatio
 Servers differ: `transformers serve` returns one choice when asked for `n` and no
 log-probabilities. So the client tops up with more requests until it has `n` choices (request
 r of row i carries seed `row_seed(seeds[i], choices so far) mod 2**31-1`, so results do not
-depend on batching), and reads `p_yes` from the top log-probabilities at the token after the verdict
-phrase when the server returns them; otherwise `p_yes` is None and `Generation.meta` says why.
+depend on batching).
+
+Verdict probability (docs/method.md §9). In the generation pass `p_yes` is read
+from the top log-probabilities of the token that starts right after the first verdict phrase:
+P(" Yes") / (P(" Yes") + P(" No")), with the tokens matched exactly as the hf backend does (the
+token texts " Yes" and " No", leading space included; `Yes`, `yes` or ` YES` never count). When
+the server returns no log-probabilities, or either verdict token is not among the top
+`TOP_LOGPROBS` at that position, `p_yes` is None and `Generation.meta["p_yes_source"]` says why;
+the value is never clamped to 0 or 1. The scorer then applies `scoring.fallback` (by default
+the teacher-forced pass below, then the sampled verdict).
+
+The teacher-forced pass (`verdict_probability`) asks for one greedy token after conversation +
+prefix with the top log-probabilities, and reads both verdict tokens there. If one is missing
+from the top list it asks, where the server offers vLLM's `prompt_logprobs` extension, for the
+log-probability of the prompt's own last token on prefix + " Yes" and on prefix + " No" (exact
+whatever their rank; vLLM computes prompt log-probabilities from the raw logits in every
+`--logprobs-mode`). A server without that extension gives None, and the scorer falls back to
+the sampled verdict. Servers also differ in what their log-probabilities are (raw model
+log-probabilities, or after temperature / top-p): see the README, "Log-probabilities by server".
 
 The API key is read from the environment variable named by `api_key_env` and sent only in the
 `Authorization` header. It is never stored on the object in the clear, never part of a repr,
@@ -79,19 +96,28 @@ def _retry_after(resp: httpx.Response) -> float | None:
 
 
 def _verdict_p_yes(top: dict[str, float]) -> tuple[float | None, str]:
-    """Two-way softmax over the " Yes" / " No" entries of one position's top log-probs."""
+    """Two-way softmax over the exact " Yes" / " No" entries of one position's top log-probs.
+
+    Only the token texts " Yes" and " No" count (as the hf backend reads token ids of exactly
+    those texts). If either is absent from the top list, the value is unknown: None, with why.
+    """
     ly, ln = top.get(YES_TOKEN_TEXT), top.get(NO_TOKEN_TEXT)
-    if ly is None:
-        ly = max((v for k, v in top.items() if k.strip() == "Yes"), default=None)
-    if ln is None:
-        ln = max((v for k, v in top.items() if k.strip() == "No"), default=None)
     if ly is None and ln is None:
         return None, "verdict_tokens_not_in_top_logprobs"
     if ln is None:
-        return 1.0, "logprobs_no_missing"  # " No" below the top-k: P(No) taken as 0
+        return None, "no_token_not_in_top_logprobs"
     if ly is None:
-        return 0.0, "logprobs_yes_missing"
-    return 1.0 / (1.0 + math.exp(ln - ly)), "logprobs"
+        return None, "yes_token_not_in_top_logprobs"
+    if math.isinf(ly) and math.isinf(ln):
+        return None, "verdict_tokens_impossible"
+    return two_way_softmax(ly, ln), "logprobs"
+
+
+def two_way_softmax(ly: float, ln: float) -> float:
+    """softmax([ly, ln])[0], computed stably."""
+    m = max(ly, ln)
+    ey, en = math.exp(ly - m), math.exp(ln - m)
+    return ey / (ey + en)
 
 
 def p_yes_from_token_logprobs(
@@ -171,6 +197,7 @@ class OpenAIBackend:
             follow_redirects=False,
         )
         self._logprobs = True  # switched off once the server rejects log-probability requests
+        self._prompt_logprobs = True  # switched off once the server returns no prompt_logprobs
         self._tokenizer: Any = None
         self._lock = threading.Lock()
 
@@ -425,10 +452,50 @@ class OpenAIBackend:
             return None
         choice = data["choices"][0]
         parsed = _chat_tokens(choice.get("logprobs")) if self.params.use_chat else _completion_tokens(choice.get("logprobs"))
-        if parsed is None:
+        if parsed is not None:
+            p_yes, how = _verdict_p_yes(parsed[1][0])
+            if p_yes is not None or how == "verdict_tokens_impossible":
+                return p_yes
+        return self.exact_verdict_probability(conversation, prefix)
+
+    def _last_prompt_logprob(self, conversation: Conversation, text: str, token_text: str) -> float | None:
+        """Log-probability of the last prompt token of conversation + `text` (vLLM's
+        `prompt_logprobs`), if the server returns it and that token's text is `token_text`."""
+        greedy = SamplingParams(n=1, temperature=0.0, top_p=1.0, max_new_tokens=1, seed=0)
+        path, body = self._body(conversation, text, greedy, 1, 0, None, 1, False)
+        body["prompt_logprobs"] = 0
+        data, error, _attempts = self._post(path, body, 0)
+        if data is None:
+            if error is not None and error.startswith("HTTP 4"):  # the server refuses the extension
+                with self._lock:
+                    self._prompt_logprobs = False
             return None
-        p_yes, _how = _verdict_p_yes(parsed[1][0])
-        return p_yes
+        holder = data if self.params.use_chat else data["choices"][0]
+        entries = holder.get("prompt_logprobs")
+        if not isinstance(entries, list) or not entries or not isinstance(entries[-1], dict):
+            with self._lock:
+                self._prompt_logprobs = False
+            log.warning("%s returns no prompt_logprobs; teacher-forced P(Yes) needs both verdict tokens "
+                        "in the top %d log-probabilities", self.name, TOP_LOGPROBS)
+            return None
+        for entry in entries[-1].values():
+            if isinstance(entry, dict) and entry.get("decoded_token") == token_text:
+                value = entry.get("logprob")
+                return float(value) if isinstance(value, (int, float)) and not isinstance(value, bool) else None
+        return None  # the server tokenized the verdict token differently (merged with the text before)
+
+    def exact_verdict_probability(self, conversation: Conversation, prefix: str) -> float | None:
+        """Teacher-forced P(Yes) from the log-probabilities of prefix + " Yes" and prefix + " No" as
+        prompts (vLLM's `prompt_logprobs`; exact whatever their rank). None where unsupported."""
+        if not self._prompt_logprobs:
+            return None
+        ly = self._last_prompt_logprob(conversation, prefix + YES_TOKEN_TEXT, YES_TOKEN_TEXT)
+        if ly is None:
+            return None
+        ln = self._last_prompt_logprob(conversation, prefix + NO_TOKEN_TEXT, NO_TOKEN_TEXT)
+        if ln is None or (math.isinf(ly) and math.isinf(ln)):
+            return None
+        return two_way_softmax(ly, ln)
 
     def verdict_probability(
         self, conversations: Sequence[Conversation], prefixes: Sequence[str]
