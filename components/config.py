@@ -119,6 +119,12 @@ class TeacherParams(Section):
     sampling: SamplingParams = Field(
         default_factory=lambda: SamplingParams(n=3, temperature=0.4, top_p=0.95, max_new_tokens=8192)
     )
+    offline_trace_sources: bool = Field(
+        True,
+        description="Offline teacher: a step whose operands (or, without a calculation, whose numbers) appear "
+        "nowhere in the question or the Previous Steps is wrong (a number with no source). Turn off for data "
+        "whose steps use world knowledge (60 seconds a minute) without stating it, as PRM800K's do.",
+    )
 
 
 class DataParams(Section):

@@ -565,9 +565,10 @@ class OfflineTeacher:
 
     name = "offline-calculation-checker"
 
-    def __init__(self, delay_s: float | None = None):
+    def __init__(self, delay_s: float | None = None, trace_sources: bool = True):
         env = os.environ.get(DELAY_ENV)
         self.delay_s = delay_s if delay_s is not None else float(env) if env else 0.0
+        self.trace_sources = trace_sources  # a number with no source makes a step wrong
 
     def analyze(
         self, samples: Sequence[StepSample], sampling: SamplingParams, seeds: Sequence[int]
@@ -623,7 +624,7 @@ class OfflineTeacher:
             calc = f"The calculation is wrong: {c.lhs.strip()} is {_fmt(c.lhs_value)}, not {_fmt(c.rhs_value)}."
             verdict, conclusion = "No", "The Now Step is wrong: it has a calculation error."
             meta["decided_by"] = "calculation"
-        elif check.unsourced:
+        elif check.unsourced and self.trace_sources:
             calc = (f"The calculation itself is correct: {claims[0].describe()}." if claims
                     else "There is no calculation to check.")
             verdict, conclusion = "No", "The Now Step is wrong: it uses a number with no source."
@@ -711,7 +712,7 @@ class BackendTeacher:
 def load_teacher(params: TeacherParams) -> Teacher:
     """Build the teacher named by params: the offline checker or a backend holding a model."""
     if params.kind == "offline":
-        return OfflineTeacher()
+        return OfflineTeacher(trace_sources=params.offline_trace_sources)
     from components.backends import load_backend
 
     if params.backend.kind in ("hf", "vllm") and not params.model:

@@ -17,6 +17,7 @@ from components import prepare as P
 from components.config import Params, load_params
 from components.io import read_jsonl
 from components.records import (
+    CandidatePool,
     PRM800KCompletion,
     PRM800KSolution,
     PRM800KStep,
@@ -34,6 +35,7 @@ OUTPUTS = [paths.STEPS_TRAIN, paths.STEPS_VAL, paths.PROCESSBENCH, paths.PRMBENC
 def params_for(**sections: dict[str, Any]) -> Params:
     """params.yaml with absolute data folders and the given section overrides."""
     raw = yaml.safe_load((REPO / "params.yaml").read_text())
+    raw["domain"]["kind"] = "prm800k"  # these tests are about PRM800K; the arithmetic domain has its own
     raw["data"]["bundled_dir"] = str(BUNDLED)
     raw["data"]["dir"] = str(SHARED)
     for name, values in sections.items():
@@ -157,7 +159,7 @@ def test_caps_and_split_are_deterministic_and_by_problem() -> None:
 def test_build_reads_only_the_params_dvc_declares() -> None:
     """prepare's outputs change with no param outside what dvc.yaml lists for the stage."""
     dvc = yaml.safe_load((REPO / "dvc.yaml").read_text())["stages"]["prepare"]
-    assert set(dvc["params"]) == {"data", "prepare", "evaluate.processbench",
+    assert set(dvc["params"]) == {"domain", "data", "prepare", "evaluate.processbench",
                                   "evaluate.prmbench.max_items", "evaluate.full_benchmarks"}
     assert {"components/prepare.py", "components/data.py", "data/bundled"} <= set(dvc["deps"])
     assert dvc["outs"] == ["data/prepared"] and list(dvc["metrics"][0]) == [str(paths.PREPARE_COUNTS)]
@@ -202,7 +204,7 @@ def in_tmp(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
 def test_run_writes_counts_outputs_and_mlflow_run(in_tmp: Path, capsys: pytest.CaptureFixture[str]) -> None:
     import mlflow
 
-    params = params_for()
+    params = params_for(prepare={"max_problems": 60})
     report = P.run(params)
     train = read_jsonl(paths.STEPS_TRAIN, StepSample)
     val = read_jsonl(paths.STEPS_VAL, StepSample)
@@ -248,6 +250,7 @@ def test_bad_data_fails_cleanly_and_writes_nothing(in_tmp: Path) -> None:
     bad["steps"][1]["completions"][0]["rating"] = 5
     (data_dir / "prm800k" / "train.jsonl").write_text("\n".join([lines[0], lines[1], json.dumps(bad)]) + "\n")
     raw = yaml.safe_load((REPO / "params.yaml").read_text())
+    raw["domain"]["kind"] = "prm800k"
     raw["data"].update(source="dir", dir=str(data_dir), bundled_dir=str(BUNDLED), prm800k_files=["prm800k/train.jsonl"])
     (in_tmp / "params.yaml").write_text(yaml.safe_dump(raw))
     load_params(in_tmp / "params.yaml")
@@ -256,3 +259,21 @@ def test_bad_data_fails_cleanly_and_writes_nothing(in_tmp: Path) -> None:
     assert "train.jsonl:3: field 'steps.1.completions.0.rating'" in result.output
     assert not any(p.exists() for p in OUTPUTS)
     assert not os.path.exists("mlruns.db")  # no run opened for a stage that never started
+
+
+def test_arithmetic_domain_stages_training_heldout_and_bon_pool(in_tmp: Path) -> None:
+    """domain.kind arithmetic: generated training steps, the held-out benchmark and the Best-of-N pool,
+    disjoint by problem; the real benchmarks are still staged (out-of-domain)."""
+    params = params_for(**{"domain": {"kind": "arithmetic"},
+                           "domain.arithmetic": {"train_problems": 40, "heldout_problems": 20, "bon_problems": 6}})
+    report = P.run(params)
+    assert report["domain"] == "arithmetic" and report["source"] == "generated"
+    assert report["problems"] == 40 and report["negatives"] > 0 and report["positives"] > 0
+    assert report["benchmarks"]["out_of_domain"] is True and report["benchmarks"]["processbench"]["items"] > 0
+    heldout = read_jsonl(paths.HELDOUT, ProcessBenchItem)
+    pools = read_jsonl(paths.BON_ARITHMETIC, CandidatePool)
+    assert len(heldout) == 20 and report["heldout"]["items"] == 20 and len(pools) == 6
+    assert {it.label == -1 for it in heldout} == {True, False}
+    train_q = {s.question for s in read_jsonl(paths.STEPS_TRAIN, StepSample) + read_jsonl(paths.STEPS_VAL, StepSample)}
+    assert not train_q & {it.problem for it in heldout} and not train_q & {p.problem for p in pools}
+    assert 0 < report["bon_pool"]["policy_correct_rate"] < 1

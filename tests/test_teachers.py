@@ -201,10 +201,13 @@ def test_offline_teacher_never_reads_the_label() -> None:
 
 
 def test_offline_analysis_structure_and_verdicts() -> None:
-    t = OfflineTeacher()
+    t = OfflineTeacher(trace_sources=False)  # 60 seconds a minute is world knowledge, stated nowhere
     sampling = SamplingParams(n=4, temperature=1.0, top_p=1.0, max_new_tokens=256, seed=0)
     right = step("There are 60 * 7 = 420 seconds in 7 minutes.", ["7.8 minutes is 7 minutes and 0.8 minutes."])
     wrong = step("There are 60 * 7 = 480 seconds in 7 minutes.", ["7.8 minutes is 7 minutes and 0.8 minutes."])
+    traced = OfflineTeacher().analyze([right], sampling, [1])[0]  # tracing sources: 60 has none
+    assert all(g.meta["decided_by"] == "data_source" and parse_verdict(g.text).verdict == "no" for g in traced)
+    assert all("A number it uses, 60, appears nowhere" in g.text for g in traced)
     out = t.analyze([right, wrong], sampling, [1, 2])
     for row, verdict in zip(out, ["yes", "no"], strict=True):
         assert len(row) == 4
