@@ -383,7 +383,7 @@ def test_load_teacher_builds_offline_and_backend_teachers() -> None:
 
 
 def test_default_profile_end_to_end_from_bundled_data(project: Path, tiny_model_dir: Path) -> None:
-    """Default params with `synthesize.max_prompt_tokens`: only step samples whose student prompt
+    """Default params on PRM800K with `synthesize.max_prompt_tokens`: only step samples whose student prompt
     fits (the base model's tokenizer) reach the teacher, so every SFT chat fits `sft.max_length`."""
     import shutil
 
@@ -392,6 +392,9 @@ def test_default_profile_end_to_end_from_bundled_data(project: Path, tiny_model_
     from components import prepare
 
     params = load_params(REPO / "params.yaml")
+    params.domain.kind = "prm800k"  # long real prompts, some over the limit (the arithmetic ones all fit)
+    params.prepare.max_problems = 60
+    params.teacher.offline_trace_sources = False
     params.data.bundled_dir = str(REPO / "data" / "bundled")
     params.tracking.experiment = f"synth-{uuid.uuid4().hex[:10]}"
     params.synthesize.max_prompt_tokens = 800
