@@ -343,7 +343,8 @@ def test_a_moved_project_store_reads_and_writes_artifacts_in_its_new_folder(tmp_
     assert not old.exists()  # nothing was read from or written to the old folder
 
 
-def test_a_moved_store_made_before_the_artifact_root_tag_is_found_again(tmp_path: Path) -> None:
+def test_a_moved_store_made_before_the_artifact_root_tag_is_found_again(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """A store MLflow set up on its own (artifacts in <project>/mlruns/<id>) follows the move too."""
     old, new = tmp_path / "old" / "project", tmp_path / "new" / "project"
     old.mkdir(parents=True)
@@ -353,13 +354,10 @@ def test_a_moved_store_made_before_the_artifact_root_tag_is_found_again(tmp_path
     p = Params()
     p.tracking.experiment = "legacy"
     uri = f"sqlite:///{new / 'mlruns.db'}"
-    os.environ["MLFLOW_TRACKING_URI"] = uri
-    try:
-        tracking.setup(p)
-        with tracking.stage_run("prepare", p, ["prepare"]) as run:
-            tracking.log_report({"samples": 1}, "reports/prepare.json")
-    finally:
-        del os.environ["MLFLOW_TRACKING_URI"]
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
+    monkeypatch.delenv(tracking.PARENT_RUN_ENV, raising=False)
+    with tracking.stage_run("prepare", p, ["prepare"]) as run:
+        tracking.log_report({"samples": 1}, "reports/prepare.json")
     import mlflow
 
     client = mlflow.MlflowClient(uri)
@@ -367,7 +365,7 @@ def test_a_moved_store_made_before_the_artifact_root_tag_is_found_again(tmp_path
     assert exp.artifact_location == str(new / "mlruns" / exp.experiment_id)
     assert exp.tags[tracking.EXPERIMENT_KIND_TAG] == tracking.EXPERIMENT_KIND
     assert (new / "mlruns" / exp.experiment_id / run.info.run_id / "artifacts/reports/prepare.json").exists()
-    note = mlflow.artifacts.download_artifacts(run_id=old_run, artifact_path="note.txt", tracking_uri=uri)
+    note = mlflow.artifacts.download_artifacts(run_id=old_run, artifact_path="note.txt")
     assert Path(note).read_text() == "old"
 
 
@@ -421,3 +419,18 @@ def test_an_unreachable_tracking_server_fails_fast_naming_it() -> None:
 
 def test_a_running_tracking_server_passes_the_probe(mlflow_server: str) -> None:
     tracking.check_store(mlflow_server)
+
+
+def test_no_test_can_leave_mlflows_default_store_in_the_repository(monkeypatch: pytest.MonkeyPatch) -> None:
+    """MLflow's fallback store (`sqlite:///mlflow.db` in the current folder) is refused in the
+    repository root (tests/conftest.py), and the session has a temporary default store."""
+    import sqlite3
+
+    from conftest import MLFLOW_DEFAULT_STORE
+
+    assert os.environ["MLFLOW_TRACKING_URI"]  # the session's, or one a test set
+    monkeypatch.chdir(MLFLOW_DEFAULT_STORE.parent)
+    existed = MLFLOW_DEFAULT_STORE.exists()
+    with pytest.raises(pytest.fail.Exception, match="opened MLflow's default store"):
+        sqlite3.connect("mlflow.db")
+    assert MLFLOW_DEFAULT_STORE.exists() == existed
