@@ -430,9 +430,24 @@ class PRMBenchResults:
     label_source: dict[str, int]
 
 
+def _check_labels(labels: Any, n: int, path: Path, line: int, who: str) -> list[bool]:
+    """`step_level_validity_labels`: exactly `n` JSON booleans; DataError naming line and field."""
+    field = "scores.step_level_validity_labels"
+    if not isinstance(labels, list) or len(labels) != n:
+        got = len(labels) if isinstance(labels, list) else type(labels).__name__
+        raise DataError(path, line, field, f"{who}: {got} step labels, but the solution has {n} steps")
+    for j, v in enumerate(labels):
+        if not isinstance(v, bool):
+            raise DataError(path, line, f"{field}[{j}]", f"{who}: step label must be true/false, got {v!r}")
+    return list(labels)
+
+
 def _result_labels(scores: Mapping[str, Any], n: int, classification: str, path: Path, line: int,
                    who: str, threshold: float, comparison: Comparison,
                    mode: ScoreMode = "threshold") -> tuple[list[bool], str]:
+    labels = None
+    if "step_level_validity_labels" in scores:  # checked even where other fields decide
+        labels = _check_labels(scores["step_level_validity_labels"], n, path, line, who)
     if classification in REDUNDANCY_CLASSES and "step_level_redundancy_labels" in scores:
         red = scores["step_level_redundancy_labels"]
         if not isinstance(red, list) or len(red) != n or not all(isinstance(v, bool) for v in red):
@@ -446,17 +461,8 @@ def _result_labels(scores: Mapping[str, Any], n: int, classification: str, path:
         vals = _check_scores(scores["step_level_validity_scores"], n, path, line,
                              "scores.step_level_validity_scores", who, allow_null=False)
         return step_labels([float(v) for v in vals if v is not None], threshold, comparison), "scores"
-    if "step_level_validity_labels" in scores:
-        labels = scores["step_level_validity_labels"]
-        if not isinstance(labels, list) or len(labels) != n:
-            got = len(labels) if isinstance(labels, list) else type(labels).__name__
-            raise DataError(path, line, "scores.step_level_validity_labels",
-                            f"{who}: {got} step labels, but the solution has {n} steps")
-        for j, v in enumerate(labels):
-            if not isinstance(v, bool):
-                raise DataError(path, line, f"scores.step_level_validity_labels[{j}]",
-                                f"{who}: step label must be true/false, got {v!r}")
-        return list(labels), "labels"
+    if labels is not None:
+        return labels, "labels"
     raise DataError(path, line, "scores", f"{who}: needs step_level_validity_scores or step_level_validity_labels")
 
 

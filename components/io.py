@@ -3,7 +3,8 @@
 Every reader error names the file, the 1-based line and the field. Every writer goes through a
 temporary file in the same folder and an atomic rename, so a crash never leaves a half-written
 output that DVC or the next stage would trust. Journals are appended and fsynced record by
-record; a torn last line (a kill mid-write) is ignored on resume.
+record; a torn last line (a kill mid-write) is ignored on resume, and an unreadable line
+elsewhere is skipped with a warning naming the file and line (the records after it are kept).
 """
 
 from __future__ import annotations
@@ -12,6 +13,7 @@ import json
 import os
 import stat
 import tempfile
+import warnings
 from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -24,6 +26,10 @@ T = TypeVar("T", bound=BaseModel)
 
 class StageRefused(RuntimeError):
     """A stage refuses to go on for a stated reason (a quality gate, say); nothing was written."""
+
+
+class JournalWarning(UserWarning):
+    """A journal line could not be read and was skipped."""
 
 
 class DataError(ValueError):
@@ -84,12 +90,13 @@ def parse_record(
 ) -> T:
     """Validate one decoded object against a record type; DataError names file, line, field.
 
-    With `strict`, no type coercion (a string "3" is not an int, 1 is not a bool).
+    With `strict`, no type coercion (a string "3" is not an int, 1 is not a bool); without it,
+    fields declared strict in the record type (e.g. StepSample.label) stay strict.
     """
     if not isinstance(obj, dict):
         raise DataError(path, line, None, f"expected a JSON object, got {type(obj).__name__}")
     try:
-        return model.model_validate(obj, strict=strict)
+        return model.model_validate(obj, strict=True if strict else None)
     except ValidationError as err:
         field, msg = _first_error(err)
         raise DataError(path, line, field, msg) from None
@@ -212,7 +219,10 @@ class Journal:
 
     `done()` returns what a previous (possibly killed) run finished; `append()` writes one
     record and fsyncs it. A torn final line from a kill mid-write is dropped on load and
-    truncated away before new appends, so no record is ever lost or duplicated.
+    truncated away before new appends, so no record is ever lost or duplicated. A complete
+    line that is not a JSON object with the key (disk or copy damage, a hand edit) is skipped
+    with a warning naming the file and line; the records after it are kept, and the journal is
+    rewritten without the bad lines (their work is redone).
     """
 
     def __init__(self, path: str | Path, key: str = "key"):
@@ -220,26 +230,49 @@ class Journal:
         self.key = key
         self.path.parent.mkdir(parents=True, exist_ok=True)
         self._records: dict[str, dict[str, Any]] = {}
+        self.skipped_lines: list[int] = []  # 1-based numbers of unreadable lines dropped on load
         self._load()
         self._fh = self.path.open("a", encoding="utf-8")
+
+    def _record(self, raw: bytes) -> dict[str, Any] | None:
+        """The journal record on one complete line, or None if it is not one."""
+        try:
+            obj = json.loads(raw.decode("utf-8"))
+        except (UnicodeDecodeError, json.JSONDecodeError):
+            return None
+        if not isinstance(obj, dict) or self.key not in obj:
+            return None
+        return obj
 
     def _load(self) -> None:
         if not self.path.exists():
             return
-        good_bytes = 0
+        kept: list[bytes] = []
+        torn = False
         with self.path.open("rb") as fh:
-            for raw in fh:
+            for lineno, raw in enumerate(fh, start=1):
                 if not raw.endswith(b"\n"):
-                    break  # torn tail from a kill mid-write
-                try:
-                    obj = json.loads(raw.decode("utf-8"))
-                except (UnicodeDecodeError, json.JSONDecodeError):
+                    torn = True  # torn tail from a kill mid-write
                     break
+                if not raw.strip():
+                    self.skipped_lines.append(lineno)
+                    continue
+                obj = self._record(raw)
+                if obj is None:
+                    self.skipped_lines.append(lineno)
+                    message = (f"{self.path}:{lineno}: unreadable journal line skipped (not a JSON "
+                               f"object with '{self.key}'); the records after it are kept and its "
+                               "work is redone")
+                    warnings.warn(message, JournalWarning, stacklevel=3)
+                    continue
                 self._records[str(obj[self.key])] = obj
-                good_bytes += len(raw)
-        if good_bytes != self.path.stat().st_size:
+                kept.append(raw)
+        if self.skipped_lines:
+            with atomic_path(self.path, "wb") as out:
+                out.writelines(kept)
+        elif torn:
             with self.path.open("r+b") as fh:
-                fh.truncate(good_bytes)
+                fh.truncate(sum(len(r) for r in kept))
 
     def done(self) -> dict[str, dict[str, Any]]:
         """Finished records by key."""

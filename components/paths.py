@@ -46,6 +46,10 @@ BON_CURVE_PNG = Path("plots/bon_curve.png")
 REPORTS = Path("reports")
 PLOTS = Path("plots")
 
+BUNDLED = Path("data/bundled")  # small real subsets shipped in git (data/bundled/README.md)
+BUNDLED_PROCESSBENCH = BUNDLED / "processbench"  # default benchmark of `rprm score-processbench`
+BUNDLED_PRMBENCH = BUNDLED / "prmbench" / "prmbench_preview.jsonl"  # ... of `rprm score-prmbench`
+
 
 def model_dir(name: str) -> Path:
     """Folder of a pipeline model by name (base, sft, dpo)."""

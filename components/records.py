@@ -4,7 +4,15 @@ from __future__ import annotations
 
 from typing import Annotated, Literal
 
-from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationInfo, field_validator
+from pydantic import (
+    AfterValidator,
+    BaseModel,
+    ConfigDict,
+    Field,
+    StrictBool,
+    ValidationInfo,
+    field_validator,
+)
 
 
 class Record(BaseModel):
@@ -22,7 +30,9 @@ class StepSample(Record):
     previous_steps: list[str]
     now_step: str = Field(min_length=1)
     step_index: int = Field(ge=0, description="0-based index of the Now Step in its solution.")
-    label: bool | None = Field(None, description="True = the step is correct; None = unknown.")
+    label: StrictBool | None = Field(
+        None, description="True = the step is correct; None = unknown. JSON true/false/null only."
+    )
     source: str = ""
 
 

@@ -178,21 +178,25 @@ def serving_requirements() -> list[str]:
     return [f"{name}=={metadata.version(name)}" for name in SERVING_REQUIREMENTS]
 
 
+def pyfunc_spec(params: Params, model_dir: Path, model_hash: str) -> dict[str, Any]:
+    """What the PRM pyfunc is made of (the arguments of `mlflow.pyfunc.log_model`/`save_model`)."""
+    return {
+        "python_model": Path(serving.__file__),
+        "artifacts": {serving.MODEL_ARTIFACT: str(model_dir)},
+        "code_paths": [str(Path(components.__file__).parent)],
+        "model_config": model_config(params),
+        "signature": serving.signature(),
+        "pip_requirements": serving_requirements(),
+        "metadata": {"rprm": {"model": params.register.model, "model_md5": model_hash,
+                              "scoring": params.scoring.model_dump(mode="json")}},
+    }
+
+
 def _log_pyfunc(params: Params, model_dir: Path, model_hash: str) -> Any:
     """Log the PRM folder as a models-from-code pyfunc in the active run."""
     import mlflow
 
-    return mlflow.pyfunc.log_model(
-        name=LOGGED_MODEL_NAME,
-        python_model=Path(serving.__file__),
-        artifacts={serving.MODEL_ARTIFACT: str(model_dir)},
-        code_paths=[str(Path(components.__file__).parent)],
-        model_config=model_config(params),
-        signature=serving.signature(),
-        pip_requirements=serving_requirements(),
-        metadata={"rprm": {"model": params.register.model, "model_md5": model_hash,
-                           "scoring": params.scoring.model_dump(mode="json")}},
-    )
+    return mlflow.pyfunc.log_model(name=LOGGED_MODEL_NAME, **pyfunc_spec(params, model_dir, model_hash))
 
 
 def _check_model_dir(name: str) -> Path:
@@ -354,8 +358,20 @@ def promote(params: Params) -> dict[str, Any]:
     if promoted:
         client.set_registered_model_alias(name, CHAMPION, challenger.version)
     _record(client, name, decision, challenger, champion)
-    print(("promoted: " if promoted else "no promotion: ") + reason)
+    print(outcome_line(decision))
     return decision
+
+
+def outcome_line(decision: dict[str, Any]) -> str:
+    """What `rprm promote` prints: which version is the champion afterwards, and why."""
+    name, after = decision["registered_model"], decision["champion_after"]
+    if decision["promoted"]:
+        before = decision["champion_before"]
+        replaced = f", replacing version {before}" if before is not None else ""
+        return f"promoted: {name} version {after} is now the champion{replaced} ({decision['reason']})"
+    if after is None:
+        return f"no promotion: {name} has no champion ({decision['reason']})"
+    return f"no promotion: {name} version {after} stays the champion ({decision['reason']})"
 
 
 def _record(client: Any, name: str, decision: dict[str, Any], challenger: Any, champion: Any) -> None:

@@ -226,6 +226,12 @@ class StepScorer:
         journal = Journal(self.journal_path)
         fp = self.fingerprint()
         header = journal.done().get(_CONFIG_KEY)
+        if header is None and len(journal):  # its settings line was unreadable: cannot trust it
+            journal.close()
+            raise DataError(
+                self.journal_path, 1, "fingerprint",
+                "journal holds scored steps but no readable settings line; delete it to rescore",
+            )
         if header is None:
             journal.append({"key": _CONFIG_KEY, "fingerprint": fp})
         elif header["fingerprint"] != fp:

@@ -6,13 +6,17 @@ Response, per row: `id`, `step_rewards` (the mean over K sampled analyses of P("
 step; null for steps not scored after an early exit), `first_error` (first step whose reward
 is below `scoring.threshold`, else -1) and `verdicts` (`"yes"` / `"no"` per step, null where
 not scored). Request param `early_exit` (default false) stops scoring a solution at its first
-low step.
+low step; it is the only request param. Any other (`temperature`, `n`, ...) is refused with
+HTTP 400 naming it: the sampling settings are fixed at registration. (MLflow drops params the
+signature does not declare before `predict` runs and only logs a warning naming them; the
+model reads that warning on its own thread and refuses the request instead.)
 
 The model folder travels as the artifact `model`; the scoring parameters (`params.scoring`,
 which hold the request limits), the backend parameters (`params.backend`) and the weights
 dtype (`model.dtype`) are the model config recorded at registration. Malformed rows (empty question, blank or non-text steps, more than
 `scoring.max_steps` steps, more than `scoring.max_chars` characters) are rejected with an
-MlflowException INVALID_PARAMETER_VALUE naming the row and field, which the scoring server
+MlflowException INVALID_PARAMETER_VALUE naming the row and field (an oversized question names
+`question`, oversized steps `steps`), which the scoring server
 answers with HTTP 400; the server keeps serving. Type errors the signature catches (a number
 as question, steps that are not a list of text) are answered 400 by MLflow's schema
 enforcement before `predict` runs; note that MLflow turns a list that mixes text and numbers
@@ -26,8 +30,11 @@ solution and step.
 
 from __future__ import annotations
 
+import ast
 import hashlib
 import json
+import logging
+import re
 import threading
 from collections.abc import Callable, Sequence
 from concurrent.futures import Future
@@ -61,6 +68,59 @@ OUTPUT_SCHEMA = Schema(
     ]
 )
 PARAMS_SCHEMA = ParamSchema([ParamSpec("early_exit", DataType.boolean, False)])
+REQUEST_PARAMS = tuple(p.name for p in PARAMS_SCHEMA.params)
+
+# MLflow's params-schema enforcement (mlflow.models.utils._enforce_params_schema, mlflow 3.17)
+# drops undeclared params and logs this warning on the calling thread, just before predict.
+_SCHEMA_LOGGER = "mlflow.models.utils"
+_UNRECOGNIZED = re.compile(r"Unrecognized params (\[.*?\]) are ignored")
+
+
+class IgnoredParams(logging.Filter):
+    """Remembers, per thread, the request params MLflow's schema enforcement dropped."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self._local = threading.local()
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        """Note the names in an "Unrecognized params [...] are ignored" warning; keep the record."""
+        match = _UNRECOGNIZED.search(record.getMessage())
+        if match:
+            try:
+                names = [str(k) for k in ast.literal_eval(match.group(1))]
+            except (ValueError, SyntaxError):
+                names = [match.group(1)]
+            self._local.names = sorted(names)
+        return True
+
+    def take(self) -> list[str]:
+        """The names noted on this thread since the last call (then forgotten)."""
+        names = getattr(self._local, "names", [])
+        self._local.names = []
+        return names
+
+
+IGNORED_PARAMS = IgnoredParams()
+
+
+def watch_ignored_params() -> None:
+    """Install the filter on MLflow's schema-enforcement logger (warnings kept enabled there)."""
+    logger = logging.getLogger(_SCHEMA_LOGGER)
+    if IGNORED_PARAMS not in logger.filters:
+        logger.addFilter(IGNORED_PARAMS)
+    if not logger.isEnabledFor(logging.WARNING):
+        logger.setLevel(logging.WARNING)
+
+
+def refuse_unknown_params(names: Sequence[str]) -> None:
+    """MlflowException INVALID_PARAMETER_VALUE (HTTP 400) naming request params we do not take."""
+    if names:
+        raise MlflowException.invalid_parameter_value(
+            f"unknown request params {', '.join(repr(n) for n in names)}: the only request param is "
+            f"{', '.join(REQUEST_PARAMS)}; sampling (K, temperature, top_p, max_new_tokens) is fixed "
+            "at registration (scoring.* in the model config)"
+        )
 
 
 def signature() -> ModelSignature:
@@ -115,6 +175,9 @@ def parse_request(records: Sequence[dict[str, Any]], max_steps: int, max_chars: 
                 raise _invalid(i, f"steps.{j}", "must be a non-empty string")
         if len(steps) > max_steps:
             raise _invalid(i, "steps", f"{len(steps)} steps; at most {max_steps} (scoring.max_steps)")
+        if len(question) > max_chars:
+            raise _invalid(i, "question", f"{len(question)} characters; at most {max_chars} "
+                                          "(scoring.max_chars)")
         size = len(question) + sum(len(s) for s in steps)
         if size > max_chars:
             raise _invalid(i, "steps", f"question and steps hold {size} characters; at most "
@@ -230,11 +293,15 @@ class StepRewardModel(PythonModel):
         self.batcher = CombiningBatcher(
             lambda solutions, flag: scorers[flag].score(solutions), MAX_COMBINED_SOLUTIONS
         )
+        watch_ignored_params()
 
     def predict(
         self, context: PythonModelContext, model_input: pd.DataFrame, params: dict[str, Any] | None = None
     ) -> list[dict[str, Any]]:
-        """Score each row; MlflowException INVALID_PARAMETER_VALUE (HTTP 400) on a malformed row."""
+        """Score each row; MlflowException INVALID_PARAMETER_VALUE (HTTP 400) on a malformed row
+        or an unknown request param."""
+        refuse_unknown_params(IGNORED_PARAMS.take())
+        refuse_unknown_params(sorted(set(params or {}) - set(REQUEST_PARAMS)))
         if hasattr(model_input, "to_dict"):
             records = model_input.to_dict(orient="records")
         elif isinstance(model_input, dict):

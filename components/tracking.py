@@ -16,6 +16,16 @@ Every stage run carries:
   Lines files small enough are logged as pandas datasets (schema and row count in the UI),
   anything else (model folders, large files) as metadata-only datasets.
 
+Artifacts of a local SQLite store live beside the database, in `mlartifacts/<experiment>/`
+(so in the project for the default `sqlite:///mlruns.db`). MLflow records artifact locations
+as absolute paths, so a project that was moved or copied would keep reading and writing the
+old folder: :func:`setup` notices an experiment whose artifact location lies outside the
+store's folder and rewrites the locations of that experiment, its runs, logged models and
+model versions to the same place under the current folder (:func:`relocate_artifacts`).
+
+Stores behind a server (`http(s)://`) are probed first (:func:`check_store`): an unreachable
+server is a one-line error within seconds instead of minutes of MLflow retries.
+
 Secrets never reach MLflow: only params sections are logged, and API keys live in the
 environment (params hold only the *name* of the variable).
 """
@@ -26,6 +36,7 @@ import hashlib
 import json
 import logging
 import os
+import re
 import subprocess
 import warnings
 from collections.abc import Iterator, Mapping, Sequence
@@ -36,10 +47,23 @@ from typing import Any
 from components.config import Params
 
 PARENT_RUN_ENV = "RPRM_PARENT_RUN_ID"
+UI_URL_ENV = "RPRM_MLFLOW_UI_URL"  # base URL of the MLflow UI in published links
+DEFAULT_UI_URL = "http://127.0.0.1:5000"  # `mlflow ui` on this machine
 PANDAS_DATASET_MAX_BYTES = 8 * 1024 * 1024  # larger JSONL inputs are logged as metadata only
 _CHUNK = 1024 * 1024
+ARTIFACTS_DIR = "mlartifacts"  # beside a local SQLite store: <store folder>/mlartifacts/<experiment>/
+ARTIFACT_ROOT_TAG = "rprm.artifact_root"  # experiment tag: the folder its artifact location was set under
+EXPERIMENT_KIND_TAG = "mlflow.experimentKind"
+EXPERIMENT_KIND = "custom_model_development"  # "Machine learning" (runs), not the GenAI view
+UI_QUERY = "?workflowType=machine_learning"  # MLflow 3.17's UI: open the runs ("Model training") view
+NOOP_TAG = "rprm.noop"
+STORE_PROBE_TIMEOUT_S = 5.0
 
 log = logging.getLogger(__name__)
+
+
+class TrackingStoreError(RuntimeError):
+    """The MLflow tracking store cannot be used (e.g. its server does not answer)."""
 
 
 def tracking_uri(params: Params, root: str | Path | None = None) -> str:
@@ -55,11 +79,197 @@ def tracking_uri(params: Params, root: str | Path | None = None) -> str:
     return uri
 
 
-def setup(params: Params, root: str | Path | None = None) -> None:
-    """Point MLflow at the store and experiment from params/environment."""
+def check_store(uri: str, timeout: float = STORE_PROBE_TIMEOUT_S) -> None:
+    """Probe an http(s) tracking server once; TrackingStoreError naming the URI if it does not answer.
+
+    MLflow's own client retries a dead server for minutes before failing with a traceback; this
+    fails within `timeout` seconds. Any answer below 500 counts as reachable (the server decides
+    the rest); other URIs (SQLite files, databases) are not probed.
+    """
+    if not uri.startswith(("http://", "https://")):
+        return
+    import httpx
+
+    url = uri.rstrip("/") + "/health"
+    try:
+        response = httpx.get(url, timeout=timeout)
+    except httpx.TimeoutException:
+        raise TrackingStoreError(f"MLflow tracking server {uri} did not answer within {timeout:g} s "
+                                 "(MLFLOW_TRACKING_URI or tracking.tracking_uri)") from None
+    except httpx.HTTPError as err:
+        reason = str(err) or type(err).__name__
+        raise TrackingStoreError(f"MLflow tracking server {uri} is unreachable ({reason}); start it "
+                                 "or point MLFLOW_TRACKING_URI / tracking.tracking_uri at a running one") from None
+    if response.status_code >= 500:
+        raise TrackingStoreError(f"MLflow tracking server {uri} answered {url} with HTTP "
+                                 f"{response.status_code}; is it healthy?")
+
+
+def store_dir(uri: str) -> Path | None:
+    """The folder of a local SQLite store (its artifacts live there), None for any other store."""
+    if not uri.startswith("sqlite:///"):
+        return None
+    file = uri.removeprefix("sqlite:///").split("?", 1)[0]
+    if not file or file == ":memory:":
+        return None
+    return Path(file).resolve().parent
+
+
+def _slug(name: str) -> str:
+    """A folder name for an experiment name (a hash suffix when characters had to be replaced)."""
+    slug = re.sub(r"[^A-Za-z0-9._-]+", "_", name).strip("._") or "experiment"
+    if slug != name:
+        slug += "-" + hashlib.sha256(name.encode("utf-8")).hexdigest()[:8]
+    return slug
+
+
+def _local_path(location: str | None) -> Path | None:
+    """The filesystem path of a local artifact location (a plain path or file: URI), else None."""
+    if not location:
+        return None
+    if location.startswith("file://"):
+        location = location.removeprefix("file://")
+    elif location.startswith("file:"):
+        location = location.removeprefix("file:")
+    elif re.match(r"^[A-Za-z][A-Za-z0-9+.-]*:", location):
+        return None  # s3:, mlflow-artifacts:, dbfs:, ...
+    path = Path(location)
+    return path if path.is_absolute() else None
+
+
+def _within(path: Path, folder: Path) -> bool:
+    return path == folder or folder in path.parents
+
+
+def _moved_tail(location: Path, folder: Path) -> Path | None:
+    """The longest tail (2+ parts) of `location` that exists under `folder`: where a copied
+    store's artifacts are now, for stores created before the artifact-root tag existed."""
+    parts = location.parts
+    for i in range(1, len(parts) - 1):
+        tail = Path(*parts[i:])
+        if (folder / tail).exists():
+            return tail
+    return None
+
+
+def _replace_prefix(value: str | None, old: str, new: str) -> str | None:
+    """`value` with the path prefix `old` (plain or file: URI) replaced by `new`, else None."""
+    if not value:
+        return None
+    for scheme in ("", "file://", "file:"):
+        prefix = scheme + old
+        if value == prefix or value.startswith(prefix + "/"):
+            return scheme + new + value[len(prefix):]
+    return None
+
+
+def _rewrite_locations(uri: str, experiment_id: str, old: str, new: str) -> int:
+    """Rewrite artifact locations under `old` to `new` for one experiment of a SQLite store
+    (experiment, runs, logged models, model versions, trace locations); the number of rows."""
+    from mlflow.store.model_registry.dbmodels.models import SqlModelVersion
+    from mlflow.store.tracking.dbmodels.models import (
+        SqlExperiment,
+        SqlLoggedModel,
+        SqlRun,
+        SqlTraceInfo,
+        SqlTraceTag,
+    )
+    from sqlalchemy import create_engine
+    from sqlalchemy.orm import Session
+
+    engine = create_engine(uri)
+    changed = 0
+    try:
+        with Session(engine) as session, session.begin():
+            exp_id = int(experiment_id)
+            rows: list[tuple[Any, str]] = [
+                (r, "artifact_location") for r in session.query(SqlExperiment).filter_by(experiment_id=exp_id)
+            ]
+            rows += [(r, "artifact_uri") for r in session.query(SqlRun).filter_by(experiment_id=exp_id)]
+            rows += [(r, "artifact_location")
+                     for r in session.query(SqlLoggedModel).filter_by(experiment_id=exp_id)]
+            rows += [(r, field) for r in session.query(SqlModelVersion)
+                     for field in ("storage_location", "source")]
+            trace_ids = session.query(SqlTraceInfo.request_id).filter_by(experiment_id=exp_id)
+            rows += [(r, "value") for r in session.query(SqlTraceTag).filter(
+                SqlTraceTag.key == "mlflow.artifactLocation", SqlTraceTag.request_id.in_(trace_ids))]
+            for row, field in rows:
+                value = _replace_prefix(getattr(row, field), old, new)
+                if value is not None and value != getattr(row, field):
+                    setattr(row, field, value)
+                    changed += 1
+    finally:
+        engine.dispose()
+    return changed
+
+
+def relocate_artifacts(uri: str, experiment: Any) -> Any:
+    """Follow a moved or copied SQLite store: point `experiment`'s artifacts under the store's
+    current folder when its location lies outside it. Returns the (re-read) experiment."""
     import mlflow
 
-    mlflow.set_tracking_uri(tracking_uri(params, root))
+    folder = store_dir(uri)
+    location = _local_path(experiment.artifact_location)
+    if folder is None or location is None:
+        return experiment
+    client = mlflow.MlflowClient(uri)
+    recorded = experiment.tags.get(ARTIFACT_ROOT_TAG)
+    if _within(location.resolve(), folder):
+        if recorded != str(folder):
+            client.set_experiment_tag(experiment.experiment_id, ARTIFACT_ROOT_TAG, str(folder))
+        return experiment
+    if recorded and _within(location, Path(recorded)):
+        tail: Path | None = location.relative_to(recorded)
+    else:
+        tail = _moved_tail(location, folder)
+    if tail is None:
+        log.warning("experiment %r keeps its artifacts in %s, outside the store's folder %s, and "
+                    "that location was not found here; left as it is", experiment.name, location, folder)
+        return experiment
+    new = folder / tail
+    changed = _rewrite_locations(uri, experiment.experiment_id, str(location), str(new))
+    client.set_experiment_tag(experiment.experiment_id, ARTIFACT_ROOT_TAG, str(folder))
+    log.warning("MLflow store moved: experiment %r artifacts %s -> %s (%d locations rewritten)",
+                experiment.name, location, new, changed)
+    return client.get_experiment(experiment.experiment_id)
+
+
+def ensure_experiment(uri: str, name: str) -> Any:
+    """The experiment `name` in store `uri`, created if missing (artifacts in the store's folder,
+    the runs view as its kind), and relocated if the store was moved (:func:`relocate_artifacts`)."""
+    import mlflow
+    from mlflow.exceptions import MlflowException
+
+    client = mlflow.MlflowClient(uri)
+    experiment = client.get_experiment_by_name(name)
+    if experiment is None:
+        folder = store_dir(uri)
+        location = str(folder / ARTIFACTS_DIR / _slug(name)) if folder else None
+        tags = {EXPERIMENT_KIND_TAG: EXPERIMENT_KIND}
+        if folder:
+            tags[ARTIFACT_ROOT_TAG] = str(folder)
+        try:
+            client.create_experiment(name, artifact_location=location, tags=tags)
+        except MlflowException as err:  # created meanwhile by another process
+            if err.error_code != "RESOURCE_ALREADY_EXISTS":
+                raise
+        experiment = client.get_experiment_by_name(name)
+    if experiment.lifecycle_stage != "active":
+        return experiment  # mlflow.set_experiment says it is deleted
+    if EXPERIMENT_KIND_TAG not in experiment.tags:
+        client.set_experiment_tag(experiment.experiment_id, EXPERIMENT_KIND_TAG, EXPERIMENT_KIND)
+    return relocate_artifacts(uri, experiment)
+
+
+def setup(params: Params, root: str | Path | None = None) -> None:
+    """Point MLflow at the store and experiment from params/environment (probed, created or
+    relocated as needed); TrackingStoreError if the store's server does not answer."""
+    import mlflow
+
+    uri = tracking_uri(params, root)
+    check_store(uri)
+    mlflow.set_tracking_uri(uri)
+    ensure_experiment(uri, params.tracking.experiment)
     mlflow.set_experiment(params.tracking.experiment)
 
 
@@ -275,31 +485,61 @@ def end_pipeline_run(
     status: str = "FINISHED",
     metrics: Mapping[str, float] | None = None,
     root: str | Path | None = None,
+    noop: bool = False,
 ) -> None:
-    """Log the pipeline's headline metrics on its parent run and close it with `status`."""
+    """Log the pipeline's headline metrics on its parent run and close it with `status`.
+
+    A `noop` execution (every stage cached, so no stage run nests under it) logs no metrics:
+    it is tagged `rprm.noop=true` and renamed "<name> (no-op: every stage cached)", so it is not
+    mistaken for a full pipeline run.
+    """
     import mlflow
 
     mlflow.set_tracking_uri(tracking_uri(params, root))
     client = mlflow.MlflowClient()
-    for key, value in (metrics or {}).items():
-        client.log_metric(run_id, key.replace("@", "_at_"), float(value))
+    if noop:
+        name = client.get_run(run_id).info.run_name or "pipeline"
+        client.set_tag(run_id, NOOP_TAG, "true")
+        client.update_run(run_id, name=f"{name} (no-op: every stage cached)")
+    else:
+        for key, value in (metrics or {}).items():
+            client.log_metric(run_id, key.replace("@", "_at_"), float(value))
     client.set_terminated(run_id, status=status)
+
+
+def ui_base(uri: str, ui_url: str | None = None) -> str:
+    """Base URL of the MLflow UI: `ui_url`, else $RPRM_MLFLOW_UI_URL, else an http(s) tracking
+    URI, else the local `mlflow ui` address (http://127.0.0.1:5000)."""
+    base = ui_url or os.environ.get(UI_URL_ENV)
+    if not base:
+        base = uri if uri.startswith(("http://", "https://")) else DEFAULT_UI_URL
+    return base.rstrip("/")
 
 
 def run_url(
     params: Params, run_id: str, ui_url: str | None = None, root: str | Path | None = None
 ) -> str:
-    """Link to a run in the MLflow UI (`ui_url`, else $RPRM_MLFLOW_UI_URL, else an http
-    tracking URI, else the local `mlflow ui` address)."""
+    """Link to a run in the MLflow UI (base URL from :func:`ui_base`), in the runs view."""
     import mlflow
 
     uri = tracking_uri(params, root)
     mlflow.set_tracking_uri(uri)
     run = mlflow.MlflowClient().get_run(run_id)
-    base = ui_url or os.environ.get("RPRM_MLFLOW_UI_URL")
-    if base is None:
-        base = uri if uri.startswith(("http://", "https://")) else "http://127.0.0.1:5000"
-    return f"{base.rstrip('/')}/#/experiments/{run.info.experiment_id}/runs/{run_id}"
+    return f"{ui_base(uri, ui_url)}/#/experiments/{run.info.experiment_id}/runs/{run_id}{UI_QUERY}"
+
+
+def experiment_url(
+    params: Params, ui_url: str | None = None, root: str | Path | None = None
+) -> str | None:
+    """Link to the experiment's runs list in the MLflow UI, or None if it does not exist yet."""
+    import mlflow
+
+    uri = tracking_uri(params, root)
+    mlflow.set_tracking_uri(uri)
+    experiment = mlflow.MlflowClient().get_experiment_by_name(params.tracking.experiment)
+    if experiment is None:
+        return None
+    return f"{ui_base(uri, ui_url)}/#/experiments/{experiment.experiment_id}{UI_QUERY}"
 
 
 def log_report(report: Mapping[str, Any], artifact_file: str | None = None) -> None:

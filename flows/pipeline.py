@@ -9,8 +9,13 @@ so a retry resumes instead of starting over.
 
 The flow creates the MLflow parent run of this pipeline execution and exports its id as
 `RPRM_PARENT_RUN_ID` to the stages, whose runs nest under it. At the end it logs the headline
-metrics on the parent run and publishes a markdown artifact (`rprm-pipeline`) with the
-per-stage outcome, the headline metrics of `reports/*.json` and the MLflow run link.
+metrics on the parent run and publishes a markdown artifact (`rprm-pipeline`): the MLflow
+links, the per-stage outcome, a short headline table (ProcessBench average F1 and PRMBench
+PRMScore per model, how often analyses reached the verdict, the Best-of-N gain) and then every
+top-level number of `reports/*.json`. When DVC skipped every stage (nothing changed), no stage
+run nests under the parent run: it is tagged `rprm.noop=true`, named "... (no-op: every stage
+cached)" and carries no metrics. The UI links use `RPRM_MLFLOW_UI_URL` when set (else an
+http(s) tracking URI, else http://127.0.0.1:5000, what `mlflow ui` serves).
 
     python -m flows.pipeline                     # the whole chain, in this folder
     python -m flows.pipeline --stages evaluate register
@@ -132,17 +137,101 @@ def headline_metrics(project_dir: str | Path) -> dict[str, float]:
     return out
 
 
+def _number(value: Any) -> float | None:
+    """A finite number from a report (bools and non-numbers: None)."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or value != value:
+        return None
+    return float(value)
+
+
+def _read_report(project_dir: str | Path, name: str) -> dict[str, Any]:
+    """reports/<name>.json as a dict ({} when missing or unreadable)."""
+    try:
+        report = json.loads((Path(project_dir) / "reports" / f"{name}.json").read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError):
+        return {}
+    return report if isinstance(report, dict) else {}
+
+
+def _models(report: dict[str, Any]) -> dict[str, dict[str, Any]]:
+    """The per-model sections of an evaluate report (`{"models": {name: {...}}}`)."""
+    models = report.get("models")
+    return {k: v for k, v in models.items() if isinstance(v, dict)} if isinstance(models, dict) else {}
+
+
+def _rate(section: dict[str, Any], *keys: str) -> float | None:
+    """The first of `keys` found as a number in `section` or its `cost` block."""
+    for where in (section, section.get("cost") if isinstance(section.get("cost"), dict) else {}):
+        for key in keys:
+            if (v := _number(where.get(key))) is not None:
+                return v
+    return None
+
+
+def headline_rows(project_dir: str | Path) -> list[tuple[str, str]]:
+    """The few numbers to read first, from whichever reports exist: ProcessBench average F1 per
+    model, how often analyses reached the verdict (fallback rate), PRMBench PRMScore per model,
+    the Best-of-N gain of the PRM over majority voting and over one sample."""
+    rows: list[tuple[str, str]] = []
+    pb = _read_report(project_dir, "processbench")
+    for model, section in _models(pb).items():
+        if (v := _number(section.get("avg_f1"))) is not None:
+            rows.append((f"ProcessBench avg F1 ({model})", f"{v:.1f}"))
+    for model, section in _models(pb).items():
+        reach = _rate(section, "verdict_reach_rate", "verdict_rate")
+        fallbacks, generations = _rate(section, "fallbacks"), _rate(section, "generations")
+        fallback = _rate(section, "fallback_rate")
+        if fallback is None and fallbacks is not None and generations:
+            fallback = fallbacks / generations
+        if reach is None and fallback is not None:
+            reach = 1.0 - fallback
+        if reach is not None:
+            detail = f" (fallback {fallback:.1%})" if fallback is not None else ""
+            rows.append((f"analyses reaching the verdict ({model}, ProcessBench)", f"{reach:.1%}{detail}"))
+    pairs = _read_report(project_dir, "pairs")
+    if (v := _number(pairs.get("valid_rate"))) is not None:
+        rows.append(("SFT analyses reaching a valid verdict (sample-pairs)", f"{v:.1%}"))
+    prm = _read_report(project_dir, "prmbench")
+    for model, section in _models(prm).items():
+        if (v := _number(section.get("prmscore"))) is not None:
+            rows.append((f"PRMBench PRMScore ({model})", f"{v:.3f}"))
+    bon = _read_report(project_dir, "bon")
+    datasets = bon.get("datasets") if isinstance(bon.get("datasets"), dict) else {}
+    for dataset, entry in datasets.items():
+        if not isinstance(entry, dict):
+            continue
+        n = entry.get("n")
+        best, maj, one = (_number(entry.get(f"prm@{n}")), _number(entry.get(f"maj@{n}")),
+                          _number(entry.get("pass@1")))
+        if best is None:
+            continue
+        gains = [f"{best - ref:+.3f} over {name}" for ref, name in ((maj, f"maj@{n}"), (one, "pass@1"))
+                 if ref is not None]
+        rows.append((f"Best-of-N gain ({dataset}, prm@{n} {best:.3f})", "; ".join(gains) or "-"))
+    return rows
+
+
 def summary_markdown(results: Sequence[dict[str, Any]], metrics: dict[str, float], run_link: str | None,
-                     failed: str | None = None) -> str:
-    """The pipeline's markdown artifact: stage outcomes, headline metrics, MLflow link."""
+                     failed: str | None = None, headline: Sequence[tuple[str, str]] = (),
+                     experiment_link: str | None = None, noop: bool = False) -> str:
+    """The pipeline's markdown artifact: MLflow links, stage outcomes, headline table, every metric."""
     lines = ["# R-PRM pipeline", ""]
     if run_link:
         lines += [f"MLflow parent run: [{run_link}]({run_link})", ""]
+    if experiment_link:
+        lines += [f"All runs of the experiment: [{experiment_link}]({experiment_link})", ""]
     if failed:
         lines += [f"**Failed at stage `{failed}`.**", ""]
+    if noop:
+        lines += ["**No-op: DVC found every stage up to date, nothing reran.** The MLflow parent "
+                  "run is tagged `rprm.noop=true` and carries no metrics; the numbers below are "
+                  "those of the last run that produced the reports.", ""]
     lines += ["| stage | outcome | seconds |", "| --- | --- | ---: |"]
     lines += [f"| {r['stage']} | {r['status']} | {r['seconds']} |" for r in results]
-    lines += ["", "| metric | value |", "| --- | ---: |"]
+    if headline:
+        lines += ["", "## Headline", "", "| headline | value |", "| --- | ---: |"]
+        lines += [f"| {name} | {value} |" for name, value in headline]
+    lines += ["", "## Every report number", "", "| metric | value |", "| --- | ---: |"]
     for key, value in metrics.items():
         shown = f"{value:.4g}" if isinstance(value, float) else str(value)
         lines.append(f"| {key} | {shown} |")
@@ -189,13 +278,16 @@ def pipeline(
         failed = None
     finally:
         metrics = headline_metrics(root)
-        tracking.end_pipeline_run(params, parent, "FAILED" if failed else "FINISHED", metrics, root=root)
+        noop = not failed and bool(results) and all(r["status"] == "skipped" for r in results)
+        tracking.end_pipeline_run(params, parent, "FAILED" if failed else "FINISHED", metrics,
+                                  root=root, noop=noop)
         create_markdown_artifact(
-            summary_markdown(results, metrics, link, failed),
+            summary_markdown(results, metrics, link, failed, headline_rows(root),
+                             tracking.experiment_url(params, root=root), noop),
             key="rprm-pipeline",
             description="R-PRM pipeline: stage outcomes, headline metrics, MLflow parent run",
         )
-    return {"parent_run_id": parent, "run_url": link, "stages": results, "metrics": metrics}
+    return {"parent_run_id": parent, "run_url": link, "stages": results, "metrics": metrics, "noop": noop}
 
 
 def main() -> None:
@@ -212,6 +304,8 @@ def main() -> None:
     for r in result["stages"]:
         print(f"{r['stage']:<13} {r['status']:<8} {r['seconds']:>7.1f} s")
     print(f"{'total':<22} {sum(r['seconds'] for r in result['stages']):>7.1f} s")
+    if result["noop"]:
+        print("no-op: every stage was up to date (the MLflow parent run is tagged rprm.noop=true)")
     print(f"MLflow parent run: {result['run_url']}")
 
 

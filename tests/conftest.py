@@ -12,6 +12,13 @@ that exercise one-pass verdict reading, scoring, pair sampling or serving use it
 Both are deterministic builds; a finished build is kept under ~/.cache/rprm-tests, keyed by
 the hash of everything it depends on, and each session gets its own copy (see `_cached_model`;
 RPRM_TEST_CACHE=0 or CI set: always build).
+
+No test may leave MLflow's default store in the repository: MLflow 3.17 falls back to
+`sqlite:///mlflow.db` in the current folder when no tracking URI is set, so any MLflow call made
+from the repository root without one (in this process or a subprocess) used to leave an
+`mlflow.db` there. The session sets MLFLOW_TRACKING_URI to a temporary store unless one is
+given; in this process opening `<repository>/mlflow.db` fails the test that does it, and a
+file that appears anyway (a subprocess) fails the session (`_no_default_mlflow_store`).
 """
 
 from __future__ import annotations
@@ -21,9 +28,11 @@ import json
 import os
 import random
 import shutil
+import sys
 import tempfile
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -33,10 +42,44 @@ from components.prompts import VERDICT_NO, VERDICT_YES, student_messages
 REPO_ROOT = Path(__file__).resolve().parents[1]
 PRM800K_BUNDLED = REPO_ROOT / "data" / "bundled" / "prm800k"
 
+MLFLOW_DEFAULT_STORE = REPO_ROOT / "mlflow.db"  # MLflow's default store, opened from the repository root
+
 VERDICT_TRAIN_STEPS = 100
 VERDICT_BATCH = 4
 VERDICT_LR = 5e-3
 VERDICT_SEED = 1234
+
+
+def _refuse_default_store(event: str, args: tuple[Any, ...]) -> None:
+    """Audit hook: opening MLflow's default store in the repository is an error naming the test."""
+    if event != "sqlite3.connect" or not args or not isinstance(args[0], (str, os.PathLike)):
+        return
+    target = os.fspath(args[0])
+    if target.startswith("file:"):
+        target = target.removeprefix("file:").split("?", 1)[0]
+    if target and not target.startswith(":") and Path(target).resolve() == MLFLOW_DEFAULT_STORE:
+        # pytest.fail's exception is no Exception, so MLflow's connection retries do not swallow it
+        pytest.fail(
+            f"{os.environ.get('PYTEST_CURRENT_TEST', 'a test')} opened MLflow's default store "
+            f"{MLFLOW_DEFAULT_STORE}: set MLFLOW_TRACKING_URI (or params tracking.tracking_uri) to a "
+            "temporary store"
+        )
+
+
+sys.addaudithook(_refuse_default_store)
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _no_default_mlflow_store(tmp_path_factory: pytest.TempPathFactory) -> Iterator[None]:
+    """A temporary default MLflow store for the session; none may appear in the repository."""
+    existed = MLFLOW_DEFAULT_STORE.exists()
+    if not os.environ.get("MLFLOW_TRACKING_URI"):
+        store = tmp_path_factory.mktemp("mlflow-default") / "mlruns.db"
+        os.environ["MLFLOW_TRACKING_URI"] = f"sqlite:///{store}"
+    yield
+    if not existed and MLFLOW_DEFAULT_STORE.exists():
+        raise RuntimeError(f"a test process left MLflow's default store {MLFLOW_DEFAULT_STORE}: it ran "
+                           "MLflow from the repository root with no tracking URI")
 
 
 @pytest.fixture(scope="session")

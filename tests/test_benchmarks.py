@@ -325,6 +325,14 @@ BAD_RESULTS = [
     ([{"idx": "circular_p_0", "scores": {"step_level_validity_labels": [True] * 4}},
       {"idx": "circular_p_0", "scores": {"step_level_validity_labels": [True] * 4}}], 2, "duplicate idx"),
     ([{"idx": "circular_p_0", "scores": {"step_level_validity_labels": [True] * 4}}], None, "have no result"),
+    # garbage labels beside valid scores: the scores decide, but the labels are not ignored
+    ([{"idx": "circular_p_0", "scores": {"step_level_validity_scores": [0.5, 0.2, 0.7, 0.1],
+                                         "step_level_validity_labels": "garbage"}}], 1, "str step labels"),
+    ([{"idx": "circular_p_0", "scores": {"step_level_validity_scores": [0.5, 0.2, 0.7, 0.1],
+                                         "step_level_validity_labels": [True, "yes", False, False]}}],
+     1, "scores.step_level_validity_labels[1]"),
+    ([{"idx": "circular_p_0", "scores": {"step_level_validity_scores": [0.5, 0.2, 0.7, 0.1],
+                                         "step_level_validity_labels": [True, False]}}], 1, "2 step labels"),
 ]
 
 
@@ -475,3 +483,26 @@ def test_perfect_labels_give_prmscore_one_on_full_prmbench(tmp_path: Path) -> No
         {"idx": it.idx, "scores": {"step_level_validity_labels": [True] * len(it.modified_process)}} for it in items])
     r2 = B.cli_score_prmbench(everything_ok, SHARED_PRMB, 0.5, None)
     assert r2["overall"]["negative_f1"] == 0.0 and math.isclose(r2["prmscore"], 0.5 * r2["overall"]["f1"])
+
+
+def test_cli_scoring_defaults_to_the_bundled_benchmarks(tmp_path: Path) -> None:
+    """Without --benchmark both commands score against the copies bundled in the project."""
+    pb_items = B.load_processbench(ROOT / "data" / "bundled" / "processbench")
+    preds = write_lines(tmp_path / "preds.jsonl", [{"id": it.id, "first_error": it.label} for it in pb_items])
+    prmb_items = B.load_prmbench(ROOT / "data" / "bundled" / "prmbench" / "prmbench_preview.jsonl")
+    results = write_lines(tmp_path / "results.jsonl", [
+        {"idx": it.idx, "scores": {"step_level_validity_labels": [
+            i + 1 not in it.error_steps for i in range(len(it.modified_process))]}}
+        for it in prmb_items
+    ])
+    runner = CliRunner()
+    pb_out, prmb_out = tmp_path / "pb.json", tmp_path / "prmb.json"
+    res = runner.invoke(app, ["score-processbench", str(preds), "--out", str(pb_out)])
+    assert res.exit_code == 0, res.output
+    report = json.loads(pb_out.read_text())
+    assert report["benchmark"].endswith("data/bundled/processbench") and report["avg_f1"] == 100.0
+    res = runner.invoke(app, ["score-prmbench", str(results), "--out", str(prmb_out)])
+    assert res.exit_code == 0, res.output
+    report = json.loads(prmb_out.read_text())
+    assert report["benchmark"].endswith("data/bundled/prmbench/prmbench_preview.jsonl")
+    assert report["prmscore"] == pytest.approx(1.0)

@@ -256,6 +256,7 @@ def subflow_runs(api: str, parent_flow_run_id: str) -> list[dict]:
     return r.json()
 
 
+@pytest.mark.slow
 @pytest.mark.timeout(2400)  # three real retrainings; the machine is shared
 def test_scheduled_retraining_end_to_end(served: dict, project: Path, prefect_env: dict) -> None:
     api, dep = served["api"], served["deployment"]
@@ -346,6 +347,7 @@ def test_scheduled_retraining_end_to_end(served: dict, project: Path, prefect_en
     assert "**kept**" in artifact(api, "rprm-retrain", run3["id"])
 
 
+@pytest.mark.slow
 @pytest.mark.timeout(900)
 def test_a_remote_stage_is_retried_after_a_failure(project: Path, prefect_env: dict, tmp_path: Path) -> None:
     """`evaluate` fails while another DVC process holds the repository lock (a real failure:
@@ -388,3 +390,75 @@ def test_a_remote_stage_is_retried_after_a_failure(project: Path, prefect_env: d
     history = call("GET", f"{api}/task_run_states/", params={"task_run_id": task_run["id"]}).json()
     assert [s["name"] for s in history].count("Retrying") == 1
     assert json.loads((root / "reports/processbench.json").read_text())
+
+
+def _reports(root: Path) -> None:
+    """Evaluate, sample-pairs and best-of-n reports as their stages write them (numbers made up)."""
+    reports = root / "reports"
+    reports.mkdir(exist_ok=True)
+    cost = {"fallbacks": 3, "generations": 60, "steps_total": 10}
+    (reports / "processbench.json").write_text(json.dumps({
+        "processbench_avg_f1": 41.5, "headline_model": "dpo",
+        "models": {"sft": {"avg_f1": 38.25, "cost": cost}, "dpo": {"avg_f1": 41.5, "cost": cost}}}))
+    (reports / "prmbench.json").write_text(json.dumps({
+        "prmbench_prmscore": 0.61, "models": {"dpo": {"prmscore": 0.61}}}))
+    (reports / "pairs.json").write_text(json.dumps({"valid_rate": 0.866, "pairs": 12}))
+    (reports / "bon.json").write_text(json.dumps({"datasets": {"math500": {
+        "n": 8, "pass@1": 0.4, "maj@8": 0.5, "prm@8": 0.55, "prm_vote@8": 0.52}}}))
+
+
+def test_the_headline_table_leads_the_summary(tmp_path: Path) -> None:
+    """A handful of headline numbers first, then every top-level report number."""
+    from flows.pipeline import headline_metrics, headline_rows, summary_markdown
+
+    _reports(tmp_path)
+    rows = dict(headline_rows(tmp_path))
+    assert rows["ProcessBench avg F1 (dpo)"] == "41.5" and rows["ProcessBench avg F1 (sft)"] == "38.2"
+    assert rows["analyses reaching the verdict (dpo, ProcessBench)"] == "95.0% (fallback 5.0%)"
+    assert rows["SFT analyses reaching a valid verdict (sample-pairs)"] == "86.6%"
+    assert rows["PRMBench PRMScore (dpo)"] == "0.610"
+    assert rows["Best-of-N gain (math500, prm@8 0.550)"] == "+0.050 over maj@8; +0.150 over pass@1"
+    md = summary_markdown([{"stage": "prepare", "status": "skipped", "seconds": 1.0}],
+                          headline_metrics(tmp_path), "http://ui/#/r", headline=list(rows.items()),
+                          experiment_link="http://ui/#/e", noop=True)
+    assert md.index("## Headline") < md.index("## Every report number")
+    assert md.index("| ProcessBench avg F1 (dpo) | 41.5 |") < md.index("| pairs.pairs | 12 |")
+    assert "No-op" in md and "| prepare | skipped | 1.0 |" in md and "[http://ui/#/e]" in md
+    assert headline_rows(tmp_path / "nowhere") == []
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(900)
+def test_a_pipeline_that_reruns_nothing_is_marked_noop(project: Path, prefect_env: dict, tmp_path: Path) -> None:
+    """Every selected stage cached: the MLflow parent run says no-op and copies no metrics; the
+    Prefect artifact says so too and leads with the headline table."""
+    from mlflow import MlflowClient
+
+    root = tmp_path / "project"
+    shutil.copytree(project, root, symlinks=True)
+    env = {**prefect_env, "PYTHONPATH": str(root)}
+    subprocess.run([sys.executable, "-m", "dvc", "repro", "--single-item", "prepare"], cwd=root, env=env,
+                   check=True, capture_output=True)
+    _reports(root)
+    out = subprocess.run([sys.executable, "-m", "flows.pipeline", "--project-dir", str(root), "--stages", "prepare",
+                          "--retries", "0"], cwd=root, env=env, capture_output=True, text=True, timeout=600)
+    assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
+    assert "no-op: every stage was up to date" in out.stdout
+
+    client = MlflowClient(tracking_uri=f"sqlite:///{root / 'mlruns.db'}")
+    exp = client.get_experiment_by_name("r-prm")
+    link = next(line for line in out.stdout.splitlines() if line.startswith("MLflow parent run: "))
+    assert link.endswith("?workflowType=machine_learning")
+    parent = client.get_run(link.split("/runs/")[1].split("?")[0])
+    assert parent.data.tags["rprm.pipeline"] == "true"
+    assert parent.data.tags["rprm.noop"] == "true" and parent.data.metrics == {}
+    assert parent.info.run_name.endswith("(no-op: every stage cached)")
+    assert client.search_runs([exp.experiment_id], f"tags.mlflow.parentRunId = '{parent.info.run_id}'") == []
+
+    api = prefect_env["PREFECT_API_URL"]
+    (run,) = call("POST", f"{api}/flow_runs/filter", json={
+        "flows": {"name": {"any_": ["rprm-pipeline"]}}, "flow_runs": {"deployment_id": {"is_null_": True}},
+        "sort": "START_TIME_DESC", "limit": 1}).json()
+    md = artifact(api, "rprm-pipeline", run["id"])
+    assert "No-op" in md and "| prepare | skipped |" in md and "workflowType=machine_learning" in md
+    assert md.index("| ProcessBench avg F1 (dpo) | 41.5 |") < md.index("## Every report number")

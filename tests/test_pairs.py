@@ -247,6 +247,7 @@ def test_stage_outputs_follow_the_rules(straight_run: tuple[Path, dict], mlflow_
     assert run[0].data.params["sample_pairs.sampling.n"] == "4"
 
 
+@pytest.mark.slow
 def test_kill_and_resume_equals_uninterrupted(tmp_path: Path, project_template: Path,
                                               straight_run: tuple[Path, dict],
                                               default_params: Params, mlflow_uri: str) -> None:

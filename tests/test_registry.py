@@ -123,22 +123,29 @@ def test_register_rejects_a_folder_without_model(project: Path) -> None:
         registry.run_register(params())
 
 
-def test_promote_without_champion_then_kept_then_moved(project: Path) -> None:
-    """First challenger becomes champion; a small gain is kept out; a large one replaces it."""
+def test_promote_without_champion_then_kept_then_moved(project: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """First challenger becomes champion; a small gain is kept out; a large one replaces it.
+    Each time `rprm promote` prints which version is the champion afterwards, and why."""
     p = params(margin=2.0)
     assert registry.promote(p)["reason"].startswith("no version has the alias")
+    assert capsys.readouterr().out.startswith("no promotion: r-prm has no champion (no version has the alias")
 
     register(40.0, p)
+    capsys.readouterr()
     first = registry.promote(p)
     assert first["promoted"] and first["reason"] == "no champion yet"
+    assert capsys.readouterr().out == "promoted: r-prm version 1 is now the champion (no champion yet)\n"
     assert aliases() == {"challenger": "1", "champion": "1"}
     again = registry.promote(p)
     assert not again["promoted"] and "already the champion" in again["reason"]
+    assert capsys.readouterr().out.startswith("no promotion: r-prm version 1 stays the champion (")
 
     register(41.5, p)  # +1.5 <= margin 2.0
+    capsys.readouterr()
     kept = registry.promote(p)
     assert not kept["promoted"] and kept["champion_after"] == 1
     assert "does not beat" in kept["reason"]
+    assert capsys.readouterr().out.startswith("no promotion: r-prm version 1 stays the champion (challenger")
     assert aliases() == {"challenger": "2", "champion": "1"}
     client = MlflowClient()
     v1, v2 = client.get_model_version("r-prm", "1"), client.get_model_version("r-prm", "2")
@@ -148,8 +155,11 @@ def test_promote_without_champion_then_kept_then_moved(project: Path) -> None:
     assert v1.tags["promotion.reason"] == kept["reason"]
 
     register(42.5, p)  # +2.5 > margin 2.0
+    capsys.readouterr()
     moved = registry.promote(p)
     assert moved["promoted"] and moved["champion_before"] == 1 and moved["champion_after"] == 3
+    assert capsys.readouterr().out.startswith(
+        "promoted: r-prm version 3 is now the champion, replacing version 1 (challenger")
     assert moved["gain"] == pytest.approx(2.5)
     assert aliases() == {"challenger": "3", "champion": "3"}
     v1, v3 = client.get_model_version("r-prm", "1"), client.get_model_version("r-prm", "3")

@@ -244,6 +244,7 @@ EVALUATE_OUTPUTS = ("reports/processbench.json", "reports/prmbench.json", "repor
                     "data/scores/base/*.jsonl", "plots/*")
 
 
+@pytest.mark.slow
 def test_evaluate_killed_at_a_random_point_resumes_to_identical_outputs(
     tmp_path: Path, engine: FaultServer, env: dict[str, str]
 ) -> None:

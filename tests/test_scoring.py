@@ -16,7 +16,7 @@ import pytest
 from components import prompts
 from components.backends.base import Generation
 from components.config import BackendParams, SamplingParams, ScoringParams
-from components.io import DataError
+from components.io import DataError, JournalWarning
 from components.records import Solution
 from components.scoring import (
     NEUTRAL_REWARD,
@@ -236,6 +236,30 @@ def test_resumed_run_equals_uninterrupted(backend, full, solutions: list[Solutio
                                                                  for t, s in zip(two, solutions, strict=True)]
     with pytest.raises(DataError, match="other settings"):
         StepScorer(backend, scoring_params(fallback="drop"), early_exit=False, journal=journal,
+                   progress=False).score(solutions)
+
+
+def test_a_damaged_journal_line_costs_only_its_step(backend, full, solutions: list[Solution],
+                                                    tmp_path: Path) -> None:
+    """A garbage line in the middle of a scoring journal is skipped with a warning naming it: only
+    that step is scored again; a journal whose settings line is unreadable is refused."""
+    journal = tmp_path / "scores.journal.jsonl"
+    StepScorer(CountingBackend(backend), scoring_params(), early_exit=False, journal=journal,
+               progress=False).score(solutions)  # the same wrapper (sampler fingerprint) as the rerun
+    lines = journal.read_text().splitlines(keepends=True)
+    lines[3] = "{not json\n"
+    journal.write_text("".join(lines))
+    counting = CountingBackend(backend)
+    with pytest.warns(JournalWarning, match=rf"{journal}:4: unreadable journal line skipped"):
+        again = StepScorer(counting, scoring_params(), early_exit=False, journal=journal,
+                           progress=False).score_detailed(solutions)
+    assert counting.rows == K  # the one lost step, K analyses
+    for a, b in zip(again, full, strict=True):
+        assert all(x == pytest.approx(y, abs=1e-5) for x, y in zip(a.values, b.values, strict=True))
+    lines = journal.read_text().splitlines(keepends=True)
+    journal.write_text("garbage\n" + "".join(lines[1:]))
+    with pytest.warns(JournalWarning), pytest.raises(DataError, match="no readable settings line"):
+        StepScorer(CountingBackend(backend), scoring_params(), early_exit=False, journal=journal,
                    progress=False).score(solutions)
 
 

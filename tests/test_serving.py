@@ -162,12 +162,15 @@ def test_batcher_combines_concurrent_requests_and_keeps_them_apart(scorer: StepS
 def test_parse_request_rejects_with_row_and_field() -> None:
     with pytest.raises(MlflowException, match=r"row 1: field 'steps.0'"):
         parse_request([{"question": "q", "steps": ["a"]}, {"question": "q", "steps": [""]}], 4, 100)
-    with pytest.raises(MlflowException, match="at most 100"):
+    with pytest.raises(MlflowException, match=r"row 0: field 'question': 101 characters; at most 100"):
         parse_request([{"question": "q" * 101, "steps": ["a"]}], 4, 100)
+    with pytest.raises(MlflowException, match=r"row 0: field 'steps': question and steps hold 101 characters"):
+        parse_request([{"question": "q" * 50, "steps": ["a" * 30, "b" * 21]}], 4, 100)
     (sol,) = parse_request([{"question": "q", "steps": np.array(["a", "b"]), "id": float("nan")}], 4, 100)
     assert sol.steps == ["a", "b"] and sol.id.startswith("req-")
 
 
+@pytest.mark.slow
 def test_invocations_return_step_rewards(server: str) -> None:
     r = invoke(server, {"dataframe_records": [{"question": QUESTION, "steps": STEPS, "id": "natalia"}]})
     assert r.status_code == 200, r.text
@@ -181,6 +184,7 @@ def test_invocations_return_step_rewards(server: str) -> None:
     assert anonymous.status_code == 200 and anonymous.json()["predictions"][0]["id"].startswith("req-")
 
 
+@pytest.mark.slow
 def test_early_exit_request_param(server: str) -> None:
     steps = ["1 + 1 = 5.", *STEPS]  # one row in, several steps to leave unscored after a low one
     r = invoke(server, {"dataframe_records": [{"question": QUESTION, "steps": steps}], "params": {"early_exit": True}})
@@ -204,7 +208,12 @@ MALFORMED = [
     ("question not text", {"dataframe_records": [{"question": 3, "steps": STEPS}]}, "question"),
     ("too many steps", {"dataframe_records": [{"question": QUESTION, "steps": ["x = 1."] * (MAX_STEPS + 1)}]},
      "scoring.max_steps"),
-    ("oversized", {"dataframe_records": [{"question": "q" * 2_000_000, "steps": STEPS}]}, "scoring.max_chars"),
+    ("oversized question", {"dataframe_records": [{"question": "q" * 2_000_000, "steps": STEPS}]},
+     "field 'question': 2000000 characters; at most 4000 (scoring.max_chars)"),
+    ("oversized steps", {"dataframe_records": [{"question": QUESTION, "steps": ["x = 1. " * 300] * 2}]},
+     "field 'steps': question and steps hold"),
+    ("unknown params", {"dataframe_records": [{"question": QUESTION, "steps": STEPS}],
+                        "params": {"temperature": 0.2, "n": 3}}, "unknown request params 'n', 'temperature'"),
     ("same id, other content", {"dataframe_records": [{"question": QUESTION, "steps": STEPS, "id": "a"},
                                                      {"question": QUESTION, "steps": STEPS[:1], "id": "a"}]}, "id"),
     ("no rows", {"dataframe_records": []}, ""),
@@ -212,6 +221,7 @@ MALFORMED = [
 ]
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize(("case", "payload", "mentions"), MALFORMED, ids=[m[0] for m in MALFORMED])
 def test_malformed_payload_gets_4xx_and_server_keeps_serving(server: str, case: str, payload, mentions: str) -> None:
     r = invoke(server, payload)
@@ -222,12 +232,14 @@ def test_malformed_payload_gets_4xx_and_server_keeps_serving(server: str, case: 
     assert ok.status_code == 200
 
 
+@pytest.mark.slow
 def test_wrong_content_type_is_415(server: str) -> None:
     r = invoke(server, "question,steps\n", content_type="text/plain")
     assert r.status_code == 415
     assert httpx.get(f"{server}/ping", timeout=10).status_code == 200
 
 
+@pytest.mark.slow
 def test_concurrent_burst_all_answered_correctly(server: str) -> None:
     """200 single-row requests, 8 in flight, equal to the same 20 solutions scored in one batch."""
     rows = [
@@ -255,3 +267,29 @@ def test_concurrent_burst_all_answered_correctly(server: str) -> None:
         assert pred["id"] == want["id"] and pred["first_error"] == want["first_error"]
         assert pred["step_rewards"] == pytest.approx(want["step_rewards"], abs=1e-4)
     assert httpx.get(f"{server}/ping", timeout=10).status_code == 200
+
+
+@pytest.mark.filterwarnings("ignore:.*input example was not provided")
+def test_unknown_request_params_are_refused_on_the_pyfunc_predict_path(
+        verdict_model_dir: Path, tmp_path: Path) -> None:
+    """The registered pyfunc, saved and loaded as MLflow serves it: `temperature`/`n` are refused
+    naming them (MLflow itself would drop them with a log line); `early_exit` still works."""
+    import mlflow
+    import pandas as pd
+
+    from components import registry
+
+    path = tmp_path / "pyfunc"
+    mlflow.pyfunc.save_model(str(path), **registry.pyfunc_spec(serving_params(), verdict_model_dir, "md5"))
+    model = mlflow.pyfunc.load_model(str(path))
+    rows = pd.DataFrame([{"question": QUESTION, "steps": STEPS[:1], "id": "one"}])
+    with pytest.raises(MlflowException) as err:
+        model.predict(rows, params={"temperature": 0.2, "n": 3})
+    assert err.value.error_code == "INVALID_PARAMETER_VALUE"
+    assert "unknown request params 'n', 'temperature'" in err.value.message
+    assert "the only request param is early_exit" in err.value.message
+    with pytest.raises(MlflowException, match="unknown request params 'top_p'"):
+        model.predict(rows, params={"early_exit": True, "top_p": 0.5})
+    (pred,) = model.predict(rows, params={"early_exit": True})  # nothing left over from the refusals
+    assert pred["id"] == "one"
+    check_prediction(pred, 1)

@@ -357,7 +357,7 @@ def test_api_key_leaves_no_trace(tmp_path: Path, bundled_steps, monkeypatch, cap
     out, err = capfd.readouterr()
     assert KEY not in out + err + caplog.text
     files = [p for p in project.rglob("*") if p.is_file()]
-    assert any(p.name == "mlruns.db" for p in files) and any("mlruns" in p.parts for p in files)
+    assert any(p.name == "mlruns.db" for p in files) and any("mlartifacts" in p.parts for p in files)
     assert any(p.name == "critiques.jsonl" for p in files) and any(p.name == "synthesis.json" for p in files)
     leaked = [str(p) for p in files if KEY.encode() in p.read_bytes()]
     assert leaked == []

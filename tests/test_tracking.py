@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import signal
 import socket
 import subprocess
@@ -250,9 +251,186 @@ def test_unknown_parent_falls_back_to_top_level(project: Path, mlflow_server: st
 
 
 def test_run_url_points_at_the_run(project: Path, mlflow_server: str) -> None:
-    """The link the flow publishes opens the run in the server's UI."""
+    """The link the flow publishes opens the run in the server's UI (its runs view)."""
     p = params()
     run_id = tracking.start_pipeline_run(p)
     url = tracking.run_url(p, run_id)
-    assert url.startswith(mlflow_server) and url.endswith(f"/runs/{run_id}")
+    assert url.startswith(mlflow_server) and url.endswith(f"/runs/{run_id}{tracking.UI_QUERY}")
     assert httpx.get(url.split("#")[0], timeout=30).status_code == 200
+
+
+# --------------------------------------------------------------------------------------
+# A local SQLite store that moves with the project
+# --------------------------------------------------------------------------------------
+
+# Run in the project folder with the default params (tracking_uri sqlite:///mlruns.db, relative):
+# log a stage run with a report artifact; with argv[1] == "first", also a registered pyfunc model;
+# then read back every run's report and the registered model's MLmodel; print what it saw.
+STORE_SCRIPT = r'''
+import json, sys
+from pathlib import Path
+import mlflow
+from components import tracking
+from components.config import Params
+
+class Echo(mlflow.pyfunc.PythonModel):
+    def predict(self, context, model_input, params=None):
+        return model_input
+
+p = Params()
+p.tracking.experiment = sys.argv[2]
+with tracking.stage_run("prepare", p, ["prepare"]) as run:
+    tracking.log_report({"samples": len(mlflow.search_runs(output_format="list"))}, "reports/prepare.json")  # runs so far
+    if sys.argv[1] == "first":
+        info = mlflow.pyfunc.log_model(name="m", python_model=Echo(), pip_requirements=["mlflow"])
+        mlflow.register_model(info.model_uri, "moved-model")
+client = mlflow.MlflowClient()
+exp = client.get_experiment_by_name(sys.argv[2])
+runs = client.search_runs([exp.experiment_id])
+reports = {r.info.run_id: json.loads(Path(mlflow.artifacts.download_artifacts(
+    run_id=r.info.run_id, artifact_path="reports/prepare.json")).read_text())["samples"] for r in runs}
+model = Path(mlflow.artifacts.download_artifacts("models:/moved-model/1"))
+print(json.dumps({"run": run.info.run_id, "artifact_uri": run.info.artifact_uri,
+                  "location": exp.artifact_location, "tags": exp.tags, "reports": reports,
+                  "model_files": sorted(f.name for f in model.iterdir()),
+                  "storage": client.get_model_version_download_uri("moved-model", "1")}))
+'''
+
+LEGACY_SCRIPT = r'''
+import mlflow
+mlflow.set_tracking_uri("sqlite:///mlruns.db")
+mlflow.set_experiment("legacy")  # as MLflow creates it: artifacts in <cwd>/mlruns/<id>
+with mlflow.start_run() as run:
+    mlflow.log_text("old", "note.txt")
+print(run.info.run_id)
+'''
+
+
+def _python(script: str, cwd: Path, *args: str) -> str:
+    """Run a Python script in `cwd` with the project importable and no MLFLOW_TRACKING_URI."""
+    env = {k: v for k, v in os.environ.items() if k not in ("MLFLOW_TRACKING_URI", tracking.PARENT_RUN_ENV)}
+    env["PYTHONPATH"] = str(Path(__file__).resolve().parents[1])
+    out = subprocess.run([sys.executable, "-c", script, *args], cwd=cwd, env=env, capture_output=True,
+                         text=True, timeout=300)
+    assert out.returncode == 0, out.stdout[-2000:] + out.stderr[-4000:]
+    return out.stdout.strip().splitlines()[-1]
+
+
+def _move(src: Path, dest: Path) -> None:
+    """Move a project folder the way a user would: copy it, then delete the original."""
+    shutil.copytree(src, dest)
+    shutil.rmtree(src)
+
+
+def test_a_moved_project_store_reads_and_writes_artifacts_in_its_new_folder(tmp_path: Path) -> None:
+    old, new = tmp_path / "old" / "project", tmp_path / "new" / "project"
+    old.mkdir(parents=True)
+    first = json.loads(_python(STORE_SCRIPT, old, "first", "r-prm-moved"))
+    assert first["location"] == str(old / "mlartifacts" / "r-prm-moved")
+    assert first["tags"]["mlflow.experimentKind"] == "custom_model_development"
+    assert (old / "mlartifacts/r-prm-moved" / first["run"] / "artifacts/reports/prepare.json").exists()
+    assert not (old / "mlruns").exists()
+
+    _move(old, new)
+    second = json.loads(_python(STORE_SCRIPT, new, "second", "r-prm-moved"))
+    assert second["location"] == str(new / "mlartifacts" / "r-prm-moved")
+    assert second["artifact_uri"] == str(new / "mlartifacts/r-prm-moved" / second["run"] / "artifacts")
+    assert (new / "mlartifacts/r-prm-moved" / second["run"] / "artifacts/reports/prepare.json").exists()
+    assert second["tags"][tracking.ARTIFACT_ROOT_TAG] == str(new)
+    # the first run's artifacts and the registered model are read from the new folder
+    assert second["reports"] == {first["run"]: 1, second["run"]: 2}
+    assert "MLmodel" in second["model_files"] and second["storage"].startswith(str(new))
+    assert not old.exists()  # nothing was read from or written to the old folder
+
+
+def test_a_moved_store_made_before_the_artifact_root_tag_is_found_again(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A store MLflow set up on its own (artifacts in <project>/mlruns/<id>) follows the move too."""
+    old, new = tmp_path / "old" / "project", tmp_path / "new" / "project"
+    old.mkdir(parents=True)
+    old_run = _python(LEGACY_SCRIPT, old)
+    assert (old / "mlruns").is_dir()
+    _move(old, new)
+    p = Params()
+    p.tracking.experiment = "legacy"
+    uri = f"sqlite:///{new / 'mlruns.db'}"
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
+    monkeypatch.delenv(tracking.PARENT_RUN_ENV, raising=False)
+    with tracking.stage_run("prepare", p, ["prepare"]) as run:
+        tracking.log_report({"samples": 1}, "reports/prepare.json")
+    import mlflow
+
+    client = mlflow.MlflowClient(uri)
+    exp = client.get_experiment_by_name("legacy")
+    assert exp.artifact_location == str(new / "mlruns" / exp.experiment_id)
+    assert exp.tags[tracking.EXPERIMENT_KIND_TAG] == tracking.EXPERIMENT_KIND
+    assert (new / "mlruns" / exp.experiment_id / run.info.run_id / "artifacts/reports/prepare.json").exists()
+    note = mlflow.artifacts.download_artifacts(run_id=old_run, artifact_path="note.txt")
+    assert Path(note).read_text() == "old"
+
+
+@pytest.fixture
+def local_store(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> str:
+    """A temporary SQLite store as MLFLOW_TRACKING_URI, cwd a temp folder."""
+    monkeypatch.chdir(tmp_path)
+    uri = f"sqlite:///{tmp_path / 'mlruns.db'}"
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
+    monkeypatch.delenv(tracking.PARENT_RUN_ENV, raising=False)
+    monkeypatch.delenv(tracking.UI_URL_ENV, raising=False)
+    return uri
+
+
+def test_a_noop_pipeline_run_is_marked_and_carries_no_metrics(local_store: str) -> None:
+    import mlflow
+
+    p = params()
+    full = tracking.start_pipeline_run(p, run_name="pipeline a")
+    tracking.end_pipeline_run(p, full, metrics={"processbench.processbench_avg_f1": 41.5})
+    noop = tracking.start_pipeline_run(p, run_name="pipeline b")
+    tracking.end_pipeline_run(p, noop, metrics={"processbench.processbench_avg_f1": 41.5}, noop=True)
+    client = mlflow.MlflowClient(local_store)
+    a, b = client.get_run(full), client.get_run(noop)
+    assert a.data.metrics == {"processbench.processbench_avg_f1": 41.5} and tracking.NOOP_TAG not in a.data.tags
+    assert b.data.metrics == {} and b.data.tags[tracking.NOOP_TAG] == "true"
+    assert b.info.run_name == "pipeline b (no-op: every stage cached)" and b.info.status == "FINISHED"
+
+
+def test_links_open_the_runs_view_at_the_configured_ui(local_store: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    p = params()
+    run_id = tracking.start_pipeline_run(p)
+    url = tracking.run_url(p, run_id)
+    assert url.startswith("http://127.0.0.1:5000/#/experiments/")
+    assert url.endswith(f"/runs/{run_id}?workflowType=machine_learning")
+    monkeypatch.setenv(tracking.UI_URL_ENV, "https://mlflow.example.org/ui/")
+    assert tracking.run_url(p, run_id).startswith("https://mlflow.example.org/ui/#/experiments/")
+    assert tracking.experiment_url(p).endswith("?workflowType=machine_learning")
+
+
+def test_an_unreachable_tracking_server_fails_fast_naming_it() -> None:
+    port = free_port()  # nothing listens there
+    uri = f"http://127.0.0.1:{port}"
+    start = time.monotonic()
+    with pytest.raises(tracking.TrackingStoreError) as err:
+        tracking.check_store(uri)
+    assert time.monotonic() - start < 10
+    assert uri in str(err.value) and "unreachable" in str(err.value)
+    tracking.check_store("sqlite:///mlruns.db")  # files are not probed
+
+
+def test_a_running_tracking_server_passes_the_probe(mlflow_server: str) -> None:
+    tracking.check_store(mlflow_server)
+
+
+def test_no_test_can_leave_mlflows_default_store_in_the_repository(monkeypatch: pytest.MonkeyPatch) -> None:
+    """MLflow's fallback store (`sqlite:///mlflow.db` in the current folder) is refused in the
+    repository root (tests/conftest.py), and the session has a temporary default store."""
+    import sqlite3
+
+    from conftest import MLFLOW_DEFAULT_STORE
+
+    assert os.environ["MLFLOW_TRACKING_URI"]  # the session's, or one a test set
+    monkeypatch.chdir(MLFLOW_DEFAULT_STORE.parent)
+    existed = MLFLOW_DEFAULT_STORE.exists()
+    with pytest.raises(pytest.fail.Exception, match="opened MLflow's default store"):
+        sqlite3.connect("mlflow.db")
+    assert MLFLOW_DEFAULT_STORE.exists() == existed
