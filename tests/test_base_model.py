@@ -207,3 +207,15 @@ def test_gguf_kind_materialises_smollm2(tmp_path: Path, default_params: Params) 
         add_generation_prompt=True,
     )
     assert rendered.endswith("<|im_start|>assistant\n")
+
+
+def test_number_tokens_make_whole_numbers_single_tokens(tiny_model_dir: Path, default_params: Params) -> None:
+    """`model.tiny.number_tokens`: 0..N-1 are one token each, longer digit runs split into known pieces."""
+    from transformers import AutoTokenizer
+
+    n = default_params.model.tiny.number_tokens
+    assert n > 0
+    tok = AutoTokenizer.from_pretrained(tiny_model_dir)
+    for i in (0, 7, 42, n - 1):
+        assert tok.tokenize(f"x {i} y")[2] == str(i)
+    assert tok.decode(tok("Taking away 13 cards: 147 - 13 = 134.")["input_ids"]) == "Taking away 13 cards: 147 - 13 = 134."
