@@ -267,7 +267,7 @@ def build_tiny_model(
     eos_id = tok.convert_tokens_to_ids(IM_END)
     pad_id = tok.convert_tokens_to_ids(END_OF_TEXT)
     config = Qwen2Config(
-        vocab_size=max(len(tok), tiny.vocab_size),  # rows past the tokenizer stay unused (as in Qwen2)
+        vocab_size=len(tok),
         hidden_size=tiny.hidden_size,
         intermediate_size=tiny.intermediate_size,
         num_hidden_layers=tiny.num_hidden_layers,
