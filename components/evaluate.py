@@ -247,7 +247,7 @@ def _load_heldout() -> list[ProcessBenchItem]:
     """The in-domain held-out benchmark staged by `prepare` (empty outside the arithmetic domain)."""
     if not paths.HELDOUT.exists():
         return []
-    return read_jsonl(paths.HELDOUT, ProcessBenchItem, key=lambda r: r.id)
+    return read_jsonl(paths.HELDOUT, ProcessBenchItem, key=lambda r: r.id, allow_empty=True)
 
 
 def _load_benchmarks() -> tuple[list[ProcessBenchItem], list[PRMBenchItem]]:
@@ -477,7 +477,10 @@ def run(params: Params) -> dict[str, Any]:
             })
         write_json(HELDOUT_REPORT, heldout_report)
         figures = _write_plots(models, scaling, {m: r["prmbench"] for m, r in results.items()}, subsets, plan)
-        if heldout_items:
+        if not heldout_items:  # a DVC output on every domain: say there is nothing to show
+            figures.append(plots.line_plot({}, HELDOUT_SCALING_PNG, x_label="K (analyses per step)", y_label="F1",
+                                           title=f"No in-domain held-out benchmark on domain {params.domain.kind!r}"))
+        else:
             figures.append(plots.line_plot(
                 {f"{m} ({results[m]['heldout']['evaluated_model']})" if results[m]["heldout"]["substituted"] else m:
                  {k: results[m]["heldout"]["f1_vs_k"][str(k)] for k in plan.ks} for m in models},

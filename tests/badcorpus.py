@@ -412,8 +412,8 @@ def _sub(old: bytes, new: bytes) -> Callable[[bytes], bytes]:
 PARAMS_CASES: list[ParamsCase] = [
     ParamsCase("invalid_yaml", _sub(b"  val_fraction: 0.1\n", b"  val_fraction: [0.1\n"), ("invalid YAML", "line")),
     ParamsCase("non_utf8", _sub(b"  experiment: r-prm\n", b"  experiment: r-prm\xe9\xff\n"), ("UTF-8",)),
-    ParamsCase("wrong_type", _sub(b"  max_problems: 60\n", b"  max_problems: sixty\n"),
-               ("prepare.max_problems", "integer")),
+    ParamsCase("wrong_type", _sub(b"  val_fraction: 0.1\n", b"  val_fraction: a tenth\n"),
+               ("prepare.val_fraction", "number")),
     ParamsCase("missing_field", _sub(b"  val_fraction: 0.1\n", b""), ("prepare.val_fraction", "missing key")),
     ParamsCase("unknown_field", _sub(b"  val_fraction: 0.1\n", b"  val_fraction: 0.1\n  val_fractoin: 0.2\n"),
                ("prepare.val_fractoin", "unknown key")),

@@ -11,6 +11,7 @@ from components.best_of_n import baselines, grade_pool, published_agreement
 from components.config import DataParams
 from components.data import load_bon_testset, load_candidate_pool
 from components.grading import Grader
+from components.io import DataError
 from components.records import BonProblem, Candidate, CandidatePool
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
@@ -176,7 +177,8 @@ def test_stage_end_to_end_on_tiny_models(tmp_path, monkeypatch, default_params, 
         datasets=["olympiadbench", "amc23"], n=2, max_problems=2, prm_model=str(verdict_model_dir),
         policy_model=str(tiny_model_dir), policy_max_new_tokens=32, curve_repeats=2,
     )
-    p["best_of_n"]["guided_search"].update(max_problems=1, max_steps=2, candidates_per_step=2, step_max_new_tokens=16)
+    p["best_of_n"]["guided_search"].update(max_problems=1, max_steps=2, candidates_per_step=2, step_max_new_tokens=16,
+                                           strategies=["greedy", "beam"])
     from components.config import Params
 
     params = Params.model_validate(p)
@@ -202,7 +204,8 @@ def test_stage_end_to_end_on_tiny_models(tmp_path, monkeypatch, default_params, 
     assert json.loads(paths.BON_REPORT.read_text()) == report
     guided = json.loads(paths.GUIDED_SEARCH_REPORT.read_text())
     for ds in ("olympiadbench", "amc23"):
-        assert set(guided["datasets"][ds]) == {"greedy", "beam"}
+        assert set(guided["datasets"][ds]) == {"greedy", "beam", "policy_alone_pass@1"}
+        assert guided["datasets"][ds]["policy_alone_pass@1"] == report["datasets"][ds]["pass@1"]
         assert guided["datasets"][ds]["greedy"]["problems"] == 1
     header, *rows = paths.BON_CURVE_CSV.read_text().splitlines()
     assert header == "n,accuracy,dataset,method"
@@ -287,3 +290,37 @@ def test_missing_model_folder_fails_before_any_work(
     assert errors and errors[0].startswith(f"error: {where}:"), result.output[-2000:]
     assert message in errors[0], errors[0]
     assert _snapshot(project) == before  # no MLflow store, journal, report or plot
+
+
+def test_arithmetic_pool_and_simulated_policy_end_to_end(tmp_path, monkeypatch, default_params, verdict_model_dir):
+    """dataset `arithmetic`: the generated pool `prepare` stages, every aggregation side by side,
+    and greedy guided search with the simulated policy beside sampling from the policy alone."""
+    from components import arithmetic, best_of_n, paths
+    from components.config import Params
+    from components.io import write_jsonl
+
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.delenv("RPRM_PARENT_RUN_ID", raising=False)
+    p = default_params.model_dump()
+    p["tracking"]["tracking_uri"] = f"sqlite:///{tmp_path / 'mlruns.db'}"
+    p["scoring"]["sampling"].update(n=1, max_new_tokens=48)
+    p["domain"]["arithmetic"].update(bon_problems=3, bon_candidates=4)
+    p["best_of_n"].update(datasets=["arithmetic"], n=4, prm_model=str(verdict_model_dir), curve_repeats=1,
+                          policy_model=arithmetic.POLICY_NAME)
+    p["best_of_n"]["guided_search"].update(strategies=["greedy"], max_problems=2, candidates_per_step=2)
+    params = Params.model_validate(p)
+    with pytest.raises(DataError, match="no arithmetic Best-of-N pool"):
+        best_of_n.run(params)
+    domain = params.domain.arithmetic
+    pools = arithmetic.bon_pools(domain, arithmetic.problem_splits(domain)["bon"])
+    write_jsonl(paths.BON_ARITHMETIC, pools)
+    report = best_of_n.run(params)
+    entry = report["datasets"]["arithmetic"]
+    assert entry["problems"] == 3 and entry["n"] == 4 and entry["pool"].startswith("generated:")
+    assert entry["pass@1"] == sum(c.correct for pool in pools for c in pool.candidates) / 12
+    for key in ("maj@4", "prm@4", "prm_vote@4", "prm_min@4", "prm_last@4", "prm_vote_min@4", "prm_vote_last@4"):
+        assert 0.0 <= entry[key] <= 1.0
+    assert entry["prm@4"] == entry["prm_min@4"]  # best_of_n.aggregation is min
+    guided = json.loads(Path("reports/guided_search.json").read_text())["datasets"]["arithmetic"]
+    assert guided["greedy"]["problems"] == 2 and guided["greedy"]["stop_reasons"] == {"final": 2}
+    assert guided["policy_alone_pass@1"] == entry["pass@1"]

@@ -110,6 +110,9 @@ def shrunk_params() -> dict:
     """params.yaml cut to the minimum that still runs prepare -> evaluate -> register for real."""
     p = yaml.safe_load((REPO / "params.yaml").read_text())
     p["prepare"]["max_problems"] = 6
+    p["domain"]["kind"] = "prm800k"  # retraining brings in new PRM800K-format labelled solutions
+    p["register"]["gate"].update(enabled=False, benchmark="processbench")  # untrained test models; gate tested elsewhere
+    p["promote"]["metric"] = "processbench_avg_f1"
     p["scoring"]["sampling"].update(n=1, max_new_tokens=16)
     ev = p["evaluate"]
     ev.update(models=["dpo"], k_sweep=[1], thresholds=[0.5])

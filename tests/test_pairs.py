@@ -174,7 +174,7 @@ def pairs_params(default_params: Params) -> Params:
     p.sample_pairs.sampling.temperature = 0.95
     p.sample_pairs.sampling.top_p = 0.95
     p.sample_pairs.max_pairs_per_step = 3
-    p.sample_pairs.val_size = 4
+    p.sample_pairs.val_size = 8  # enough whole problems that both chosen verdicts reach validation
     return p
 
 

@@ -245,6 +245,10 @@ def make_project(root: Path, sft_model: Path | None = None) -> Path:
     """
     raw = yaml.safe_load((REPO / PARAMS).read_text(encoding="utf-8"))
     raw["data"].update(source="dir", dir=str(root / "src"), bundled_dir=str(BUNDLED))
+    # the real-data paths: PRM800K and the bundled Best-of-N sets are read (and must be refused when broken)
+    raw["domain"]["kind"] = "prm800k"
+    raw["best_of_n"].update(datasets=["aime24", "amc23", "math500", "olympiadbench", "college_math", "minerva_math"],
+                            policy_model=None, max_problems=1, n=4)
     (root / PARAMS).write_text(yaml.safe_dump(raw, sort_keys=False), encoding="utf-8")
     for f in BUNDLED.rglob("*"):
         if f.is_file():

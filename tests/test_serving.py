@@ -57,6 +57,8 @@ def serving_params() -> Params:
     p.scoring.sampling.max_new_tokens = 24
     p.scoring.max_steps = MAX_STEPS
     p.scoring.max_chars = MAX_CHARS
+    p.register.gate.benchmark = "processbench"  # the report written below (the gate has its own tests)
+    p.promote.metric = "processbench_avg_f1"
     return p
 
 
@@ -67,7 +69,7 @@ def server(tmp_path_factory: pytest.TempPathFactory, verdict_model_dir: Path) ->
     uri = f"sqlite:///{root / 'mlflow.db'}"
     shutil.copytree(verdict_model_dir, root / "models" / "dpo")
     (root / "reports").mkdir()
-    (root / "reports" / "processbench.json").write_text(json.dumps({"models": {"dpo": {"avg_f1": 12.5}}}))
+    (root / "reports" / "processbench.json").write_text(json.dumps({"models": {"dpo": {"avg_f1": 12.5, "verdict_reach_rate": 1.0}}}))
     (root / "reports" / "prmbench.json").write_text(json.dumps({"models": {"dpo": {"prmscore": 0.5}}}))
     with pytest.MonkeyPatch.context() as mp:
         mp.chdir(root)
