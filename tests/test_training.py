@@ -534,6 +534,22 @@ def test_dpo_learns_a_held_out_preference(tmp_path: Path, dpo_project: Path, def
     assert run.data.params["dpo.beta"] == str(params.dpo.beta)
 
 
+def test_dpo_selects_on_held_out_preference_accuracy(tmp_path: Path, dpo_project: Path,
+                                                     default_params: Params) -> None:
+    """dpo.select_by preference_accuracy: TRL's eval rewards/accuracies at every checkpoint, the highest wins."""
+    project = tmp_path / "p"
+    shutil.copytree(dpo_project, project)
+    params = train_params(default_params)
+    params.dpo.min_verdict_share = 0.0
+    params.dpo.select_by = "preference_accuracy"
+    report = _run_dpo_in(project, params)
+    sel = report["selection"]
+    assert sel["select_by"] == "preference_accuracy" and sel["metric"] == "eval_rewards/accuracies"
+    assert sel["greater_is_better"] is True and set(sel["evaluated"]) == {"2", "4"}
+    assert sel["value"] == max(sel["evaluated"].values())
+    assert sel["checkpoint"] == f"checkpoint-{sel['step']}" and sel["evaluated"][str(sel["step"])] == sel["value"]
+
+
 def test_dpo_precomputed_reference_and_resume(tmp_path: Path, dpo_project: Path,
                                               default_params: Params) -> None:
     """Precomputed reference log-probs train the same model; an interrupted run resumes."""
