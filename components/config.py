@@ -12,7 +12,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 
 class ParamsError(ValueError):
@@ -224,15 +224,44 @@ class ScoringParams(Section):
 # --------------------------------------------------------------------------------------
 
 
+DecontaminationTarget = Literal[
+    "processbench", "prmbench", "aime24", "amc23", "math500", "olympiadbench", "college_math", "minerva_math"
+]
+LEGACY_DECONTAMINATION: list[str] = ["math500", "processbench"]  # what `decontaminate: true` meant
+
+
 class PrepareParams(Section):
     neutral_rating: Literal["positive", "negative", "drop"] = Field(
         "positive", description="How a PRM800K 0 rating maps (+1 positive, -1 negative always)."
     )
-    decontaminate: bool = Field(True, description="Drop problems found in MATH-500 / ProcessBench.")
+    decontaminate: list[DecontaminationTarget] = Field(
+        default_factory=lambda: ["math500", "processbench"],
+        description="Benchmarks whose problems (normalised text) are removed from PRM800K training: processbench "
+        "(all four subsets), prmbench, and the Best-of-N test sets aime24, amc23, math500, olympiadbench, "
+        "college_math, minerva_math ([]: none). The overlap with every one of them is reported either way. "
+        "The old boolean is still read: true = [math500, processbench], false = [].",
+    )
     val_fraction: float = Field(0.1, ge=0, lt=1, description="Share of problems held out.")
     max_problems: int | None = Field(None, ge=1, description="Cap on problems (small profiles).")
     max_samples: int | None = Field(None, ge=1, description="Cap on step samples after flattening.")
     seed: int = 42
+
+    @field_validator("decontaminate", mode="before")
+    @classmethod
+    def _legacy_bool(cls, value: Any) -> Any:
+        """The former boolean form: true -> [math500, processbench] (its old meaning), false -> []."""
+        if isinstance(value, bool):
+            return list(LEGACY_DECONTAMINATION) if value else []
+        return value
+
+    @field_validator("decontaminate")
+    @classmethod
+    def _unique(cls, value: list[str]) -> list[str]:
+        """Each benchmark named once."""
+        dup = sorted({v for v in value if value.count(v) > 1})
+        if dup:
+            raise ValueError(f"benchmark named twice: {', '.join(dup)}")
+        return value
 
 
 class SynthesizeParams(Section):
@@ -299,6 +328,14 @@ class TrainParams(Section):
     )
 
 
+    select_by: Literal["last", "eval_loss"] = Field(
+        "last",
+        description="Which checkpoint becomes the stage's model: last, or the one with the lowest validation "
+        "loss (the Trainer's load_best_model_at_end). Other than last, every checkpoint (save_steps, and the "
+        "final step) is evaluated and eval_steps is not used; needs validation examples.",
+    )
+
+
 class SFTParams(TrainParams):
     pass
 
@@ -336,6 +373,12 @@ class DPOParams(TrainParams):
     )
     precompute_ref_log_probs: bool = False
     max_prompt_length: int | None = Field(None, ge=16)
+    select_by: Literal["last", "eval_loss", "preference_accuracy"] = Field(  # type: ignore[assignment]
+        "last",
+        description="Which checkpoint becomes the DPO model: last, the lowest validation loss, or the highest "
+        "held-out preference accuracy (TRL's eval rewards/accuracies). Other than last, every checkpoint is "
+        "evaluated (eval_steps is not used); needs validation pairs.",
+    )
 
 
 class ProcessBenchParams(Section):
@@ -350,6 +393,11 @@ class PRMBenchParams(Section):
     max_items: int | None = Field(None, ge=1)
     threshold: float = Field(0.5, ge=0, le=1)
     comparison: Literal[">=", ">"] = Field(">=", description="label = score >= thr (R-PRM) or > thr (PRMBench).")
+    sampling: SamplingParams | None = Field(
+        None,
+        description="Sampling of PRMBench's analyses (the official PRMBench script uses top_p 1.0); null: "
+        "scoring.sampling. Its n must equal scoring.sampling.n (one headline K for every benchmark).",
+    )
 
 
 class EvaluateParams(Section):
@@ -469,6 +517,15 @@ class Params(Section):
     best_of_n: BestOfNParams = Field(default_factory=BestOfNParams)
     register: RegisterParams = Field(default_factory=RegisterParams)
     promote: PromoteParams = Field(default_factory=PromoteParams)
+
+    @model_validator(mode="after")
+    def _prmbench_k_is_the_headline_k(self) -> Params:
+        """evaluate.prmbench.sampling may change how analyses are sampled, not how many (the headline K)."""
+        override = self.evaluate.prmbench.sampling
+        if override is not None and override.n != self.scoring.sampling.n:
+            raise ValueError(f"evaluate.prmbench.sampling.n must equal scoring.sampling.n "
+                             f"(got {override.n} and {self.scoring.sampling.n}): one headline K for every benchmark")
+        return self
 
 
 def _dotted(loc: tuple[Any, ...]) -> str:

@@ -103,9 +103,13 @@ def sweep_plan(params: Params) -> SweepPlan:
     return SweepPlan(k, sorted(set(params.evaluate.k_sweep) | {k}), params.scoring.threshold, thresholds)
 
 
-def sampling_scoring(params: Params, plan: SweepPlan) -> ScoringParams:
-    """Scoring params with sampling.n raised to the K sampled once (K_max)."""
-    sampling = params.scoring.sampling.model_copy(update={"n": plan.k_max})
+def sampling_scoring(params: Params, plan: SweepPlan, benchmark: str = "processbench") -> ScoringParams:
+    """Scoring params with sampling.n raised to the K sampled once (K_max); PRMBench takes
+    evaluate.prmbench.sampling in place of scoring.sampling when that is set."""
+    base = params.scoring.sampling
+    if benchmark == "prmbench" and params.evaluate.prmbench.sampling is not None:
+        base = params.evaluate.prmbench.sampling
+    sampling = base.model_copy(update={"n": plan.k_max})
     return params.scoring.model_copy(update={"sampling": sampling})
 
 
@@ -297,10 +301,12 @@ def _evaluate_model(params: Params, name: str, plan: SweepPlan, pb_items: list[P
         console.print(f"[yellow]model {name!r} not found at {paths.model_dir(name)}: evaluating the base model "
                       f"({path}) in its place[/yellow]")
     scoring = sampling_scoring(params, plan)
+    prmb_scoring = sampling_scoring(params, plan, "prmbench")
     tag = f"{evaluated}:{model_fingerprint(path)}:{params.model.dtype}"
     backend = load_backend(params.backend, path, dtype=params.model.dtype)
     try:
         fingerprint = scoring_fingerprint(backend, scoring, tag)
+        prmb_fingerprint = scoring_fingerprint(backend, prmb_scoring, tag)
         heldout_scored = StepScorer(
             backend, scoring, ev.early_exit, exit_points=plan.points,
             journal=journal_path(evaluated, "heldout", fingerprint), journal_tag=tag,
@@ -312,7 +318,8 @@ def _evaluate_model(params: Params, name: str, plan: SweepPlan, pb_items: list[P
             desc=f"{name} processbench",
         ).score_detailed(processbench_solutions(pb_items))
         prmb_scored = StepScorer(
-            backend, scoring, False, journal=journal_path(evaluated, "prmbench", fingerprint), journal_tag=tag,
+            backend, prmb_scoring, False, journal=journal_path(evaluated, "prmbench", prmb_fingerprint),
+            journal_tag=tag,
             desc=f"{name} prmbench",
         ).score_detailed(prmbench_solutions(prmb_items))
     finally:
@@ -460,6 +467,8 @@ def run(params: Params) -> dict[str, Any]:
             "prmbench_prmscore": results[head]["prmbench"]["prmscore"],
             "headline_model": head, "k": plan.k, "threshold": ev.prmbench.threshold,
             "comparison": ev.prmbench.comparison,
+            "sampling": sampling_scoring(params, plan, "prmbench").sampling.model_dump(mode="json")
+            | {"n": plan.k, "source": "scoring.sampling" if ev.prmbench.sampling is None else "evaluate.prmbench.sampling"},
             "models": {m: r["prmbench"] for m, r in results.items()},
         }
         scaling = {m: r["scaling"] for m, r in results.items()}

@@ -7,8 +7,12 @@ the labeler's own step when they wrote one). Ratings map through `prepare.neutra
 The trajectory ends after the first step whose chosen completion is rated -1, or at a step
 where nothing was chosen: no later step has a prefix.
 
-Decontamination: problems whose normalised text (whitespace, case) appears in MATH-500 or
-in any ProcessBench subset are removed. Caps (`max_problems`, `max_samples`) are seeded
+Contamination (PRM800K domain): the overlap (normalised problem text: whitespace, case) of the
+training problems with every benchmark the project evaluates -- each ProcessBench subset,
+PRMBench and the six Best-of-N test sets -- is reported as `contamination` (problems and items,
+before and after decontamination). Decontamination removes the problems of the benchmarks named
+in `prepare.decontaminate` (`processbench` = all four subsets). The arithmetic domain's
+generated problems overlap nothing; its report says so without loading the benchmarks. Caps (`max_problems`, `max_samples`) are seeded
 samples, so they are deterministic. The split into train/validation is by problem.
 
 Also stages the ProcessBench and PRMBench items the `evaluate` stage scores.
@@ -26,6 +30,7 @@ from typing import Any
 from components import arithmetic, paths
 from components.config import DataParams, Params
 from components.data import (
+    BON_TESTSETS,
     PRMBENCH_FILE,
     Source,
     load_bon_testset,
@@ -135,11 +140,68 @@ def flatten(
     return samples, counts
 
 
-def contamination_set(params: Params) -> tuple[set[str], dict[str, int]]:
-    """Normalised problem texts of MATH-500 and all four ProcessBench subsets (of data.source)."""
-    math500 = {normalize_problem(p.problem) for p in load_bon_testset(params.data, "math500")}
-    processbench = {normalize_problem(it.problem) for it in load_processbench(params.data)}
-    return math500 | processbench, {"math500": len(math500), "processbench": len(processbench)}
+# The Best-of-N test sets the project evaluates (best_of_n.datasets), also names in prepare.decontaminate.
+BON_EVALUATED = ("aime24", "amc23", "math500", "olympiadbench", "college_math", "minerva_math")
+PROCESSBENCH_SUBSETS = ("gsm8k", "math", "olympiadbench", "omnimath")
+
+
+def benchmark_problems(params: Params) -> dict[str, Counter[str]]:
+    """Items per normalised problem text of every evaluated benchmark (of data.source): keys
+    `processbench/<subset>`, `prmbench` and the Best-of-N test set names."""
+    out: dict[str, Counter[str]] = {f"processbench/{sub}": Counter() for sub in PROCESSBENCH_SUBSETS}
+    for it in load_processbench(params.data):
+        out.setdefault(f"processbench/{it.subset}", Counter())[normalize_problem(it.problem)] += 1
+    out["prmbench"] = Counter(normalize_problem(it.modified_question) for it in load_prmbench(params.data))
+    for name in BON_EVALUATED:
+        out[name] = Counter(normalize_problem(p.problem) for p in load_bon_testset(params.data, name))
+    return out
+
+
+def decontamination_keys(names: Sequence[str], benchmarks: Iterable[str]) -> list[str]:
+    """The benchmark keys a prepare.decontaminate list names (`processbench` = all its subsets)."""
+    wanted = set(names)
+    return [k for k in benchmarks if k in wanted or (k.startswith("processbench/") and "processbench" in wanted)]
+
+
+def overlap_entry(items: Counter[str], trained: set[str], kept: set[str], removed: bool) -> dict[str, Any]:
+    """Overlap of one benchmark with the training problems, before and after decontamination."""
+    hit = set(items) & trained
+    left = set(items) & kept
+    return {
+        "problems": len(hit),
+        "items": sum(items[p] for p in hit),
+        "benchmark_problems": len(items),
+        "benchmark_items": sum(items.values()),
+        "removed": removed,
+        "remaining_problems": len(left),
+        "remaining_items": sum(items[p] for p in left),
+    }
+
+
+def contamination_report(
+    per_benchmark: dict[str, Counter[str]], trained: set[str], kept: set[str], removed_keys: Sequence[str]
+) -> dict[str, Any]:
+    """Overlap (normalised problem text) of training with each benchmark, grouped as the evaluation is."""
+    entries = {k: overlap_entry(v, trained, kept, k in removed_keys) for k, v in per_benchmark.items()}
+    return {
+        "applicable": True,
+        "training_problems": len(trained),
+        "processbench": {k.split("/", 1)[1]: e for k, e in entries.items() if k.startswith("processbench/")},
+        "prmbench": entries["prmbench"],
+        "best_of_n": {k: entries[k] for k in BON_EVALUATED},
+    }
+
+
+def generated_contamination_report() -> dict[str, Any]:
+    """The arithmetic domain's report: generated problems overlap no benchmark (nothing is loaded)."""
+    zero = {"problems": 0, "items": 0}
+    return {
+        "applicable": False,
+        "note": "generated arithmetic problems: no overlap with any benchmark by construction",
+        "processbench": {sub: dict(zero) for sub in PROCESSBENCH_SUBSETS},
+        "prmbench": dict(zero),
+        "best_of_n": {name: dict(zero) for name in BON_EVALUATED},
+    }
 
 
 def decontaminate(
@@ -246,7 +308,10 @@ def build(params: Params) -> Prepared:
     solutions = with_labelled(params.data, generated)
     samples, fc = flatten(solutions, pp.neutral_rating)
     all_problems = {problem_id(s.problem) for s in solutions}
-    decon: dict[str, Any] = {"enabled": pp.decontaminate and not arith, "removed_problems": 0, "removed_samples": 0}
+    decon: dict[str, Any] = {"enabled": bool(pp.decontaminate) and not arith,
+                             "benchmarks": [] if arith else list(pp.decontaminate),
+                             "removed_problems": 0, "removed_samples": 0}
+    contamination: dict[str, Any]
     heldout: list[ProcessBenchItem] = []
     bon_pool: list[CandidatePool] = []
     if arith:  # generated problems cannot be in MATH-500 or ProcessBench; held-out ones avoid training's
@@ -257,16 +322,22 @@ def build(params: Params) -> Prepared:
             raise DataError("data/labelled", None, "problem", "a labelled training problem is also a held-out "
                             "or Best-of-N problem of the arithmetic domain")
         decon["note"] = "generated domain: held-out and Best-of-N problems are disjoint from training by construction"
-    elif pp.decontaminate:
-        banned, sizes = contamination_set(params)
-        samples, _, n_removed = decontaminate(samples, banned)
-        hit = [s for s in solutions if normalize_problem(s.problem) in banned]
-        decon.update(
-            removed_problems=len({problem_id(s.problem) for s in hit}),
-            removed_solutions=len(hit),
-            removed_samples=n_removed,
-            reference_problems=sizes,
-        )
+        contamination = generated_contamination_report()
+    else:
+        per_benchmark = benchmark_problems(params)
+        keys = decontamination_keys(pp.decontaminate, per_benchmark)
+        banned = set().union(*(per_benchmark[k] for k in keys))
+        trained = {normalize_problem(s.problem) for s in solutions}
+        if keys:
+            samples, _, n_removed = decontaminate(samples, banned)
+            hit = [s for s in solutions if normalize_problem(s.problem) in banned]
+            decon.update(
+                removed_problems=len({problem_id(s.problem) for s in hit}),
+                removed_solutions=len(hit),
+                removed_samples=n_removed,
+                reference_problems={k: len(per_benchmark[k]) for k in keys},
+            )
+        contamination = contamination_report(per_benchmark, trained, trained - banned, keys)
     before_caps = len(samples)
     samples = cap(samples, pp.max_problems, pp.max_samples, pp.seed)
     if not samples:
@@ -287,6 +358,7 @@ def build(params: Params) -> Prepared:
         "train": _label_counts(train),
         "val": _label_counts(val),
         "decontamination": decon,
+        "contamination": contamination,
         "neutral": {
             "rating": pp.neutral_rating,
             "mapped": fc.neutral_mapped,
@@ -337,6 +409,13 @@ def _print_counts(report: dict[str, Any]) -> None:
         f"neutral ({n['rating']}): {n['mapped']} mapped, {n['dropped']} dropped; "
         f"unrated skipped: {report['unrated_skipped']}; capped: {report['capped_samples']}"
     )
+    c = report["contamination"]
+    if c["applicable"]:
+        groups = {**{f"processbench/{k}": v for k, v in c["processbench"].items()},
+                  "prmbench": c["prmbench"], **c["best_of_n"]}
+        console.print("overlap with training (problems/items; remaining after decontamination): " + ", ".join(
+            f"{k} {v['problems']}/{v['items']} ({v['remaining_problems']}/{v['remaining_items']})"
+            for k, v in groups.items()))
     console.print(
         f"benchmarks ({b['source']}): ProcessBench {b['processbench']['items']} items "
         f"{b['processbench']['per_subset']}; PRMBench {b['prmbench']['items']} items"
@@ -352,10 +431,11 @@ def input_paths(params: Params) -> list[str]:
         out += [root / f for f in params.data.prm800k_files]
     if any(paths.LABELLED.glob("*.jsonl")):
         out.append(paths.LABELLED)
-    if params.prepare.decontaminate and params.domain.kind != "arithmetic":
-        out.append(source_root(params.data, "bundled" if not local else None) / "bon/testsets/math500.jsonl")
+    if params.domain.kind != "arithmetic":  # the overlap with every evaluated benchmark is measured
+        bon = source_root(params.data, "bundled" if not local else None) / "bon/testsets"
+        out += [bon / BON_TESTSETS[name] for name in BON_EVALUATED]
         if local:
-            out.append(root / "processbench")
+            out += [root / "processbench", root / PRMBENCH_FILE]
     bench = benchmark_source(params)
     if bench != "hub":
         broot = source_root(params.data, bench)

@@ -22,7 +22,11 @@ reference. Both follow the same path:
 4. Training reports to MLflow (`report_to=["mlflow"]`) into the stage's run, opened with
    :func:`components.tracking.stage_run`; the report JSON is logged there too.
 5. The final model is saved as a Hugging Face folder (LoRA adapters merged into the weights) to
-   a temporary folder beside the target and renamed into place.
+   a temporary folder beside the target and renamed into place. Which model: the last step's with
+   `<stage>.select_by: last`; otherwise every checkpoint is evaluated on the validation file and the
+   Trainer loads the best one at the end (`load_best_model_at_end`, `metric_for_best_model`:
+   eval_loss, or DPO's rewards/accuracies for `preference_accuracy`). The report's `selection`
+   names the step, checkpoint, metric and value.
 
 Checkpoints live in `checkpoints/<stage>/checkpoint-<step>`. When a checkpoint is fully written
 (after the trainer's own save), a marker `rprm_checkpoint.json` records the run's fingerprint
@@ -451,6 +455,30 @@ def _use_cpu() -> bool:
     return not torch.cuda.is_available()
 
 
+# select_by -> the Trainer's metric_for_best_model (it prefixes "eval_"; greater is better unless it ends in "loss")
+SELECTION_METRICS = {"eval_loss": "eval_loss", "preference_accuracy": "rewards/accuracies"}
+
+
+def selection_args(stage: str, section: TrainParams, io_: StageIO, has_val: bool) -> dict[str, Any]:
+    """Trainer arguments of checkpoint selection: none for `last`; else evaluate at every checkpoint and
+    load the best one at the end (load_best_model_at_end + metric_for_best_model)."""
+    if section.select_by == "last":
+        return {}
+    if not has_val:
+        raise DataError(io_.val_file, None, f"{stage}.select_by",
+                        f"select_by {section.select_by!r} needs validation examples, and there are none "
+                        "(none in the file, or all longer than max_length); use select_by: last")
+    metric = SELECTION_METRICS[section.select_by]
+    return {
+        "eval_strategy": "steps",
+        "eval_steps": section.save_steps,  # every checkpoint is evaluated, every evaluation has a checkpoint
+        "save_strategy": "steps",
+        "load_best_model_at_end": True,
+        "metric_for_best_model": metric,
+        "greater_is_better": not metric.endswith("loss"),
+    }
+
+
 def _common_args(stage: str, section: TrainParams, io_: StageIO, has_val: bool) -> dict[str, Any]:
     return {
         "output_dir": str(io_.checkpoints),
@@ -481,7 +509,7 @@ def _common_args(stage: str, section: TrainParams, io_: StageIO, has_val: bool) 
         "dataloader_pin_memory": not _use_cpu(),
         "dataloader_num_workers": 0,
         "ddp_find_unused_parameters": False,
-    }
+    } | selection_args(stage, section, io_, has_val)
 
 
 def _peft_config(section: TrainParams) -> Any:
@@ -567,10 +595,12 @@ def train(stage: str, params: Params) -> dict[str, Any]:
     if plan.resume_from is not None:
         log.warning("%s: resuming from %s", stage, plan.resume_from)
     result = trainer.train(resume_from_checkpoint=str(plan.resume_from) if plan.resume_from else None)
+    selection = selection_report(trainer)  # before the final evaluation (of the selected model) is logged
     eval_metrics: dict[str, float] = trainer.evaluate() if trainer.eval_dataset is not None else {}
     preference = preference_accuracy(trainer) if stage == "dpo" and trainer.eval_dataset is not None else None
     save_final_model(trainer, io_.model_out, lora=section.lora.enabled, params=params)
     report = _report(stage, trainer, result, eval_metrics, info, plan, preference)
+    report["selection"] = selection
     if trainer.is_world_process_zero():
         report["generation_check"] = generation_check(io_.model_out, info["val_prompts"], section, params)
         write_json(io_.report, report)
@@ -667,6 +697,27 @@ def _report(
             report["preference_accuracy_by_chosen_verdict"] = {
                 k: (sum(v) / len(v) if v else None) for k, v in by.items()}
     return report
+
+
+def selection_report(trainer: Any) -> dict[str, Any]:
+    """Which checkpoint became the model and by what: the last step, or the best evaluated checkpoint."""
+    args, state = trainer.args, trainer.state
+    if not args.load_best_model_at_end:
+        return {"select_by": "last", "step": state.global_step, "checkpoint": None, "metric": None, "value": None}
+    metric = args.metric_for_best_model
+    key = metric if metric.startswith("eval_") else f"eval_{metric}"
+    evaluated = {int(e["step"]): float(e[key]) for e in state.log_history if key in e and "step" in e}
+    best = state.best_model_checkpoint
+    return {
+        "select_by": {"eval_loss": "eval_loss", "rewards/accuracies": "preference_accuracy"}.get(metric, metric),
+        "metric": key,
+        "greater_is_better": bool(args.greater_is_better),
+        "step": state.best_global_step,
+        "checkpoint": Path(best).name if best else None,
+        "value": state.best_metric,
+        "last_step": state.global_step,
+        "evaluated": {str(k): v for k, v in sorted(evaluated.items())},
+    }
 
 
 def _sequence_logps(model: Any, batch: dict[str, Any]) -> Any:

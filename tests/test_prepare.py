@@ -277,3 +277,60 @@ def test_arithmetic_domain_stages_training_heldout_and_bon_pool(in_tmp: Path) ->
     train_q = {s.question for s in read_jsonl(paths.STEPS_TRAIN, StepSample) + read_jsonl(paths.STEPS_VAL, StepSample)}
     assert not train_q & {it.problem for it in heldout} and not train_q & {p.problem for p in pools}
     assert 0 < report["bon_pool"]["policy_correct_rate"] < 1
+    contamination = report["contamination"]  # generated problems: nothing to measure, nothing loaded
+    assert contamination["applicable"] is False and contamination["prmbench"]["problems"] == 0
+    assert all(e["problems"] == 0 for e in contamination["best_of_n"].values())
+    assert report["decontamination"]["enabled"] is False
+
+
+# --------------------------------------------------------------------------------------
+# Contamination: measured against every evaluated benchmark, removed where named
+# --------------------------------------------------------------------------------------
+
+
+def test_overlap_with_every_benchmark_is_reported_and_prmbench_removed_when_named() -> None:
+    """Bundled PRM800K phase-1 problems reappear in PRMBench (15 problems, 72 of its 108 items), MATH-500
+    (20) and ProcessBench's math subset (1); the report counts each overlap whether or not it is removed,
+    and naming a benchmark in prepare.decontaminate removes exactly its problems."""
+    none = P.build(params_for(prepare={"decontaminate": []}))
+    c = none.report["contamination"]
+    assert c["applicable"] is True and c["training_problems"] == none.report["problems_read"]
+    assert set(c["processbench"]) == {"gsm8k", "math", "olympiadbench", "omnimath"}
+    assert set(c["best_of_n"]) == set(P.BON_EVALUATED)
+    prmb = c["prmbench"]
+    assert (prmb["problems"], prmb["items"], prmb["benchmark_items"]) == (15, 72, 108)
+    assert prmb["removed"] is False and (prmb["remaining_problems"], prmb["remaining_items"]) == (15, 72)
+    assert c["best_of_n"]["math500"]["problems"] == c["best_of_n"]["math500"]["remaining_problems"] == 20
+    assert c["processbench"]["math"]["problems"] == 1
+    assert all(e["problems"] == 0 for n, e in c["best_of_n"].items() if n != "math500")
+    assert all(c["processbench"][sub]["problems"] == 0 for sub in ("gsm8k", "olympiadbench", "omnimath"))
+    assert none.report["decontamination"]["enabled"] is False and none.report["decontamination"]["removed_samples"] == 0
+
+    prmb_problems = {D.normalize_problem(it.modified_question) for it in D.load_prmbench(params_for().data)}
+    assert any(D.normalize_problem(s.question) in prmb_problems for s in none.train + none.val)
+    named = P.build(params_for(prepare={"decontaminate": ["prmbench"]}))
+    assert not any(D.normalize_problem(s.question) in prmb_problems for s in named.train + named.val)
+    c2, d2 = named.report["contamination"], named.report["decontamination"]
+    assert c2["prmbench"] == {**prmb, "removed": True, "remaining_problems": 0, "remaining_items": 0}
+    assert d2["benchmarks"] == ["prmbench"] and d2["removed_problems"] == 15
+    assert d2["reference_problems"] == {"prmbench": prmb["benchmark_problems"]}
+    # The PRMBench problems are MATH-500 problems here: 5 of the 20 remain, the ProcessBench one too.
+    assert c2["best_of_n"]["math500"]["remaining_problems"] == 5 and not c2["best_of_n"]["math500"]["removed"]
+
+    default = P.build(params_for())  # params.yaml: [math500, processbench]
+    cd = default.report["contamination"]
+    assert default.report["decontamination"]["benchmarks"] == ["math500", "processbench"]
+    assert cd["processbench"]["math"]["removed"] and cd["processbench"]["math"]["remaining_problems"] == 0
+    assert cd["best_of_n"]["math500"]["remaining_problems"] == 0 and cd["prmbench"]["removed"] is False
+
+
+def test_decontaminate_accepts_the_old_boolean_and_names_bad_entries(tmp_path: Path) -> None:
+    from components.config import ParamsError
+
+    on = params_for(prepare={"decontaminate": True}).prepare.decontaminate
+    off = params_for(prepare={"decontaminate": False}).prepare.decontaminate
+    assert on == ["math500", "processbench"] and off == []
+    with pytest.raises(ParamsError, match=r"prepare\.decontaminate\.1"):
+        params_for(prepare={"decontaminate": ["math500", "gsm8k"]})
+    with pytest.raises(ParamsError, match="named twice: prmbench"):
+        params_for(prepare={"decontaminate": ["prmbench", "prmbench"]})

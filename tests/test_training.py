@@ -135,6 +135,7 @@ def train_params(default_params: Params, **sft: object) -> Params:
         section.logging_steps = 1
         section.max_length = 1024
         section.warmup_ratio = 0.0
+        section.select_by = "last"  # checkpoint selection has its own tests
     p.dpo.learning_rate = 1e-3
     for key, value in sft.items():
         setattr(p.sft, key, value)
@@ -232,6 +233,45 @@ def test_sft_trains_saves_and_logs(sft_run: tuple[Path, dict], mlflow_uri: str) 
     assert len(client.get_metric_history(run.info.run_id, "loss")) >= 4  # trainer curve, every step
     assert "eval_loss" in run.data.metrics and "global_step" in run.data.metrics  # eval + report
     assert float(run.data.params["learning_rate"]) == float(run.data.params["sft.learning_rate"])
+
+
+def test_sft_selects_the_checkpoint_with_the_lowest_validation_loss(
+        tmp_path: Path, tiny_model_dir: Path, default_params: Params) -> None:
+    """select_by eval_loss: every checkpoint is evaluated; the best one becomes models/sft and the report says
+    which (step, checkpoint, metric, value), the Trainer's load_best_model_at_end doing the loading."""
+    from components.training import run_sft
+
+    project = make_project(tmp_path / "p", tiny_model_dir)
+    params = train_params(default_params, select_by="eval_loss", max_steps=6, learning_rate=5e-2)
+    old = Path.cwd()
+    os.chdir(project)
+    try:
+        report = run_sft(params)
+    finally:
+        os.chdir(old)
+    sel = report["selection"]
+    assert sel["select_by"] == "eval_loss" and sel["metric"] == "eval_loss" and sel["greater_is_better"] is False
+    assert set(sel["evaluated"]) == {"2", "4", "6"} and sel["last_step"] == report["global_step"] == 6
+    best_step = min(sel["evaluated"], key=lambda k: sel["evaluated"][k])
+    assert sel["step"] == int(best_step) and sel["checkpoint"] == f"checkpoint-{best_step}"
+    assert sel["value"] == pytest.approx(min(sel["evaluated"].values()))
+    assert report["eval_loss"] == pytest.approx(sel["value"], rel=1e-4)  # the final evaluation is the selected model
+    chosen, final = weights(project / "checkpoints/sft" / sel["checkpoint"]), weights(project / paths.SFT_MODEL)
+    assert all((final[k] == v).all() for k, v in chosen.items())
+
+
+def test_selection_needs_validation_data(default_params: Params) -> None:
+    from components.training import selection_args, stage_io
+
+    io_ = stage_io("dpo")
+    section = default_params.dpo.model_copy(update={"select_by": "preference_accuracy", "save_steps": 7})
+    args = selection_args("dpo", section, io_, has_val=True)
+    assert args["metric_for_best_model"] == "rewards/accuracies" and args["greater_is_better"] is True
+    assert args["eval_steps"] == 7  # every checkpoint (save_steps) is evaluated
+    assert args["load_best_model_at_end"] and args["eval_strategy"] == args["save_strategy"] == "steps"
+    assert selection_args("dpo", section.model_copy(update={"select_by": "last"}), io_, has_val=False) == {}
+    with pytest.raises(DataError, match=r"dpo_val.*dpo\.select_by.*needs validation examples"):
+        selection_args("dpo", section, io_, has_val=False)
 
 
 def _checkpoint_marked(folder: Path, step: int) -> bool:
@@ -492,6 +532,22 @@ def test_dpo_learns_a_held_out_preference(tmp_path: Path, dpo_project: Path, def
         assert len(client.get_metric_history(run.info.run_id, key)) >= 12, key
     assert "eval_rewards/accuracies" in run.data.metrics
     assert run.data.params["dpo.beta"] == str(params.dpo.beta)
+
+
+def test_dpo_selects_on_held_out_preference_accuracy(tmp_path: Path, dpo_project: Path,
+                                                     default_params: Params) -> None:
+    """dpo.select_by preference_accuracy: TRL's eval rewards/accuracies at every checkpoint, the highest wins."""
+    project = tmp_path / "p"
+    shutil.copytree(dpo_project, project)
+    params = train_params(default_params)
+    params.dpo.min_verdict_share = 0.0
+    params.dpo.select_by = "preference_accuracy"
+    report = _run_dpo_in(project, params)
+    sel = report["selection"]
+    assert sel["select_by"] == "preference_accuracy" and sel["metric"] == "eval_rewards/accuracies"
+    assert sel["greater_is_better"] is True and set(sel["evaluated"]) == {"2", "4"}
+    assert sel["value"] == max(sel["evaluated"].values())
+    assert sel["checkpoint"] == f"checkpoint-{sel['step']}" and sel["evaluated"][str(sel["step"])] == sel["value"]
 
 
 def test_dpo_precomputed_reference_and_resume(tmp_path: Path, dpo_project: Path,
