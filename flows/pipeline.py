@@ -173,6 +173,13 @@ def headline_rows(project_dir: str | Path) -> list[tuple[str, str]]:
     model, how often analyses reached the verdict (fallback rate), PRMBench PRMScore per model,
     the Best-of-N gain of the PRM over majority voting and over one sample."""
     rows: list[tuple[str, str]] = []
+    held = _read_report(project_dir, "heldout")
+    for model, section in _models(held).items():  # the in-domain held-out benchmark leads (arithmetic domain)
+        f1, reach = _number(section.get("f1")), _number(section.get("verdict_reach_rate"))
+        if f1 is not None or reach is not None:
+            rows.append((f"held-out first-error F1 ({model})",
+                         (f"{f1:.1f}" if f1 is not None else "-") +
+                         (f" (verdict reach {reach:.1%})" if reach is not None else "")))
     pb = _read_report(project_dir, "processbench")
     for model, section in _models(pb).items():
         if (v := _number(section.get("avg_f1"))) is not None:

@@ -406,6 +406,8 @@ def _reports(root: Path) -> None:
     (reports / "prmbench.json").write_text(json.dumps({
         "prmbench_prmscore": 0.61, "models": {"dpo": {"prmscore": 0.61}}}))
     (reports / "pairs.json").write_text(json.dumps({"valid_rate": 0.866, "pairs": 12}))
+    (reports / "heldout.json").write_text(json.dumps({"heldout_f1": 16.3, "models": {
+        "dpo": {"f1": 16.26, "verdict_reach_rate": 0.9836}, "base": {"f1": 0.0, "verdict_reach_rate": 0.0}}}))
     (reports / "bon.json").write_text(json.dumps({"datasets": {"math500": {
         "n": 8, "pass@1": 0.4, "maj@8": 0.5, "prm@8": 0.55, "prm_vote@8": 0.52}}}))
 
@@ -416,6 +418,9 @@ def test_the_headline_table_leads_the_summary(tmp_path: Path) -> None:
 
     _reports(tmp_path)
     rows = dict(headline_rows(tmp_path))
+    assert rows["held-out first-error F1 (dpo)"] == "16.3 (verdict reach 98.4%)"
+    assert rows["held-out first-error F1 (base)"] == "0.0 (verdict reach 0.0%)"
+    assert list(rows).index("held-out first-error F1 (dpo)") < list(rows).index("ProcessBench avg F1 (dpo)")
     assert rows["ProcessBench avg F1 (dpo)"] == "41.5" and rows["ProcessBench avg F1 (sft)"] == "38.2"
     assert rows["analyses reaching the verdict (dpo, ProcessBench)"] == "95.0% (fallback 5.0%)"
     assert rows["SFT analyses reaching a valid verdict (sample-pairs)"] == "86.6%"
