@@ -376,3 +376,21 @@ def test_mismatched_arguments_are_errors(tiny_backend: HFBackend) -> None:
         tiny_backend.generate(CONVERSATIONS, sampling, seeds=[1])
     with pytest.raises(ValueError, match="differ in length"):
         tiny_backend.verdict_probability(CONVERSATIONS, ["x"])
+
+
+def test_a_vocabulary_padded_past_the_tokenizer_is_served(tiny_model_dir: Path, tmp_path: Path) -> None:
+    """Real checkpoints (Qwen2.5) pad the embedding past the tokenizer; the fast decoder must take
+    the model's logit width, not the tokenizer's length."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(tiny_model_dir)
+    model = AutoModelForCausalLM.from_pretrained(tiny_model_dir)
+    model.resize_token_embeddings(len(tok) + 24)
+    model.save_pretrained(tmp_path / "padded")
+    tok.save_pretrained(tmp_path / "padded")
+    backend = HFBackend(tmp_path / "padded", BackendParams())
+    assert backend.fast is not None
+    sampling = SamplingParams(n=3, temperature=1.0, top_p=1.0, max_new_tokens=12, seed=0)
+    out = backend.generate([[{"role": "user", "content": "What is 2 + 3?"}]] * 2, sampling)
+    assert [len(g) for g in out] == [3, 3] and all(x.num_tokens > 0 for g in out for x in g)
+    backend.close()

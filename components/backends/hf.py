@@ -797,7 +797,7 @@ class HFBackend:
         dtype = self.model.get_input_embeddings().weight.dtype
         state = self.fast.empty_state(slots, max_new - 1, dtype, dev, max_prompts=self.params.batch_size, budget=budget)
         grid: list[_Row | None] = []  # row c * slots + s: sample slot s of prompt c (None: unused)
-        logits = torch.zeros((0, len(self.verdict.may_end)), device=dev)
+        logits = torch.zeros((0, self.model.get_output_embeddings().weight.shape[0]), device=dev)  # model vocab (may be padded past the tokenizer)
         done: list[_Row] = []
 
         def active(r: _Row | None) -> bool:
