@@ -295,6 +295,50 @@ def score_prmbench(
           threshold, out, comparison, mode)
 
 
+@command()
+def score(
+    input_path: Annotated[Path, typer.Argument(
+        metavar="INPUT.jsonl",
+        help="Solutions: question (or problem) + steps, or + a solution text in `solution`/`response`; id optional.")],
+    model: Annotated[str, typer.Option(
+        help="PRM: a model folder or a registry URI (models:/r-prm@champion, models:/r-prm/3); with "
+             "backend openai, the model name asked of the server.")],
+    out: Annotated[Path, typer.Option(help="Output JSONL (its journal is OUT.journal beside it).")],
+    params: ParamsOpt = Path("params.yaml"),
+    backend: Annotated[str | None, typer.Option(help="hf, vllm or openai (default: params backend.kind).")] = None,
+    k: Annotated[int | None, typer.Option(help="Analyses per step (default: params scoring.sampling.n).")] = None,
+    threshold: Annotated[float | None, typer.Option(
+        help="Step wrong iff reward < threshold (default: params scoring.threshold).")] = None,
+) -> None:
+    """Score any solutions file with the PRM: step rewards, first error, verdicts, aggregate scores.
+
+    Reads: INPUT.jsonl (every row validated first: a bad row stops the command naming file,
+    line and field, exit 2, nothing written), the model (a registered version is downloaded once
+    to ~/.cache/rprm/registry/), params `backend` and `scoring`.
+
+    Writes: OUT (one row per solution: id, step_rewards, first_error, verdicts, scores.min /
+    last / product / mean, generations), atomically once everything is scored.
+
+    Resume: every scored step is journaled in OUT.journal; rerun the same command to continue
+    (other sampling settings or another model refuse the journal: delete it to start over).
+    """
+    p = _load(_project_file(params, Path("params.yaml")))
+    if backend is not None:
+        if backend not in ("hf", "vllm", "openai"):
+            _fail(f"--backend: expected hf, vllm or openai, got {backend!r}")
+        p.backend.kind = backend  # type: ignore[assignment]
+    if model.startswith("models:/"):
+        try:
+            uri = tracking_uri(p)
+            check_store(uri)
+        except TrackingStoreError as err:
+            _fail(str(err))
+        import os
+
+        os.environ.setdefault("MLFLOW_TRACKING_URI", uri)
+    _call("rewards:score_file", p, input_path, model, out, k=k, threshold=threshold)
+
+
 @command("validate-params")
 def validate_params(params: ParamsOpt = Path("params.yaml")) -> None:
     """Validate a params file or profile and print a one-line summary."""

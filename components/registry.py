@@ -391,3 +391,97 @@ def _record(client: Any, name: str, decision: dict[str, Any], challenger: Any, c
         client.set_model_version_tag(name, champion.version, f"promotion.{role}", challenger.version)
         client.set_model_version_tag(name, champion.version, "promotion.reason", decision["reason"])
         client.set_model_version_tag(name, champion.version, "promotion.decided_at", decision["decided_at"])
+
+
+# --------------------------------------------------------------------------------------
+# Resolving a model for scoring: a folder or a registry URI
+# --------------------------------------------------------------------------------------
+
+REGISTRY_CACHE = Path.home() / ".cache" / "rprm" / "registry"  # downloaded registered versions
+
+
+def _parse_models_uri(spec: str) -> tuple[str, str | None, str | None]:
+    """`models:/<name>@<alias>` or `models:/<name>/<version>` -> (name, alias, version)."""
+    rest = spec.removeprefix("models:/").strip("/")
+    if "@" in rest:
+        name, alias = rest.rsplit("@", 1)
+        return name, alias, None
+    if "/" in rest:
+        name, version = rest.rsplit("/", 1)
+        return name, None, version
+    return rest, None, None
+
+
+def _model_folder(root: Path) -> Path | None:
+    """The HF model folder inside a downloaded pyfunc (its `model` artifact) or the folder itself."""
+    for cand in (root / "artifacts" / serving.MODEL_ARTIFACT, root):
+        if (cand / "config.json").is_file():
+            return cand
+    return None
+
+
+def resolve_model(spec: str, cache_dir: Path | None = None) -> tuple[Path, str]:
+    """(local model folder, identity) of a model folder or a registry URI (`models:/r-prm@champion`,
+    `models:/r-prm/3`); DataError naming `spec` and the field 'model' when it does not resolve.
+
+    A registered version is downloaded once from the tracking store (MLFLOW_TRACKING_URI) into
+    `cache_dir` (~/.cache/rprm/registry/<name>/<version>) and reused; the identity is
+    `models:/<name>/<version>` (or, for a folder, its absolute path).
+    """
+    if not spec.startswith("models:/"):
+        path = Path(spec)
+        if not path.is_dir():
+            raise DataError(spec, None, "model", "does not resolve: no such folder (give a model folder "
+                                                 "or a registry URI such as models:/r-prm@champion)")
+        folder = _model_folder(path)
+        if folder is None:
+            raise DataError(spec, None, "model", "does not resolve: not a model folder (no config.json)")
+        return folder, str(folder.resolve())
+    import mlflow
+    from mlflow.exceptions import MlflowException
+
+    name, alias, version = _parse_models_uri(spec)
+    if not name or (version is not None and not version.isdigit()):
+        raise DataError(spec, None, "model", "does not resolve: expected models:/<name>@<alias> or "
+                                             "models:/<name>/<version>")
+    client = mlflow.MlflowClient()
+    try:
+        if alias is not None:
+            mv = client.get_model_version_by_alias(name, alias)
+        elif version is not None:
+            mv = client.get_model_version(name, version)
+        else:
+            versions = client.search_model_versions(f"name = '{name}'")
+            if not versions:
+                raise MlflowException(f"registered model {name!r} has no versions")
+            mv = max(versions, key=lambda v: int(v.version))
+    except MlflowException as err:
+        store = mlflow.get_tracking_uri()
+        raise DataError(spec, None, "model", f"does not resolve in the tracking store {store}: "
+                                             f"{str(err).splitlines()[0]}") from None
+    ident = f"models:/{name}/{mv.version}"
+    target = (cache_dir or REGISTRY_CACHE) / name / str(mv.version)
+    folder = _model_folder(target)
+    if folder is not None:
+        return folder, ident
+    import shutil
+    import tempfile
+
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{mv.version}-", dir=target.parent))
+    try:
+        try:
+            mlflow.artifacts.download_artifacts(artifact_uri=ident, dst_path=str(tmp))
+        except (MlflowException, OSError) as err:
+            raise DataError(spec, None, "model", f"resolves to {ident} but its files cannot be downloaded: "
+                                                 f"{str(err).splitlines()[0]}") from None
+        if _model_folder(tmp) is None:
+            raise DataError(spec, None, "model", f"resolves to {ident}, which holds no model folder "
+                                                 "(artifacts/model/config.json)")
+        shutil.rmtree(target, ignore_errors=True)
+        tmp.rename(target)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    folder = _model_folder(target)
+    assert folder is not None
+    return folder, ident
