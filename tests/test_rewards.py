@@ -285,15 +285,15 @@ def test_grpo_trainer_trains_on_the_prm_reward(tmp_path: Path, tiny_model_dir: P
     params = Params()
     params.scoring.sampling.n = 1
     params.scoring.sampling.max_new_tokens = 16
-    reward = ProcessReward.from_model(verdict_model_dir, params, aggregation="min", shaping="none", name="rprm")
     calls: list[list[float | None]] = []
 
-    def recorded(prompts, completions, **kwargs):  # noqa: ANN001, ANN003, ANN202
-        out = reward(prompts, completions, **kwargs)
-        calls.append(out)
-        return out
+    class Recorded(ProcessReward):
+        def __call__(self, prompts, completions, **kwargs):  # noqa: ANN001, ANN003, ANN204
+            out = super().__call__(prompts, completions, **kwargs)
+            calls.append(out)
+            return out
 
-    recorded.__name__ = reward.__name__
+    reward = Recorded.from_model(verdict_model_dir, params, aggregation="min", shaping="none", name="rprm")
     questions = [QUESTION, "What is 3 + 4?", "A box holds 6 eggs. How many eggs are in 2 boxes?", "What is 9 - 2?"]
     dataset = Dataset.from_list([{"prompt": [{"role": "user", "content": q}], "question": q} for q in questions])
     torch.manual_seed(0)
@@ -304,7 +304,7 @@ def test_grpo_trainer_trains_on_the_prm_reward(tmp_path: Path, tiny_model_dir: P
         max_completion_length=12, learning_rate=1e-4, logging_steps=1, report_to="none", save_strategy="no",
         use_cpu=True, bf16=False, seed=0, dataloader_pin_memory=False, temperature=1.0,
     )
-    trainer = GRPOTrainer(model=policy, reward_funcs=recorded, args=args, train_dataset=dataset,
+    trainer = GRPOTrainer(model=policy, reward_funcs=reward, args=args, train_dataset=dataset,
                           processing_class=tok)
     trainer.train()
     logged = [h for h in trainer.state.log_history if "rewards/rprm/mean" in h]
