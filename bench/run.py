@@ -7,7 +7,10 @@ Sections (`--only`, comma separated; default all):
   b  early exit against full scoring on ProcessBench: generations saved, identical predictions;
   c  orchestration overhead: a no-op `dvc repro`, and the Prefect flow against direct commands;
   d  synthesis throughput of the `openai` teacher, concurrent against sequential, on 127.0.0.1;
-  m  memory: full scoring of the longest ProcessBench solutions, peak RSS and Python heap.
+  m  memory: full scoring of the longest ProcessBench solutions, peak RSS and Python heap;
+  s  the PRM as a reward service: `mlflow models serve` on 127.0.0.1 under batched requests from
+     1 and N concurrent clients against in-process scoring, in scored solutions per second
+     (rewards checked to agree).
 
 Writes bench/results/bench.json and bench/results/bench.md (or `--out`). Exit status 1 when a
 section failed (its error is in the JSON); targets are reported, never enforced.
@@ -45,13 +48,14 @@ from bench.common import (  # noqa: E402
 from components.config import load_params  # noqa: E402
 from components.io import write_text  # noqa: E402
 
-SECTIONS = ("a", "b", "c", "d", "m")
+SECTIONS = ("a", "b", "c", "d", "m", "s")
 TITLES = {
     "a": "a. Step scoring throughput (ours vs naive official-style baseline)",
     "b": "b. Early exit vs full scoring (ProcessBench)",
     "c": "c. Orchestration overhead",
     "d": "d. Synthesis throughput, openai teacher (concurrent vs sequential)",
     "m": "Memory on the longest ProcessBench solutions",
+    "s": "s. Reward service: mlflow models serve under load vs in-process scoring",
 }
 
 
@@ -80,6 +84,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--synth-n", type=int, default=2, help="d: analyses per step sample")
     p.add_argument("--concurrency", type=int, default=8, help="d: concurrent requests (vs 1)")
     p.add_argument("--latency", type=float, default=0.2, help="d: server latency per request, seconds")
+    p.add_argument("--serve-solutions", type=int, default=16, help="s: ProcessBench solutions (bundled, round robin)")
+    p.add_argument("--serve-batch", type=int, default=4, help="s: solutions per request")
+    p.add_argument("--serve-clients", default="1,4", help="s: concurrent clients to measure, comma separated")
     p.add_argument("--dvc-repeats", type=int, default=3, help="c: timed no-op dvc repro runs")
     p.add_argument("--threads", default="auto",
                    help="torch intra-op threads: a number, 0 for torch's default, or 'auto' (default): "
@@ -95,6 +102,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
             args.threads = int(args.threads)
         except ValueError:
             p.error(f"--threads: expected a number or 'auto', got {args.threads!r}")
+    try:
+        args.serve_clients = [int(c) for c in str(args.serve_clients).split(",") if c.strip()]
+    except ValueError:
+        p.error(f"--serve-clients: expected numbers separated by commas, got {args.serve_clients!r}")
+    if not args.serve_clients or min(args.serve_clients) < 1 or args.serve_batch < 1:
+        p.error("--serve-clients and --serve-batch need numbers >= 1")
     args.only = [s.strip() for s in args.only.split(",") if s.strip()]
     unknown = sorted(set(args.only) - set(SECTIONS))
     if unknown:
@@ -217,7 +230,7 @@ def run_sections(args: argparse.Namespace) -> dict[str, Any]:
         print(f"bench: {key} done in {time.perf_counter() - t0:.1f}s", flush=True)
         write_report(out_dir, build_report(args, model_desc, backend_name, results, errors))
 
-    if {"a", "b", "m"} & set(args.only):
+    if {"a", "b", "m", "s"} & set(args.only):
         from bench.models import resolve_model
         from components.backends import load_backend
 
@@ -273,6 +286,16 @@ def run_sections(args: argparse.Namespace) -> dict[str, Any]:
                 return bench_memory(backend, sols, scoring, _prompt_tokens(model_path, sols), source)
 
             section("m", memory)
+        if "s" in args.only:
+            from bench.serving_bench import bench_serving
+
+            items = round_robin(load_processbench(BUNDLED), args.serve_solutions)
+            serve_sols = fitting([by_id[i.id] for i in items])
+            assert model_path is not None
+            section("s", lambda: bench_serving(
+                backend, model_path, serve_sols, scoring, params.backend,
+                batch=args.serve_batch, clients=args.serve_clients,
+            ))
     finally:
         if backend is not None:
             backend.close()

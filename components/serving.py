@@ -285,7 +285,10 @@ class StepRewardModel(PythonModel):
         config = dict(context.model_config or {})
         self.scoring = ScoringParams.model_validate(config["scoring"])
         backend_params = BackendParams.model_validate(config["backend"])
-        self.backend = load_backend(backend_params, context.artifacts[MODEL_ARTIFACT], dtype=config["dtype"])
+        # openai: the analyses come from the server at backend.openai.base_url, asked for
+        # backend.openai.model (not for the artifact's local folder name)
+        model_arg = "" if backend_params.kind == "openai" else context.artifacts[MODEL_ARTIFACT]
+        self.backend = load_backend(backend_params, model_arg, dtype=config["dtype"])
         scorers = {
             flag: StepScorer(self.backend, self.scoring, early_exit=flag, progress=False)
             for flag in (False, True)

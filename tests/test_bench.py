@@ -52,14 +52,15 @@ def test_auto_threads_follow_what_other_processes_use_now(monkeypatch: pytest.Mo
 @pytest.mark.slow
 def test_bench_runs_every_section_on_a_tiny_input(verdict_model_dir: Path, tmp_path: Path) -> None:
     """The smallest input every section accepts (one solution, one repeat, two synthesized
-    analyses, one no-op `dvc repro`), so it ends well inside its limit on a busy 2-core machine."""
+    analyses, one no-op `dvc repro`, two solutions served one per request), so it ends well inside its limit on a busy 2-core machine."""
     out = tmp_path / "results"
     cmd = [
         sys.executable, str(ROOT / "bench" / "run.py"),
         "--model", str(verdict_model_dir), "--backend", "hf", "--k", "2", "--threads", "1",
         "--solutions", "1", "--ee-solutions", "1", "--mem-solutions", "1", "--mem-source", "bundled",
         "--max-new-tokens", "48", "--synth-samples", "1", "--synth-n", "2", "--concurrency", "2",
-        "--latency", "0", "--dvc-repeats", "1", "--repeats", "1", "--out", str(out),
+        "--latency", "0", "--dvc-repeats", "1", "--repeats", "1", "--serve-solutions", "2", "--serve-batch", "1",
+        "--serve-clients", "1,2", "--out", str(out),
     ]
     start = time.monotonic()
     proc = subprocess.run(cmd, cwd=tmp_path, capture_output=True, text=True, timeout=600)
@@ -68,7 +69,7 @@ def test_bench_runs_every_section_on_a_tiny_input(verdict_model_dir: Path, tmp_p
     report = json.loads((out / "bench.json").read_text())
     assert report["errors"] == {}
     sections = report["sections"]
-    assert set(sections) == {"a_throughput", "b_early_exit", "c_orchestration", "d_synthesis", "m_memory"}
+    assert set(sections) == {"a_throughput", "b_early_exit", "c_orchestration", "d_synthesis", "m_memory", "s_serving"}
 
     a = sections["a_throughput"]
     assert a["k"] == 2 and a["scored_steps"] > 0
@@ -98,6 +99,12 @@ def test_bench_runs_every_section_on_a_tiny_input(verdict_model_dir: Path, tmp_p
     m = sections["m_memory"]
     assert m["scored"] == 1 and m["memory"]["rss_peak_mb"] > 0
     assert m["memory"]["rss_peak_source"]  # the kernel's high-water mark on Linux, else sampled
+
+    s = sections["s_serving"]
+    assert s["solutions"] == 2 and s["in_process"]["solutions_per_s"] > 0
+    assert [r["clients"] for r in s["served"]] == [1, 2]
+    assert all(r["errors"] == [] and r["solutions"] == 2 and r["requests"] == 2 for r in s["served"])
+    assert s["rewards_agree"] is True, s
 
     table = (out / "bench.md").read_text()
     assert table.count("\n| ") >= 8 and "FAILED" not in table

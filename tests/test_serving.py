@@ -295,3 +295,22 @@ def test_unknown_request_params_are_refused_on_the_pyfunc_predict_path(
     (pred,) = model.predict(rows, params={"early_exit": True})  # nothing left over from the refusals
     assert pred["id"] == "one"
     check_prediction(pred, 1)
+
+
+def test_openai_backend_behind_the_server_asks_for_the_configured_model(tmp_path: Path) -> None:
+    """With backend.kind openai (a vLLM fleet behind the reward service), the served model asks the
+    server for backend.openai.model, not for the artifact's local folder."""
+    from mlflow.pyfunc import PythonModelContext
+
+    from components.serving import StepRewardModel
+
+    params = serving_params()
+    params.backend.kind = "openai"
+    params.backend.openai.model = "r-prm"
+    config = registry.model_config(params)
+    model = StepRewardModel()
+    model.load_context(PythonModelContext(artifacts={"model": str(tmp_path)}, model_config=config))
+    try:
+        assert model.backend.model == "r-prm"
+    finally:
+        model.backend.close()
