@@ -20,7 +20,7 @@ STAGES = ["base-model", "prepare", "synthesize", "sft", "sample-pairs", "dpo", "
 def test_help_lists_every_stage() -> None:
     out = subprocess.run([sys.executable, "-m", "components.cli", "--help"], capture_output=True, text=True, cwd=ROOT)
     assert out.returncode == 0, out.stderr
-    for stage in [*STAGES, "promote", "score-processbench", "score-prmbench"]:
+    for stage in [*STAGES, "promote", "score", "score-processbench", "score-prmbench"]:
         assert stage in out.stdout, stage
 
 
@@ -56,16 +56,17 @@ def _help(*args: str) -> str:
 
 
 def test_each_stage_help_says_what_it_reads_writes_and_how_it_resumes() -> None:
-    for stage in [*STAGES, "promote"]:
+    for stage in [*STAGES, "promote", "score"]:
         text = " ".join(_help(stage).split())
         for word in ("Reads:", "Writes:", "Resume:"):
             assert word in text, (stage, word)
     assert "data/pairs/journal.jsonl" in " ".join(_help("sample-pairs").split())
     assert "checkpoints/sft/" in _help("sft")
+    assert "OUT.journal" in " ".join(_help("score").split())
 
 
 def test_help_shows_no_type_label_on_flags() -> None:
-    for args in [(), *[(c,) for c in [*STAGES, "promote", "score-processbench", "score-prmbench"]]]:
+    for args in [(), *[(c,) for c in [*STAGES, "promote", "score", "score-processbench", "score-prmbench"]]]:
         text = _help(*args)
         assert "--help" in text and "<bool>" not in text, args
 
