@@ -294,7 +294,7 @@ def run_sections(args: argparse.Namespace) -> dict[str, Any]:
             assert model_path is not None
             section("s", lambda: bench_serving(
                 backend, model_path, serve_sols, scoring, params.backend,
-                batch=args.serve_batch, clients=args.serve_clients,
+                batch=args.serve_batch, clients=args.serve_clients, threads=threads,
             ))
     finally:
         if backend is not None:

@@ -7,7 +7,7 @@ logs), `mlflow models serve --env-manager local` on 127.0.0.1 (one worker), and 
 sent as batched requests (`batch` rows each) by 1, then N concurrent clients drawing from one
 queue; the server's `CombiningBatcher` merges what arrives while a batch is being scored.
 Throughput is scored solutions per second of wall time (server start-up and one warm-up
-request excluded). Rewards are checked to agree: every solution's served step rewards against
+request excluded; the in-process side gets the same warm-up). Rewards are checked to agree: every solution's served step rewards against
 the in-process ones (sampling is seeded per solution and step, so batching does not change
 them beyond float noise).
 """
@@ -33,6 +33,7 @@ from components.config import BackendParams, Params, ScoringParams
 from components.records import Solution
 
 AGREEMENT_TOLERANCE = 1e-3  # largest |served - in-process| step reward still counted as agreeing
+WARM_UP = Solution(id="warm-up", question="What is 1 + 1?", steps=["1 + 1 = 2."])  # untimed, both sides
 
 
 def _free_port() -> int:
@@ -60,8 +61,8 @@ def save_pyfunc(model_path: Path, scoring: ScoringParams, backend: BackendParams
 class Server:
     """`mlflow models serve` of a saved pyfunc on 127.0.0.1 (context manager; stopped on exit)."""
 
-    def __init__(self, model_dir: Path, log: Path, startup_s: float = 300.0):
-        self.model_dir, self.log, self.startup_s = model_dir, log, startup_s
+    def __init__(self, model_dir: Path, log: Path, startup_s: float = 300.0, threads: int = 0):
+        self.model_dir, self.log, self.startup_s, self.threads = model_dir, log, startup_s, threads
         self.url = ""
         self.proc: subprocess.Popen[bytes] | None = None
         self.startup_wall_s = 0.0
@@ -71,6 +72,8 @@ class Server:
 
         port = _free_port()
         env = {**os.environ, "MLFLOW_TRACKING_URI": f"sqlite:///{self.log.parent / 'mlflow.db'}"}
+        if self.threads:  # the server's torch threads, as the in-process side's (OMP_NUM_THREADS)
+            env["OMP_NUM_THREADS"] = env["MKL_NUM_THREADS"] = str(self.threads)
         t0 = time.perf_counter()
         with self.log.open("wb") as fh:
             self.proc = subprocess.Popen(
@@ -167,21 +170,23 @@ def bench_serving(
     *,
     batch: int = 4,
     clients: Sequence[int] = (1, 4),
+    threads: int = 0,
 ) -> SectionResult:
-    """Scored solutions per second: served (batched requests, 1 and N clients) vs in-process."""
+    """Scored solutions per second: served (batched requests, 1 and N clients) vs in-process; the
+    server runs with `threads` torch threads (0: torch's default), as the in-process side."""
     from components.scoring import StepScorer
 
     n_steps = sum(len(s.steps) for s in solutions)
     scorer = StepScorer(backend, scoring, early_exit=False, progress=False)
+    scorer.score([WARM_UP])  # as the server gets one warm-up request before it is timed
     t0 = time.perf_counter()
     local = {s.id: s.step_rewards for s in scorer.score(list(solutions))}
     inproc_wall = time.perf_counter() - t0
     runs: list[dict[str, Any]] = []
     with tempfile.TemporaryDirectory(prefix="rprm-serving-bench-") as tmp:
         model_dir = save_pyfunc(model_path, scoring, backend_params, Path(tmp) / "pyfunc")
-        with Server(model_dir, Path(tmp) / "serve.log") as server:
-            warm = load_test(server.url, [Solution(id="warm-up", question="What is 1 + 1?", steps=["1 + 1 = 2."])],
-                             1, 1)
+        with Server(model_dir, Path(tmp) / "serve.log", threads=threads) as server:
+            warm = load_test(server.url, [WARM_UP], 1, 1)
             if warm["errors"]:
                 raise RuntimeError(f"warm-up request failed: {warm['errors'][0]}")
             for c in clients:
@@ -203,7 +208,7 @@ def bench_serving(
         "max_new_tokens": scoring.sampling.max_new_tokens, "batch": batch,
         "in_process": {"wall_s": round(inproc_wall, 3), "solutions_per_s": round(inproc_rate or 0.0, 3)},
         "served": [{k: v for k, v in r.items() if k != "rewards"} for r in runs],
-        "server_startup_s": round(startup, 1),
+        "server_startup_s": round(startup, 1), "server_threads": threads or "torch default",
         "rewards_agree": agree, "max_reward_difference": worst, "missing_or_failed": missing,
         "tolerance": AGREEMENT_TOLERANCE,
     }
