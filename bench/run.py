@@ -221,7 +221,7 @@ def run_sections(args: argparse.Namespace) -> dict[str, Any]:
         from bench.models import resolve_model
         from components.backends import load_backend
 
-        model_path, model_desc = resolve_model(args.model)
+        model_path, model_desc = resolve_model(args.model, args.params)
         backend = load_backend(params.backend, str(model_path))
         backend_name = backend.name
         limit = _engine_max_len(backend)
