@@ -27,7 +27,11 @@ Decoding is our own KV-cache loop (no `generate()`), which gives what R-PRM scor
   first step whose text (assistant prefix + generated so far) ends with
   `Is the step correct (Yes/No)?` — the same number the teacher-forced reference
   (`verdict_probability`) computes on the analysis cut at that phrase;
-- finished rows (end-of-turn token, stop string) leave the batch at once.
+- finished rows (end-of-turn token, stop string) leave the batch at once;
+- with `generate(..., teacher_forced=f)` a sample that never reached the phrase gets
+  `Generation.forced_p_yes`, the teacher-forced fallback `verdict_probability(conv, f(text))`
+  read from the KV it was decoded with (only the tokens past the longest prefix shared with the
+  decoded ones are encoded), before its prompt leaves the batch (`_forced_from_cache`).
 """
 
 from __future__ import annotations
