@@ -93,8 +93,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                         "torch's default when other processes keep under half a CPU busy (measured over 1 s "
                         "from /proc/stat before the sections run), else 1, "
                         "because on a busy CPU torch's threads spin-wait on each other")
-    p.add_argument("--repeats", type=int, default=3,
-                   help="a: interleaved runs of each side; throughput from each side's fastest run")
+    p.add_argument("--repeats", type=int, default=5,
+                   help="a: interleaved runs of each side; throughput from each side's median run, "
+                        "speedup as the ratio of medians (the spread is reported)")
     p.add_argument("--profile", action="store_true", help="a: cProfile the scorer into <out>/profile_scorer.txt")
     args = p.parse_args(argv)
     if args.threads != "auto":
@@ -234,7 +235,7 @@ def run_sections(args: argparse.Namespace) -> dict[str, Any]:
         from bench.models import resolve_model
         from components.backends import load_backend
 
-        model_path, model_desc = resolve_model(args.model)
+        model_path, model_desc = resolve_model(args.model, args.params)
         backend = load_backend(params.backend, str(model_path))
         backend_name = backend.name
         limit = _engine_max_len(backend)

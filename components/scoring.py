@@ -9,8 +9,12 @@ named by `scoring.fallback` (docs/method.md §9.3):
 
 - `teacher_forced`: the official second pass, batched: `backend.verdict_probability(conv,
   cut_at_verdict(postprocess_response(text))[0])`, i.e. the analysis cut at the first verdict
-  phrase, or with the fallback question appended when it has none. If the backend cannot
-  compute it (returns None), the sampled verdict is used, else the analysis is dropped;
+  phrase, or with the fallback question appended when it has none. A backend that says
+  `forced_in_generation` (hf) computes the same number inside `generate` from the KV it
+  decoded with (`Generation.forced_p_yes`: only the tokens past what was decoded, typically
+  the fallback question, are encoded; equal up to float rounding); the others get the
+  separate pass. If the backend cannot compute it (returns None), the sampled verdict is
+  used, else the analysis is dropped;
 - `sampled_verdict`: 1 if the text after the first verdict phrase is `Yes`, 0 if `No`, else
   dropped;
 - `drop`: the analysis is excluded from the mean.
@@ -92,17 +96,25 @@ def sampled_verdict_value(text: str) -> float | None:
     return None
 
 
+def _fallback_prefix(text: str) -> str:
+    """The assistant prefix of the teacher-forced fallback pass for a sampled analysis."""
+    return prompts.cut_at_verdict(prompts.postprocess_response(text))[0]
+
+
 def scoring_fingerprint(backend: GenerationBackend, scoring_params: ScoringParams, tag: str = "") -> dict[str, Any]:
     """What journaled step values depend on besides the prompt and K: backend (and its sampler), sampling, fallback, tag."""
     sampling = scoring_params.sampling.model_dump(mode="json")
     sampling.pop("n")
-    return {
+    fp = {
         "backend": getattr(backend, "name", type(backend).__name__),
         "sampler": getattr(backend, "sampler", None),
         "sampling": sampling,
         "fallback": scoring_params.fallback,
         "tag": tag,
     }
+    if scoring_params.fallback == "teacher_forced" and getattr(backend, "forced_in_generation", False):
+        fp["fallback_pass"] = "decoding-kv"  # fallback values differ from the separate pass by float rounding
+    return fp
 
 
 def _prompt_hash(conv: Conversation) -> str:
@@ -330,7 +342,10 @@ class StepScorer:
         n = self.sampling.n
         convs = list(conversations) if conversations is not None else [step_conversation(s, i) for s, i in requests]
         seeds = [step_seed(self.sampling.seed, sol.id, i) for sol, i in requests]
-        outputs = self.backend.generate(convs, self.sampling, seeds=seeds, progress=progress)
+        extra: dict[str, Any] = {}
+        if self.params.fallback == "teacher_forced" and getattr(self.backend, "forced_in_generation", False):
+            extra["teacher_forced"] = _fallback_prefix  # the backend reads it from its decoding KV
+        outputs = self.backend.generate(convs, self.sampling, seeds=seeds, progress=progress, **extra)
         if len(outputs) != len(convs):
             raise BackendError(f"backend returned {len(outputs)} results for {len(convs)} prompts")
         values: list[list[float | None]] = []
@@ -349,7 +364,9 @@ class StepScorer:
                     fb.append(False)
                     continue
                 fb.append(True)
-                if self.params.fallback == "teacher_forced":
+                if self.params.fallback == "teacher_forced" and g.forced_p_yes is not None:
+                    vals.append(float(g.forced_p_yes))
+                elif self.params.fallback == "teacher_forced":
                     vals.append(None)
                     forced.append((row, j, g.text))
                 elif self.params.fallback == "sampled_verdict":
@@ -359,7 +376,7 @@ class StepScorer:
             values.append(vals)
             fallback.append(fb)
         if forced:
-            prefixes = [prompts.cut_at_verdict(prompts.postprocess_response(text))[0] for _, _, text in forced]
+            prefixes = [_fallback_prefix(text) for _, _, text in forced]
             probs = self.backend.verdict_probability([convs[row] for row, _, _ in forced], prefixes)
             if len(probs) != len(forced):
                 raise BackendError(f"backend returned {len(probs)} verdict probabilities for {len(forced)}")

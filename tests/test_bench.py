@@ -75,6 +75,10 @@ def test_bench_runs_every_section_on_a_tiny_input(verdict_model_dir: Path, tmp_p
     assert a["k"] == 2 and a["scored_steps"] > 0
     assert a["repeats"] == 1 and a["reproducible_across_repeats"] is True
     assert all(len(runs) == 1 for runs in a["runs_wall_s"].values())
+    for side in ("ours", "naive"):  # medians and spread of the interleaved runs
+        assert a[side]["min_wall_s"] <= a[side]["median_wall_s"] <= a[side]["max_wall_s"]
+    assert a["speedup_basis"].startswith("ratio of medians") and a["target_speedup"] == 10.0
+    assert a["fallback_from_decoding_kv"] >= 0
     assert a["identical_analyses"] == a["analyses"] == 2 * a["scored_steps"]
     # Equal step rewards; an analysis may differ only when it was sampled as a non-canonical
     # token split (the one-pass value reads the sampled tokens, the reference re-tokenizes).

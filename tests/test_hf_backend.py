@@ -233,6 +233,37 @@ def test_one_pass_reads_the_raw_text_the_official_second_pass_the_postprocessed(
                 assert abs(g.p_yes - official) < 1e-4
 
 
+def test_fallback_read_from_the_decoding_kv_equals_the_separate_teacher_forced_pass(
+    verdict_backend: HFBackend,
+) -> None:
+    """`generate(..., teacher_forced=f)`: a sample without the one-pass verdict gets
+    `forced_p_yes` = `verdict_probability(conv, f(text))` (within float rounding), whether it
+    ended at the length cap, at the end-of-turn token or at a stop string, with or without an
+    assistant prefix; a sample that reached the verdict gets none."""
+
+    def fallback(text: str) -> str:
+        return cut_at_verdict(postprocess_response(text))[0]
+
+    checked = 0
+    for max_new, stop, prefixes in ((6, None, None), (40, None, None), (120, ["\n\n"], None),
+                                    (24, None, ["Analysis:\n", "", "Sure"])):
+        sampling = SamplingParams(n=3, temperature=1.0, top_p=0.95, max_new_tokens=max_new, seed=5)
+        out = verdict_backend.generate(CONVERSATIONS, sampling, stop=stop, assistant_prefixes=prefixes,
+                                       teacher_forced=fallback)
+        plain = verdict_backend.generate(CONVERSATIONS, sampling, stop=stop, assistant_prefixes=prefixes)
+        assert _texts(out) == _texts(plain)  # the extra pass changes no sample
+        for conv, gens in zip(CONVERSATIONS, out, strict=True):
+            for g in gens:
+                if g.p_yes is not None:
+                    assert g.forced_p_yes is None
+                    continue
+                # built from the generated text alone (not the assistant prefix), as the scorer does
+                (reference,) = verdict_backend.verdict_probability([conv], [fallback(g.text)])
+                assert g.forced_p_yes is not None and abs(g.forced_p_yes - reference) < 1e-5, (g, reference)
+                checked += 1
+    assert checked >= 10
+
+
 def test_assistant_prefix_continues_the_turn_and_reads_a_verdict_at_once(verdict_backend: HFBackend) -> None:
     conv = CONVERSATIONS[1]
     prefix = "Analysis:\nThe step is fine.\nVerification: " + VERDICT_PHRASE

@@ -35,6 +35,9 @@ class Generation:
     finish_reason: str = "stop"  # stop | length | error
     error: str | None = None  # engine error after retries (text empty then)
     meta: dict = field(default_factory=dict)
+    # P(" Yes") of the teacher-forced fallback on `teacher_forced(text)` (see `generate`'s
+    # `teacher_forced`), when the engine read it in the generation pass; None otherwise
+    forced_p_yes: float | None = None
 
 
 class BackendError(RuntimeError):

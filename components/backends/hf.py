@@ -27,14 +27,18 @@ Decoding is our own KV-cache loop (no `generate()`), which gives what R-PRM scor
   first step whose text (assistant prefix + generated so far) ends with
   `Is the step correct (Yes/No)?` — the same number the teacher-forced reference
   (`verdict_probability`) computes on the analysis cut at that phrase;
-- finished rows (end-of-turn token, stop string) leave the batch at once.
+- finished rows (end-of-turn token, stop string) leave the batch at once;
+- with `generate(..., teacher_forced=f)` a sample that never reached the phrase gets
+  `Generation.forced_p_yes`, the teacher-forced fallback `verdict_probability(conv, f(text))`
+  read from the KV it was decoded with (only the tokens past the longest prefix shared with the
+  decoded ones are encoded), before its prompt leaves the batch (`_forced_from_cache`).
 """
 
 from __future__ import annotations
 
 import inspect
 from collections import OrderedDict, deque
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -60,6 +64,7 @@ class _Row:
     p_yes: float | None = None
     finish: str | None = None
     stop_at: int | None = None  # generated tokens kept when a stop string ended the row
+    forced_p_yes: float | None = None  # teacher-forced fallback read from the decoding KV
 
 
 def resolve_device(name: str) -> str:
@@ -528,6 +533,9 @@ class HFBackend:
 
     name = "hf"
     sampler = SAMPLER
+    # `generate(..., teacher_forced=f)` returns `Generation.forced_p_yes` (on the shared-prompt
+    # path): the scorer then needs no second pass (`_forced_from_cache`)
+    forced_in_generation = True
 
     def __init__(self, model_path: str | Path, params: BackendParams, dtype: str = "float32"):
         import torch
@@ -557,6 +565,11 @@ class HFBackend:
         self.yes_id = tok.encode(YES_TOKEN_TEXT, add_special_tokens=False)[0]
         self.no_id = tok.encode(NO_TOKEN_TEXT, add_special_tokens=False)[0]
         self.verdict = VerdictLocator(tok)
+        # added tokens the tokenizer splits the text at (lstrip/rstrip ones would eat spaces)
+        self._special_ids = {
+            t.content: i for i, t in tok.added_tokens_decoder.items()
+            if t.special and not t.lstrip and not t.rstrip and not t.single_word
+        }
         forward_args = inspect.signature(self.model.forward).parameters
         self._cache_arg = "cache" if "cache" in forward_args else "past_key_values"
         self.fast = SharedPromptLM(self.model) if fast_path_supported(self.model) else None
@@ -778,12 +791,17 @@ class HFBackend:
         sampling: SamplingParams,
         stop: Sequence[str],
         bar: Any,
+        forced: Any = None,
     ) -> list[_Row]:
         """Continuous batching on `SharedPromptLM`: prompts enter the batch longest first, each
         encoded once, unpadded, with its (up to) K sample rows sharing its KV; a prompt leaves
         as soon as all its rows are done and the freed room takes the next prompts. The batch
         keeps at most `batch_size` prompts and `token_budget` KV tokens (prompts padded to the
-        longest in the batch, plus `max_new_tokens` per sample row)."""
+        longest in the batch, plus `max_new_tokens` per sample row).
+
+        `forced`, when given, is (templates, teacher_forced): each row that ends without the
+        one-pass verdict gets `forced_p_yes` from its decoding KV (`_forced_from_cache`) before
+        its prompt leaves the batch."""
         import torch
 
         assert self.fast is not None
@@ -833,6 +851,8 @@ class HFBackend:
                     for c in range(state.prompts):
                         if c not in kept:
                             finished = [r for r in grid[c * slots : (c + 1) * slots] if r is not None]
+                            if forced is not None:
+                                self._forced_from_cache(state, c, finished, prompts, forced, stop)
                             done += finished
                             bar.update(len(finished))
                     keep = _fill_holes(keep)
@@ -843,6 +863,77 @@ class HFBackend:
                 if grid:
                     logits = self.fast.step(feed, [len(r.ids) - 1 if r is not None else 0 for r in grid], state)
         return done
+
+    def _forced_from_cache(
+        self, state: _SharedState, c: int, rows: Sequence[_Row], prompts: Sequence[list[int]], forced: Any,
+        stop: Sequence[str],
+    ) -> None:
+        """`forced_p_yes` of the rows of batch prompt `c` that ended without the one-pass verdict:
+        the teacher-forced pass `verdict_probability(conversation, teacher_forced(text))`, run
+        only over the tokens past the longest prefix it shares with what was decoded (the
+        prompt's KV and the row's generated KV are reused; typically only the fallback question
+        is encoded). Same number as the separate pass up to float rounding (the generated KV
+        comes from the batched decoding step, not the prompt encoder). A row keeps None when
+        the template's last special token does not split the tokenization (the scorer then runs
+        the separate pass)."""
+        import torch
+
+        templates, teacher_forced = forced
+        todo = [r for r in rows if r.p_yes is None]
+        if not todo:
+            return
+        room = state.gen_k[0].shape[3]
+        plen = state.prompt_len[c]
+        dev = state.prompt_bias.device
+        for r in todo:
+            template, prompt = templates[r.conv], prompts[r.conv]
+            ids = self._tail_ids(template, prompt, r.prefix, teacher_forced(self._finish(r, stop).text))
+            if ids is None:
+                continue
+            # KV is valid for the prompt and generated tokens [0, min(len - 1, room - 1)): a
+            # finished row's later (pad) feeds overwrite the position after its last token
+            decoded = prompt + r.ids[: max(0, min(len(r.ids) - 1, room - 1))]
+            limit = min(len(decoded), len(ids) - 1)
+            n = 0
+            while n < limit and decoded[n] == ids[n]:
+                n += 1
+            s = r.index % state.slots
+            past = []
+            for layer in range(len(state.prompt_k)):
+                pk, pv = state.prompt_k[layer][c, :, : min(n, plen)], state.prompt_v[layer][c, :, : min(n, plen)]
+                if n > plen:
+                    pk = torch.cat([pk, state.gen_k[layer][c, :, s, : n - plen]], dim=1)
+                    pv = torch.cat([pv, state.gen_v[layer][c, :, s, : n - plen]], dim=1)
+                past.append((pk, pv))
+            _, logits = self.fast.encode(ids[n:], dev, past if n else None)
+            r.forced_p_yes = float(self._p_yes(logits))
+
+    def _tail_ids(self, template: str, prompt: list[int], prefix: str, text: str) -> list[int] | None:
+        """Token ids of `template + text` (what `verdict_probability` encodes), tokenizing only
+        from the template's last special token on (the tokenizer splits there); None when the
+        prompt's own ids (`template + prefix`) do not tokenize that way."""
+        cut = self._last_special(template)
+        if cut is None:
+            return None
+        at, pos = cut
+        head = len(prompt) - 1
+        while head >= 0 and prompt[head] != self._special_ids[template[at : at + pos]]:
+            head -= 1
+        if head < 0:
+            return None
+        tails = self._encode_all([template[at:] + prefix, template[at:] + text])
+        if prompt[head:] != tails[0]:
+            return None
+        return prompt[:head] + tails[1]
+
+    def _last_special(self, template: str) -> tuple[int, int] | None:
+        """(position, length) of the last added special token in a rendered prompt."""
+        best: tuple[int, int] | None = None
+        for tok in self._special_ids:
+            at = template.rfind(tok)
+            if at >= 0 and (best is None or at > best[0]):
+                best = (at, len(tok))
+        return best
 
     def _decode_batch(
         self,
@@ -907,6 +998,7 @@ class HFBackend:
             p_yes=row.p_yes,
             num_tokens=len(row.ids),
             finish_reason=row.finish or "length",
+            forced_p_yes=row.forced_p_yes,
         )
 
     def generate(
@@ -918,18 +1010,29 @@ class HFBackend:
         assistant_prefixes: Sequence[str] | None = None,
         stop: Sequence[str] | None = None,
         progress: bool = False,
+        teacher_forced: Callable[[str], str] | None = None,
     ) -> list[list[Generation]]:
-        """`sampling.n` seeded samples per conversation, with one-pass verdict probabilities."""
+        """`sampling.n` seeded samples per conversation, with one-pass verdict probabilities.
+
+        `teacher_forced(text)`, when given, is the assistant prefix of the fallback pass of a
+        sample without the one-pass verdict: its `forced_p_yes` is then
+        `verdict_probability([conversation], [teacher_forced(text)])`, read from the decoding
+        KV (shared-prompt path only; elsewhere it stays None)."""
         from tqdm.auto import tqdm
 
         n_conv = len(conversations)
         seeds, prefixes = request_rows(n_conv, sampling, seeds, assistant_prefixes)
         stop = [s for s in (stop or []) if s]
-        prompts = self._encode_all([self.render(c, p) for c, p in zip(conversations, prefixes, strict=True)])
+        rendered = [self.render(c, p) for c, p in zip(conversations, prefixes, strict=True)]
+        prompts = self._encode_all(rendered)
+        forced = None
+        if teacher_forced is not None:
+            templates = [r[: len(r) - len(p)] if p else r for r, p in zip(rendered, prefixes, strict=True)]
+            forced = (templates, teacher_forced)
         results: list[list[Generation | None]] = [[None] * sampling.n for _ in range(n_conv)]
         with tqdm(total=n_conv * sampling.n, desc="generate (hf)", unit="sample", disable=not progress) as bar:
             if self.fast is not None:
-                for row in self._generate_shared(prompts, prefixes, seeds, sampling, stop, bar):
+                for row in self._generate_shared(prompts, prefixes, seeds, sampling, stop, bar, forced):
                     results[row.conv][row.index] = self._finish(row, stop)
             else:
                 for batch in self._batches([len(p) for p in prompts], sampling.n, sampling.max_new_tokens):
