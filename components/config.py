@@ -760,9 +760,10 @@ DEFAULT_HEADER = """\
 
 def profile_header(source: str) -> str:
     """Header comment of a params.yaml written from a profile."""
-    return (f"# Written by `rprm profile {source}`: that profile merged onto the defaults, every key spelled\n"
-            "# out (DVC and the flow read this file). Edit the profile and rerun the command, or run\n"
-            "# `rprm profile default` (or `git checkout params.yaml`) for the default profile.\n")
+    return (f"# Written by `rprm profile {source}`:\n"
+            "# that profile merged onto the defaults, every key spelled out (DVC and the flow read this file).\n"
+            "# Edit the profile and rerun the command; `rprm profile default` (or `git checkout params.yaml`)\n"
+            "# restores the default profile.\n")
 
 
 def write_params_file(params: Params, path: str | Path, header: str = "") -> Path:
@@ -807,7 +808,7 @@ def explain_params(params: Params) -> list[str]:
                 continue
             v_txt = _json(v)
             if default is None:
-                d_txt = "no default"
+                d_txt = "its section is null by default"
             elif isinstance(d, Section):
                 d_txt = "default " + _json(d.model_dump(mode="json"))
             else:
