@@ -313,9 +313,14 @@ class SharedPromptLM:
         x = self.embed(torch.tensor([list(ids)], dtype=torch.long, device=device))
         cos, sin = self.rotary(x, torch.arange(start, start + n, device=device)[None])
         cos, sin = cos[:, None], sin[:, None]
-        mask = None
-        if past:  # token i sees the prefix and tokens <= i
-            mask = torch.full((n, start + n), float("-inf"), dtype=x.dtype, device=device).triu_(start + 1)
+        # Queries attend in chunks that start at multiples of ATTENTION_CHUNK (absolute
+        # positions), each over the keys from position 0 to its end: the attention kernel's
+        # blocking (and so its rounding) is then the same for a token whether the prefix came
+        # from the cache (cut at a multiple of the chunk, as PrefixCache cuts) or was encoded
+        # with it. One causal call over the whole sequence would split its queries by length.
+        bounds = [start, *range((start // ATTENTION_CHUNK + 1) * ATTENTION_CHUNK, start + n, ATTENTION_CHUNK), start + n]
+        chunks = [(lo, hi, torch.full((hi - lo, hi), float("-inf"), dtype=x.dtype, device=device).triu_(lo + 1))
+                  for lo, hi in zip(bounds[:-1], bounds[1:], strict=True)]
         kvs = []
         for layer in self.layers:
             a = layer.self_attn
@@ -327,11 +332,13 @@ class SharedPromptLM:
             if past:
                 k = torch.cat([past[len(kvs) - 1][0][None], k], dim=2)
                 v = torch.cat([past[len(kvs) - 1][1][None], v], dim=2)
-            # one fused call over prefix + new keys, blocked from position 0: the result is
-            # bitwise the same whether the prefix came from the cache or was encoded with it
-            o = F.scaled_dot_product_attention(
-                q, k, v, attn_mask=mask, is_causal=mask is None, scale=self.scaling, enable_gqa=True
-            )
+            o = torch.cat([
+                F.scaled_dot_product_attention(
+                    q[:, :, lo - start : hi - start], k[:, :, :hi], v[:, :, :hi], attn_mask=mask,
+                    scale=self.scaling, enable_gqa=True,
+                )
+                for lo, hi, mask in chunks
+            ], dim=2)
             x = x + a.o_proj(o.transpose(1, 2).reshape(1, n, self.heads * self.head_dim))
             x = x + layer.mlp(layer.post_attention_layernorm(x))
         return kvs, self.lm_head(self.norm(x[0, -1:]))[0].float()
@@ -463,6 +470,9 @@ class SharedPromptLM:
         return self.lm_head(self.norm(x)).float()
 
 
+ATTENTION_CHUNK = 32  # query chunk of FastDecoder.encode; PrefixCache cuts at multiples of it
+
+
 class PrefixCache:
     """KV of recently encoded token blocks, found again by a sequence's longest cached prefix.
 
@@ -474,7 +484,7 @@ class PrefixCache:
     most of a prompt's encoding is a lookup.
     """
 
-    def __init__(self, max_tokens: int, block: int = 32):
+    def __init__(self, max_tokens: int, block: int = ATTENTION_CHUNK):
         self.max_tokens = max_tokens
         self.block = block
         # chain hash -> (the block's tokens, per layer (keys, values) [kv heads, block, d])
