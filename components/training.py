@@ -653,6 +653,8 @@ def _report(
     plan: CheckpointPlan,
     preference: dict[str, Any] | None,
 ) -> dict[str, Any]:
+    import torch
+
     args, state = trainer.args, trainer.state
     history = state.log_history
     report: dict[str, Any] = {
@@ -669,6 +671,8 @@ def _report(
         "final_train_loss": _last_logged(history, "loss"),
         "eval_loss": eval_metrics.get("eval_loss"),
         "runtime_s": result.metrics.get("train_runtime"),
+        # reruns are bitwise identical at the same thread count (README, "Reproducibility")
+        "torch_threads": torch.get_num_threads(),
         "resumed_from": plan.resume_from.name if plan.resume_from else None,
         "checkpoints_deleted": {"unfinished": len(plan.unfinished), "stale": len(plan.stale)},
     }

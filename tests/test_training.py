@@ -235,6 +235,34 @@ def test_sft_trains_saves_and_logs(sft_run: tuple[Path, dict], mlflow_uri: str) 
     assert float(run.data.params["learning_rate"]) == float(run.data.params["sft.learning_rate"])
 
 
+TIMING_FIELDS = ("runtime_s",)  # wall-clock; everything else in a report is a function of params and data
+
+
+@pytest.mark.slow
+def test_sft_reruns_are_bitwise_identical(tmp_path: Path, sft_run: tuple[Path, dict], tiny_model_dir: Path,
+                                          default_params: Params, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The same params, data, seed and thread count: a second SFT run in a fresh folder writes the same
+    weights file byte for byte and the same report apart from its timing (README, "Reproducibility")."""
+    import torch
+
+    from components.training import run_sft
+
+    first, first_report = sft_run
+    project = make_project(tmp_path / "p", tiny_model_dir)
+    monkeypatch.chdir(project)
+    report = run_sft(train_params(default_params))
+    assert report["torch_threads"] == first_report["torch_threads"] == torch.get_num_threads()
+    a, b = first / paths.SFT_MODEL / "model.safetensors", project / paths.SFT_MODEL / "model.safetensors"
+    assert a.read_bytes() == b.read_bytes()
+    assert all(torch.equal(v, weights(project / paths.SFT_MODEL)[k]) for k, v in weights(first / paths.SFT_MODEL).items())
+
+    def untimed(r: dict) -> dict:
+        return {k: v for k, v in r.items() if k not in TIMING_FIELDS}
+
+    assert untimed(report) == untimed(first_report)
+    assert untimed(json.loads((project / "reports/sft.json").read_text())) == untimed(first_report)
+
+
 def test_sft_selects_the_checkpoint_with_the_lowest_validation_loss(
         tmp_path: Path, tiny_model_dir: Path, default_params: Params) -> None:
     """select_by eval_loss: every checkpoint is evaluated; the best one becomes models/sft and the report says
