@@ -223,8 +223,9 @@ def summarize(params: ParamsOpt = Path("params.yaml")) -> None:
     first-error F1 and verdict reach, ProcessBench average F1, PRMBench PRMScore), bon.json
     (Best-of-N gain of the PRM over majority voting), dpo.json (preference accuracy).
 
-    Writes: reports/headline.json (flat, unique keys; `dvc metrics show --targets
-    reports/headline.json` fits a terminal) and prints it. No MLflow run.
+    Writes: reports/headline.json (flat, unique keys; `dvc metrics show
+    reports/headline.json`, `dvc metrics diff --targets reports/headline.json`) and prints it,
+    one number a line. No MLflow run.
 
     Resume: nothing to resume; it takes a fraction of a second.
     """

@@ -17,7 +17,7 @@ quality gate and version tags use too. A report that is missing leaves its keys 
 says which); nothing else is read. No MLflow run: the Prefect flow copies these numbers onto its
 parent run with every other report number.
 
-    rprm summarize && dvc metrics show --targets reports/headline.json
+    rprm summarize && dvc metrics diff --all --no-path --targets reports/headline.json
 """
 
 from __future__ import annotations
