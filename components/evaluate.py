@@ -3,8 +3,8 @@
 For each model in `evaluate.models` (`models/<name>`; a model not trained yet is replaced by the
 base model, and the report says so) the stage scores the prepared benchmark subsets
 (`data/prepared/processbench.jsonl`, `data/prepared/prmbench.jsonl`) with the step scorer and
-writes `reports/{processbench,prmbench,scaling}.json`, `plots/{scaling,threshold}.csv` (DVC
-plots), PNG figures in `plots/`, per-model StepScores and an official-format PRMBench results
+writes `reports/{processbench,prmbench,scaling}.json`, PNG figures in `plots/` (the DVC plots;
+`components.plots`), the tables behind them (`plots/{scaling,threshold}.csv`), per-model StepScores and an official-format PRMBench results
 file in `data/scores/<model>/`, and logs all of it to the stage's MLflow run with a table of
 per-solution predictions.
 
