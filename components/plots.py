@@ -4,7 +4,8 @@ The PNGs are the DVC plots (`dvc plots show` embeds images as they are, so they 
 DVC's CSV plots load Vega from a CDN and vanish without a network). The CSVs are plain stage
 outputs for other tools. Every figure says what it shows: a title, the model(s), how step rewards
 are aggregated, the sample size of each panel (`n = ...`), axes whose limits hold every point
-(and say "no data" when there is none), and the value of each point or bar written beside it.
+(and say "no data" when there is none), the value of each point or bar written beside it, and
+a note under the panel (never over the data).
 
 Figures are drawn on a bare `matplotlib.figure.Figure` (Agg canvas, no pyplot global state), so
 they work headless and in threads. Every file is written atomically.
@@ -56,9 +57,10 @@ def fit_limits(values: Sequence[float], bounds: tuple[float, float] | None = Non
     return low, high
 
 
-def _note(ax: Any, text: str | None) -> None:
+def _note(ax: Any, text: str | None, below: float = -0.13) -> None:
+    """`text` under the panel (never over a data point): sample size, models, aggregation."""
     if text:
-        ax.text(0.01, 0.98, text, transform=ax.transAxes, **NOTE_STYLE)
+        ax.annotate(text, xy=(0.0, below), xycoords="axes fraction", annotation_clip=False, **NOTE_STYLE)
 
 
 def _no_data(ax: Any) -> None:
@@ -175,7 +177,7 @@ def bar_plot(
     ax.set_title(title, fontsize=10)
     ax.set_ylabel(y_label)
     ax.grid(True, axis="y", alpha=0.3)
-    _note(ax, note)
+    _note(ax, note, below=-0.36)  # under the rotated category labels
     if groups:
         ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1.0), borderaxespad=0)
     return _save(fig, Path(path))
