@@ -23,7 +23,8 @@ For each dataset in `best_of_n.datasets` (test sets in `bon/testsets/`, gold ans
    voting (`components.search`).
 5. Accuracy curves for n = 1, 2, 4, ..., N (`curve_repeats` random subsets per point, or the
    first n): `plots/bon_curve.csv` (n, accuracy, dataset, method) and `plots/bon_curve.png`
-   (a panel per dataset).
+   (`components.plots.bon_curve_plot`: a panel per dataset with its problem count, the PRM and
+   the aggregation in the title).
 6. Guided search (`guided_search` params): every strategy on the first `max_problems`
    problems of each dataset, policy = the policy model, PRM = the step scorer.
 
@@ -384,38 +385,6 @@ def choice_rows(problems: Sequence[GradedProblem]) -> list[dict[str, Any]]:
     return rows
 
 
-def curve_plot(rows: Sequence[dict[str, Any]], out: Path) -> Path:
-    """One panel per dataset: accuracy against n (log2 axis), one line per method; PNG."""
-    from matplotlib.figure import Figure
-
-    from components.io import atomic_path
-
-    datasets = list(dict.fromkeys(r["dataset"] for r in rows)) or ["(none)"]
-    cols = min(3, len(datasets))
-    nrows = -(-len(datasets) // cols)
-    fig = Figure(figsize=(4.2 * cols, 3.4 * nrows))
-    for k, dataset in enumerate(datasets):
-        ax = fig.add_subplot(nrows, cols, k + 1)
-        for method in CURVE_METHODS:
-            pts = sorted((r["n"], r["accuracy"]) for r in rows if r["dataset"] == dataset and r["method"] == method)
-            if pts:
-                ax.plot([x for x, _ in pts], [y for _, y in pts], marker="o", label=method,
-                        linestyle="--" if method in ("pass@1", "pass@n") else "-")
-                ax.set_xscale("log", base=2)
-                ax.set_xticks([x for x, _ in pts], [str(x) for x, _ in pts])
-        ax.set_title(dataset)
-        ax.set_xlabel("N")
-        ax.set_ylabel("accuracy")
-        ax.set_ylim(-0.02, 1.02)
-        ax.grid(True, alpha=0.3)
-        if k == 0 and ax.get_legend_handles_labels()[0]:
-            ax.legend(fontsize=7)
-    fig.tight_layout()
-    with atomic_path(out, "wb") as fh:
-        fig.savefig(fh, format="png", dpi=110)
-    return out
-
-
 # --------------------------------------------------------------------------------------
 # The stage
 # --------------------------------------------------------------------------------------
@@ -583,11 +552,18 @@ def run_guided_search(
     return report, rows
 
 
+def without_timings(obj: Any) -> Any:
+    """A report without its wall-clock `seconds` entries (they differ between identical runs)."""
+    if isinstance(obj, dict):
+        return {k: without_timings(v) for k, v in obj.items() if k != "seconds"}
+    return obj
+
+
 def run(params: Params) -> dict[str, Any]:
     """The `rprm best-of-n` stage (see the module docstring); returns the bon report."""
     from components import tracking
     from components.backends import load_backend
-    from components.plots import write_csv
+    from components.plots import bon_curve_plot, write_csv
 
     bp = params.best_of_n
     # Every input file and model folder is checked before any model, MLflow run or journal: bad
@@ -684,9 +660,12 @@ def run(params: Params) -> dict[str, Any]:
                 for b in backends.values():
                     b.close()
         write_csv(paths.BON_CURVE_CSV, curve_rows, ["n", "accuracy", "dataset", "method"])
-        png = curve_plot(curve_rows, paths.BON_CURVE_PNG)
-        write_json(paths.BON_REPORT, report)
-        write_json(paths.GUIDED_SEARCH_REPORT, guided)
+        png = bon_curve_plot(curve_rows, paths.BON_CURVE_PNG, methods=CURVE_METHODS,
+                             problems={d: len(g) for d, g in graded_by.items()}, prm_model=bp.prm_model,
+                             aggregation=bp.aggregation, repeats=bp.curve_repeats)
+        # wall-clock `seconds` go to MLflow only: the report files are a function of params and data
+        write_json(paths.BON_REPORT, without_timings(report))
+        write_json(paths.GUIDED_SEARCH_REPORT, without_timings(guided))
         import mlflow
 
         tracking.log_report(_without(report, "mismatches"))  # metrics (lists stay in the JSON)

@@ -216,6 +216,23 @@ def best_of_n(params: ParamsOpt = Path("params.yaml")) -> None:
 
 
 @command()
+def summarize(params: ParamsOpt = Path("params.yaml")) -> None:
+    """A dozen headline numbers of the stage reports in reports/headline.json (a DVC metric).
+
+    Reads: reports/heldout.json, processbench.json, prmbench.json (per evaluated model: held-out
+    first-error F1 and verdict reach, ProcessBench average F1, PRMBench PRMScore), bon.json
+    (Best-of-N gain of the PRM over majority voting), dpo.json (preference accuracy).
+
+    Writes: reports/headline.json (flat, unique keys; `dvc metrics show
+    reports/headline.json`, `dvc metrics diff --targets reports/headline.json`) and prints it,
+    one number a line. No MLflow run.
+
+    Resume: nothing to resume; it takes a fraction of a second.
+    """
+    _call("summary:run", _load(params))
+
+
+@command()
 def register(params: ParamsOpt = Path("params.yaml")) -> None:
     """Log the trained PRM as an MLflow pyfunc and register it with alias `challenger`.
 

@@ -3,8 +3,8 @@
 For each model in `evaluate.models` (`models/<name>`; a model not trained yet is replaced by the
 base model, and the report says so) the stage scores the prepared benchmark subsets
 (`data/prepared/processbench.jsonl`, `data/prepared/prmbench.jsonl`) with the step scorer and
-writes `reports/{processbench,prmbench,scaling}.json`, `plots/{scaling,threshold}.csv` (DVC
-plots), PNG figures in `plots/`, per-model StepScores and an official-format PRMBench results
+writes `reports/{processbench,prmbench,scaling}.json`, PNG figures in `plots/` (the DVC plots;
+`components.plots`), the tables behind them (`plots/{scaling,threshold}.csv`), per-model StepScores and an official-format PRMBench results
 file in `data/scores/<model>/`, and logs all of it to the stage's MLflow run with a table of
 per-solution predictions.
 
@@ -44,6 +44,7 @@ from __future__ import annotations
 import hashlib
 import json
 import warnings
+from collections import Counter
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -390,7 +391,8 @@ def _curve_point(report: dict[str, Any]) -> dict[str, Any]:
 
 
 def _write_plots(models: list[str], scaling: dict[str, Any], prmb: dict[str, Any], subsets: list[str],
-                 plan: SweepPlan) -> list[Path]:
+                 plan: SweepPlan, pb_counts: dict[str, int], thr: float, cmp_: str) -> list[Path]:
+    """The CSV tables (plain outputs) and PNG figures (the DVC plots) of the evaluate stage."""
     head = models[-1]
     k_rows, t_rows = [], []
     for k in plan.ks:
@@ -411,27 +413,45 @@ def _write_plots(models: list[str], scaling: dict[str, Any], prmb: dict[str, Any
         plots.write_csv(SCALING_CSV, k_rows, ["k", "f1_avg", "model", *extra]),
         plots.write_csv(THRESHOLD_CSV, t_rows, ["threshold", "f1_avg", "model", *extra]),
     ]
+    n_pb = sum(pb_counts.values())
+    per_subset = ", ".join(f"{s} {pb_counts.get(s, 0)}" for s in subsets)
+    reward = f"step reward = mean P(Yes) over K analyses; first error = first step below {plan.threshold:g}"
+    k_note = (f"n = {n_pb} ProcessBench solutions ({per_subset})\n{reward}\n"
+              f"dashed: per-subset F1 of {head}")
     k_series: dict[str, dict[float, float | None]] = {
         f"{m} avg": {k: scaling[m]["processbench_k"][str(k)]["avg_f1"] for k in plan.ks} for m in models
     }
-    k_series.update({f"{head} {s}": {k: scaling[head]["processbench_k"][str(k)]["subsets"][s] for k in plan.ks}
-                     for s in subsets})
-    out.append(plots.line_plot(k_series, SCALING_PNG, title="ProcessBench F1 vs sampled analyses K",
-                               x_label="K (analyses per step)", y_label="F1", log2_x=True,
-                               dashed=[f"{head} {s}" for s in subsets]))
+    k_series.update({f"{head} {s} (n={pb_counts.get(s, 0)})": {k: scaling[head]["processbench_k"][str(k)]["subsets"][s]
+                                                               for k in plan.ks} for s in subsets})
+    dashed = [f"{head} {s} (n={pb_counts.get(s, 0)})" for s in subsets]
+    out.append(plots.line_plot(k_series, SCALING_PNG,
+                               title=f"ProcessBench first-error F1 vs sampled analyses K — models {', '.join(models)}",
+                               x_label="K (analyses per step)", y_label="F1 (0-100)", log2_x=True,
+                               dashed=dashed, note=k_note, y_bounds=(0.0, 100.0)))
     t_series: dict[str, dict[float, float | None]] = {
         f"{m} avg": {t: scaling[m]["processbench_threshold"][f"{t:g}"]["avg_f1"] for t in plan.thresholds}
         for m in models
     }
-    t_series.update({f"{head} {s}": {t: scaling[head]["processbench_threshold"][f"{t:g}"]["subsets"][s]
-                                     for t in plan.thresholds} for s in subsets})
-    out.append(plots.line_plot(t_series, THRESHOLD_PNG, title=f"ProcessBench F1 vs threshold (K={plan.k})",
-                               x_label="threshold", y_label="F1", dashed=[f"{head} {s}" for s in subsets]))
+    t_series.update({f"{head} {s} (n={pb_counts.get(s, 0)})": {
+        t: scaling[head]["processbench_threshold"][f"{t:g}"]["subsets"][s] for t in plan.thresholds} for s in subsets})
+    t_note = (f"n = {n_pb} ProcessBench solutions ({per_subset})\nstep reward = mean P(Yes) over K={plan.k} "
+              f"analyses; first error = first step below the threshold\ndashed: per-subset F1 of {head}")
+    out.append(plots.line_plot(t_series, THRESHOLD_PNG,
+                               title=f"ProcessBench first-error F1 vs threshold (K={plan.k}) — models {', '.join(models)}",
+                               x_label="threshold", y_label="F1 (0-100)", dashed=dashed, note=t_note,
+                               y_bounds=(0.0, 100.0)))
+    some = next(iter(prmb.values()), {})
+    class_items = {c: v.get("items") for c, v in (some.get("classes") or {}).items()}
     bars = {
-        m: {"overall": r["prmscore"], **r["groups"], **{c: v["prmscore"] for c, v in r["classes"].items()}}
+        m: {f"overall (n={r.get('n_items')})": r["prmscore"], **r["groups"],
+            **{f"{c} (n={class_items.get(c)})": v["prmscore"] for c, v in r["classes"].items()}}
         for m, r in prmb.items()
     }
-    out.append(plots.bar_plot(bars, PRMBENCH_PNG, title=f"PRMBench PRMScore (K={plan.k})", y_label="PRMScore"))
+    prm_note = (f"n = {some.get('n_items')} PRMBench items, {some.get('n_steps')} steps; step label = "
+                f"mean P(Yes) over K={plan.k} analyses {cmp_} {thr:g}\ngroups average their classes")
+    out.append(plots.bar_plot(bars, PRMBENCH_PNG,
+                              title=f"PRMBench PRMScore per class (K={plan.k}) — models {', '.join(prmb)}",
+                              y_label="PRMScore (0-1)", note=prm_note, y_bounds=(0.0, 1.0)))
     return out
 
 
@@ -485,17 +505,25 @@ def run(params: Params) -> dict[str, Any]:
                 "models": {m: r["heldout"] for m, r in results.items()},
             })
         write_json(HELDOUT_REPORT, heldout_report)
-        figures = _write_plots(models, scaling, {m: r["prmbench"] for m, r in results.items()}, subsets, plan)
+        pb_counts = Counter(benchmarks.processbench_subset(it) for it in pb_items)
+        figures = _write_plots(models, scaling, {m: r["prmbench"] for m, r in results.items()}, subsets, plan,
+                               dict(pb_counts), ev.prmbench.threshold, ev.prmbench.comparison)
         if not heldout_items:  # a DVC output on every domain: say there is nothing to show
             figures.append(plots.line_plot({}, HELDOUT_SCALING_PNG, x_label="K (analyses per step)", y_label="F1",
-                                           title=f"No in-domain held-out benchmark on domain {params.domain.kind!r}"))
+                                           title=f"No in-domain held-out benchmark on domain {params.domain.kind!r}",
+                                           note="n = 0 solutions: nothing to plot"))
         else:
             figures.append(plots.line_plot(
                 {f"{m} ({results[m]['heldout']['evaluated_model']})" if results[m]["heldout"]["substituted"] else m:
                  {k: results[m]["heldout"]["f1_vs_k"][str(k)] for k in plan.ks} for m in models},
-                HELDOUT_SCALING_PNG, title=f"Held-out {params.domain.kind} first-error F1 vs K "
-                f"({len(heldout_items)} solutions, threshold {plan.threshold:g})",
-                x_label="K (analyses per step)", y_label="F1", log2_x=True,
+                HELDOUT_SCALING_PNG,
+                title=f"Held-out {params.domain.kind} first-error F1 vs K — models {', '.join(models)}",
+                x_label="K (analyses per step)", y_label="F1 (0-100)", log2_x=True, y_bounds=(0.0, 100.0),
+                note=(f"n = {len(heldout_items)} solutions ({sum(1 for it in heldout_items if it.label >= 0)} with "
+                      f"an error, {sum(1 for it in heldout_items if it.label < 0)} all correct)\n"
+                      f"step reward = mean P(Yes) over K analyses; first error = first step below "
+                      f"{plan.threshold:g}\nbetter trivial predictor: F1 "
+                      f"{max((t['f1'] or 0.0) for t in heldout_report['trivial_predictors'].values()):.1f}"),
             ))
 
         tracking.log_report(pb_report, "reports/processbench.json")

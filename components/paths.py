@@ -40,8 +40,8 @@ BON_SCORES = BON / "scores"  # best-of-n: step-scorer journals of the candidates
 BON_GUIDED = BON / "guided"  # best-of-n: guided-search results and PRM journal
 BON_REPORT = Path("reports/bon.json")
 GUIDED_SEARCH_REPORT = Path("reports/guided_search.json")
-BON_CURVE_CSV = Path("plots/bon_curve.csv")  # DVC plots data: n, accuracy, dataset, method
-BON_CURVE_PNG = Path("plots/bon_curve.png")
+BON_CURVE_CSV = Path("plots/bon_curve.csv")  # the table behind the figure: n, accuracy, dataset, method
+BON_CURVE_PNG = Path("plots/bon_curve.png")  # a DVC plot (images render offline)
 
 REPORTS = Path("reports")
 PLOTS = Path("plots")

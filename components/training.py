@@ -76,6 +76,7 @@ from components.records import PreferencePair, SFTExample
 
 log = logging.getLogger(__name__)
 
+TIMING_KEYS = ("runtime_s",)  # report keys logged to MLflow but left out of reports/<stage>.json
 WORKER_ENV = "RPRM_TRAINING_WORKER"
 RUN_ID_ENV = "RPRM_TRAINING_RUN_ID"  # the stage's MLflow run, reopened by rank 0 of a launch
 MARKER = "rprm_checkpoint.json"
@@ -603,7 +604,9 @@ def train(stage: str, params: Params) -> dict[str, Any]:
     report["selection"] = selection
     if trainer.is_world_process_zero():
         report["generation_check"] = generation_check(io_.model_out, info["val_prompts"], section, params)
-        write_json(io_.report, report)
+        # the file holds what the run computed; the wall-clock (runtime_s) goes to MLflow only, so
+        # that a rerun with the same params, data, seed and thread count writes the same bytes
+        write_json(io_.report, {k: v for k, v in report.items() if k not in TIMING_KEYS})
     return report
 
 
@@ -653,6 +656,8 @@ def _report(
     plan: CheckpointPlan,
     preference: dict[str, Any] | None,
 ) -> dict[str, Any]:
+    import torch
+
     args, state = trainer.args, trainer.state
     history = state.log_history
     report: dict[str, Any] = {
@@ -669,6 +674,8 @@ def _report(
         "final_train_loss": _last_logged(history, "loss"),
         "eval_loss": eval_metrics.get("eval_loss"),
         "runtime_s": result.metrics.get("train_runtime"),
+        # reruns are bitwise identical at the same thread count (README, "Reproducibility")
+        "torch_threads": torch.get_num_threads(),
         "resumed_from": plan.resume_from.name if plan.resume_from else None,
         "checkpoints_deleted": {"unfinished": len(plan.unfinished), "stale": len(plan.stale)},
     }

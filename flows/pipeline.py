@@ -44,7 +44,7 @@ from components.config import load_params
 
 STAGES: tuple[str, ...] = (
     "base-model", "prepare", "synthesize", "sft", "sample-pairs", "dpo", "evaluate", "best-of-n",
-    "register",
+    "summarize", "register",
 )
 REMOTE_STAGES = frozenset({"synthesize", "sample-pairs", "evaluate", "best-of-n"})
 PROGRESS_LOG_INTERVAL_S = 30.0

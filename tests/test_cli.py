@@ -14,7 +14,8 @@ import pytest
 import yaml
 
 ROOT = Path(__file__).resolve().parents[1]
-STAGES = ["base-model", "prepare", "synthesize", "sft", "sample-pairs", "dpo", "evaluate", "best-of-n", "register"]
+STAGES = ["base-model", "prepare", "synthesize", "sft", "sample-pairs", "dpo", "evaluate", "best-of-n", "summarize",
+          "register"]
 
 
 def test_help_lists_every_stage() -> None:

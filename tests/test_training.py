@@ -211,7 +211,9 @@ def test_sft_trains_saves_and_logs(sft_run: tuple[Path, dict], mlflow_uri: str) 
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     project, report = sft_run
-    assert report == json.loads((project / "reports/sft.json").read_text())
+    written = json.loads((project / "reports/sft.json").read_text())
+    assert written == {k: v for k, v in report.items() if k != "runtime_s"} and report["runtime_s"] > 0
+    assert written["torch_threads"] >= 1
     assert report["global_step"] == 4 and report["world_size"] == 1
     assert report["global_batch_size"] == 2
     assert report["eval_loss"] is not None and report["train_loss"] > 0
@@ -233,6 +235,35 @@ def test_sft_trains_saves_and_logs(sft_run: tuple[Path, dict], mlflow_uri: str) 
     assert len(client.get_metric_history(run.info.run_id, "loss")) >= 4  # trainer curve, every step
     assert "eval_loss" in run.data.metrics and "global_step" in run.data.metrics  # eval + report
     assert float(run.data.params["learning_rate"]) == float(run.data.params["sft.learning_rate"])
+
+
+
+
+@pytest.mark.slow
+def test_sft_reruns_are_bitwise_identical(tmp_path: Path, sft_run: tuple[Path, dict], tiny_model_dir: Path,
+                                          default_params: Params, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The same params, data, seed and thread count: a second SFT run in a fresh folder writes the same
+    weights file byte for byte and the same report file (the wall-clock runtime_s goes to MLflow only;
+    README, "Reproducibility")."""
+    import torch
+
+    from components.training import TIMING_KEYS, run_sft
+
+    first, first_report = sft_run
+    project = make_project(tmp_path / "p", tiny_model_dir)
+    monkeypatch.chdir(project)
+    report = run_sft(train_params(default_params))
+    assert report["torch_threads"] == first_report["torch_threads"] == torch.get_num_threads()
+    a, b = first / paths.SFT_MODEL / "model.safetensors", project / paths.SFT_MODEL / "model.safetensors"
+    assert a.read_bytes() == b.read_bytes()
+    assert all(torch.equal(v, weights(project / paths.SFT_MODEL)[k]) for k, v in weights(first / paths.SFT_MODEL).items())
+
+    def untimed(r: dict) -> dict:
+        return {k: v for k, v in r.items() if k not in TIMING_KEYS}
+
+    assert untimed(report) == untimed(first_report) and report["runtime_s"] > 0  # MLflow gets the timing
+    assert (project / "reports/sft.json").read_bytes() == (first / "reports/sft.json").read_bytes()
+    assert json.loads((project / "reports/sft.json").read_text()) == untimed(report)
 
 
 def test_sft_selects_the_checkpoint_with_the_lowest_validation_loss(
@@ -519,7 +550,7 @@ def test_dpo_learns_a_held_out_preference(tmp_path: Path, dpo_project: Path, def
     params.dpo.per_device_train_batch_size = 4
     params.dpo.save_steps = 6
     report = _run_dpo_in(project, params)
-    assert report == json.loads((project / "reports/dpo.json").read_text())
+    assert json.loads((project / "reports/dpo.json").read_text()) == {k: v for k, v in report.items() if k != "runtime_s"}
     assert report["global_step"] == 12 and report["preference_pairs_evaluated"] == 8
     # 8 held-out pairs in eval batches of 4: TRL's batch-mean equals the pair-by-pair accuracy.
     assert report["preference_accuracy"] == pytest.approx(report["eval_rewards_accuracies"])
