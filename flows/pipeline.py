@@ -1,5 +1,7 @@
 """Prefect flow `rprm-pipeline`: the DVC stages as tasks, in DAG order; DVC decides what reruns.
 
+The stages and their order come from the stage table, `components.stages.STAGES`.
+
 Each task runs `dvc repro --single-item <stage>` in the project folder, so DVC's lock file
 and cache decide whether the stage reruns or is skipped, and streams the stage's output into
 the Prefect logger (progress bars are logged when they finish, or every 30 s while they run).
@@ -41,12 +43,12 @@ from prefect.tasks import exponential_backoff
 
 from components import tracking
 from components.config import load_params
+from components.stages import STAGE_NAMES
+from components.stages import STAGES as STAGE_TABLE
 
-STAGES: tuple[str, ...] = (
-    "base-model", "prepare", "synthesize", "sft", "sample-pairs", "dpo", "evaluate", "best-of-n",
-    "summarize", "register",
-)
-REMOTE_STAGES = frozenset({"synthesize", "sample-pairs", "evaluate", "best-of-n"})
+# the stage table (components/stages.py), which the `rprm` commands and dvc.yaml follow too
+STAGES: tuple[str, ...] = STAGE_NAMES
+REMOTE_STAGES = frozenset(s.name for s in STAGE_TABLE if s.remote)
 PROGRESS_LOG_INTERVAL_S = 30.0
 
 
