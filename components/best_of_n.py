@@ -18,7 +18,8 @@ For each dataset in `best_of_n.datasets` (test sets in `bon/testsets/`, gold ans
    pass@n (any correct). When a pool carries its publishers' `correct` flags, the same
    baselines from those flags and the per-candidate agreement of our grading with them.
 4. PRM: every step of every candidate scored by the step scorer (full scoring, no early exit;
-   `scoring` params; all datasets in one scorer call; journaled under `data/bon/scores/`),
+   `scoring` params; all datasets in one scorer call; journaled under `data/bon/scores/`,
+   named after the PRM and the scoring settings rewards depend on, not `scoring.threshold`),
    solution score = `aggregation` of the step rewards, best-of-n selection and PRM-weighted
    voting (`components.search`).
 5. Accuracy curves for n = 1, 2, 4, ..., N (`curve_repeats` random subsets per point, or the
@@ -59,6 +60,7 @@ from components.records import BonProblem, Candidate, CandidatePool, Solution
 from components.scoring import (
     NEUTRAL_REWARD,
     StepScorer,
+    scoring_settings,
 )
 
 log = logging.getLogger(__name__)
@@ -559,6 +561,13 @@ def without_timings(obj: Any) -> Any:
     return obj
 
 
+def scoring_journal_settings(params: Params, prm_path: Path | str) -> dict[str, Any]:
+    """What the PRM-score and guided-search journals are named after (with a hash): the PRM and
+    the `scoring` fields step rewards depend on (`scoring.scoring_settings`), so a change of
+    `scoring.threshold`, which Best-of-N never reads, keeps them."""
+    return {"prm": str(prm_path), "scoring": scoring_settings(params.scoring)}
+
+
 def run(params: Params) -> dict[str, Any]:
     """The `rprm best-of-n` stage (see the module docstring); returns the bon report."""
     from components import tracking
@@ -589,8 +598,8 @@ def run(params: Params) -> dict[str, Any]:
     def policy() -> GenerationBackend:
         return get_backend(policy_path)
 
-    scoring_settings = {"prm": str(prm_path), "scoring": params.scoring.model_dump(mode="json")}
-    scoring_hash = _settings_hash(scoring_settings)
+    journal_settings = scoring_journal_settings(params, prm_path)
+    scoring_hash = _settings_hash(journal_settings)
 
     def scorer_for(journal: Path, desc: str) -> StepScorer:
         return StepScorer(
@@ -645,7 +654,7 @@ def run(params: Params) -> dict[str, Any]:
                 guided_rows: list[dict[str, Any]] = []
                 if bp.guided_search.enabled and bp.guided_search.strategies:
                     gs_scorer = StepScorer(get_backend(prm_path), params.scoring, early_exit=False, progress=False)
-                    gs_settings = {**scoring_settings, "policy": str(policy_path), **search_config(params).__dict__}
+                    gs_settings = {**journal_settings, "policy": str(policy_path), **search_config(params).__dict__}
                     t0 = time.monotonic()
                     g_report, guided_rows = run_guided_search(
                         guided_problems, policy, gs_scorer, grader, params,

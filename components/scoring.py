@@ -101,15 +101,26 @@ def _fallback_prefix(text: str) -> str:
     return prompts.cut_at_verdict(prompts.postprocess_response(text))[0]
 
 
+def scoring_settings(scoring_params: ScoringParams) -> dict[str, Any]:
+    """The `scoring` fields step values depend on: `sampling` (K included) and `fallback`.
+
+    Not `threshold` (it only reads rewards: first error, early exit) nor `max_steps` and
+    `max_chars` (limits of the served model), so journals named or checked by these settings
+    survive a change of those.
+    """
+    return {"sampling": scoring_params.sampling.model_dump(mode="json"), "fallback": scoring_params.fallback}
+
+
 def scoring_fingerprint(backend: GenerationBackend, scoring_params: ScoringParams, tag: str = "") -> dict[str, Any]:
     """What journaled step values depend on besides the prompt and K: backend (and its sampler), sampling, fallback, tag."""
-    sampling = scoring_params.sampling.model_dump(mode="json")
+    settings = scoring_settings(scoring_params)
+    sampling = settings["sampling"]
     sampling.pop("n")
     fp = {
         "backend": getattr(backend, "name", type(backend).__name__),
         "sampler": getattr(backend, "sampler", None),
         "sampling": sampling,
-        "fallback": scoring_params.fallback,
+        "fallback": settings["fallback"],
         "tag": tag,
     }
     if scoring_params.fallback == "teacher_forced" and getattr(backend, "forced_in_generation", False):

@@ -328,3 +328,36 @@ def test_arithmetic_pool_and_simulated_policy_end_to_end(tmp_path, monkeypatch, 
     guided = json.loads(Path("reports/guided_search.json").read_text())["datasets"]["arithmetic"]
     assert guided["greedy"]["problems"] == 2 and guided["greedy"]["stop_reasons"] == {"final": 2}
     assert guided["policy_alone_pass@1"] == entry["pass@1"]
+    # a new scoring.threshold (Best-of-N never reads it) keeps the score and guided-search
+    # journals: same files, nothing rescored, same report
+    journals = {f: f.read_bytes() for d in (paths.BON_SCORES, paths.BON_GUIDED) for f in d.glob("*.jsonl")}
+    assert {f.parent for f in journals} == {paths.BON_SCORES, paths.BON_GUIDED}
+    report_bytes = Path("reports/bon.json").read_bytes()
+    p["scoring"]["threshold"] = 0.9
+    again = best_of_n.run(Params.model_validate(p))["datasets"]["arithmetic"]
+    assert _without_seconds(again) == _without_seconds(entry)
+    assert {f: f.read_bytes() for d in (paths.BON_SCORES, paths.BON_GUIDED) for f in d.glob("*.jsonl")} == journals
+    assert Path("reports/bon.json").read_bytes() == report_bytes
+
+
+def test_scoring_journals_are_named_after_the_scoring_fields_best_of_n_uses(default_params):
+    """PRM, sampling (K included) and fallback name the journals; threshold and the serving
+    limits do not."""
+    from components.best_of_n import scoring_journal_settings
+
+    def settings(**scoring):
+        p = default_params.model_dump()
+        for key, value in scoring.items():
+            if key in p["scoring"]["sampling"]:
+                p["scoring"]["sampling"][key] = value
+            else:
+                p["scoring"][key] = value
+        from components.config import Params
+
+        return scoring_journal_settings(Params.model_validate(p), "models/dpo")
+
+    base = settings()
+    assert settings(threshold=0.9) == settings(max_steps=3) == settings(max_chars=100) == base
+    for changed in (dict(n=8), dict(temperature=0.5), dict(seed=1), dict(fallback="drop")):
+        assert settings(**changed) != base, changed
+    assert scoring_journal_settings(default_params, "models/sft") != base
