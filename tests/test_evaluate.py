@@ -164,8 +164,6 @@ def test_sweep_plan_samples_once_at_the_largest_k(default_params: Params, tmp_pa
 
 def test_prmbench_sampling_override_is_used_for_prmbench_only(default_params: Params) -> None:
     """evaluate.prmbench.sampling (null: scoring.sampling) samples PRMBench's analyses; ProcessBench keeps scoring."""
-    from components.config import SamplingParams
-
     plan = evaluate.sweep_plan(default_params)
     assert evaluate.sampling_scoring(default_params, plan, "prmbench") == evaluate.sampling_scoring(default_params, plan)
     p = default_params.model_copy(deep=True)
@@ -174,7 +172,7 @@ def test_prmbench_sampling_override_is_used_for_prmbench_only(default_params: Pa
     assert prmb.sampling.top_p == 1.0 and pb.sampling.top_p == default_params.scoring.sampling.top_p
     assert prmb.sampling.n == pb.sampling.n == plan.k_max and prmb.threshold == pb.threshold
     raw = p.model_dump(mode="json")
-    raw["evaluate"]["prmbench"]["sampling"] = SamplingParams(n=p.scoring.sampling.n + 1).model_dump()
+    raw["evaluate"]["prmbench"]["sampling"] = p.scoring.sampling.model_copy(update={"n": p.scoring.sampling.n + 1}).model_dump()
     from components.config import ParamsError, params_from_dict
 
     with pytest.raises(ParamsError, match=r"evaluate\.prmbench\.sampling\.n must equal scoring\.sampling\.n"):
