@@ -339,6 +339,58 @@ def test_shared_prompt_path_equals_the_generic_loop(verdict_model_dir: Path) -> 
         assert abs(x - y) < 1e-5 and abs(x - z) < 1e-5
 
 
+def _fallback(text: str) -> str:
+    return cut_at_verdict(postprocess_response(text))[0]
+
+
+def _full(result: list[list]) -> list[list[tuple]]:
+    return [[(g.text, g.num_tokens, g.finish_reason, g.p_yes, g.forced_p_yes) for g in per] for per in result]
+
+
+def test_decoding_steps_compute_only_live_rows_bitwise(verdict_model_dir: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A decoding step runs the per-row work for live rows only (finished rows waiting for their
+    prompt's slowest sample are skipped): samples, one-pass verdicts and fallbacks are bitwise
+    those of computing every row of the batch."""
+    from components.backends.hf import SharedPromptLM
+
+    sampling = SamplingParams(n=4, temperature=1.0, top_p=0.95, max_new_tokens=120, seed=3)
+    convs = CONVERSATIONS * 2
+    backend = _backend(verdict_model_dir, batch_size=3)
+    computed: list[tuple[int, int]] = []
+    original = SharedPromptLM.step
+
+    def recording(self, tokens, index, state, compute=None):  # noqa: ANN001, ANN202
+        computed.append((len(index), len(compute) if compute is not None else len(index)))
+        return original(self, tokens, index, state, compute)
+
+    monkeypatch.setattr(SharedPromptLM, "step", recording)
+    skipping = backend.generate(convs, sampling, seeds=[1, 2, 3, 4, 5, 6], teacher_forced=_fallback)
+    assert any(c < r for r, c in computed), [[g.num_tokens for g in per] for per in skipping]  # some skipped
+    monkeypatch.setattr(SharedPromptLM, "step", lambda self, tokens, index, state, compute=None:
+                        original(self, tokens, index, state, None))
+    backend.reset_prefix_cache()
+    every = backend.generate(convs, sampling, seeds=[1, 2, 3, 4, 5, 6], teacher_forced=_fallback)
+    assert _full(skipping) == _full(every)
+
+
+def test_continuous_batching_equals_each_prompt_alone(verdict_backend: HFBackend) -> None:
+    """Prompts entering the running batch as others leave (batch_size 2 of 6 prompts, K=4) get
+    the samples they get alone; verdict and fallback probabilities agree within float rounding
+    (the CPU attention kernel rounds by the batch's padded width, about 1e-7)."""
+    sampling = SamplingParams(n=4, temperature=1.0, top_p=0.95, max_new_tokens=80, seed=9)
+    convs, seeds = CONVERSATIONS * 2, [21, 22, 23, 24, 25, 26]
+    narrow = _backend(verdict_backend.model_path, batch_size=2)
+    batched = narrow.generate(convs, sampling, seeds=seeds, teacher_forced=_fallback)
+    assert narrow.peak_batch[0] == 2
+    for conv, seed, got in zip(convs, seeds, batched, strict=True):
+        verdict_backend.reset_prefix_cache()
+        (alone,) = verdict_backend.generate([conv], sampling, seeds=[seed], teacher_forced=_fallback)
+        assert _texts([got]) == _texts([alone])
+        for x, y in zip(got, alone, strict=True):
+            for a, b in ((x.p_yes, y.p_yes), (x.forced_p_yes, y.forced_p_yes)):
+                assert (a is None) == (b is None) and (a is None or abs(a - b) < 1e-5)
+
+
 def test_fused_attention_equals_the_dense_softmax(tiny_backend: HFBackend) -> None:
     """The CPU flash kernel per part, merged by log-sum-exp, is the one softmax over prompt and
     generated keys (padding and unwritten positions masked)."""

@@ -27,7 +27,10 @@ Decoding is our own KV-cache loop (no `generate()`), which gives what R-PRM scor
   first step whose text (assistant prefix + generated so far) ends with
   `Is the step correct (Yes/No)?` — the same number the teacher-forced reference
   (`verdict_probability`) computes on the analysis cut at that phrase;
-- finished rows (end-of-turn token, stop string) leave the batch at once;
+- finished rows (end-of-turn token, stop string) stop at once: a decoding step runs the per-row
+  work (projections, MLP, head, generated KV) for live rows only, so a prompt waiting for its
+  slowest sample costs its prompt-part attention and that sample's row, not K rows (bitwise
+  the same logits: at least `MIN_ROWS` rows are computed, see `SharedPromptLM.step`);
 - with `generate(..., teacher_forced=f)` a sample that never reached the phrase gets
   `Generation.forced_p_yes`, the teacher-forced fallback `verdict_probability(conv, f(text))`
   read from the KV it was decoded with (only the tokens past the longest prefix shared with the
@@ -422,13 +425,20 @@ class SharedPromptLM:
         o = torch.bmm(ep.view(n * kvh, s * g, width).to(pv.dtype), pv.reshape(n * kvh, width, d)).float()
         return ((o.view(n, kvh, s, g, d) + torch.matmul(eg.to(gv.dtype), gv).float()) / total).to(pv.dtype)
 
-    def step(self, tokens: Any, index: Sequence[int], state: _SharedState) -> Any:
+    def step(self, tokens: Any, index: Sequence[int], state: _SharedState, compute: Sequence[int] | None = None) -> Any:
         """Logits [rows, vocab] after feeding each row's token as its generated token `index[r]`.
 
         Attention stays in prompt-major layout ([C, kv heads, S x g queries, keys]): one matmul
         against each prompt's KV for its S rows, one against each row's own generated KV
         (`_attend`), per range of similar prompt lengths (`_width_groups`), so that a long
         prompt does not pad every other one to its length.
+
+        `compute`, when given, lists the rows (increasing) that need logits: only those run the
+        per-row work (embedding, projections, MLP, head) and write generated KV; the others
+        (finished rows, waiting for their prompt's last row) get zero queries in the attention
+        and zero logits. At least `MIN_ROWS` rows (or all) are computed, since a matrix product
+        over fewer rows rounds differently: each computed row's logits are bitwise those of
+        computing every row.
         """
         import torch
 
@@ -437,24 +447,36 @@ class SharedPromptLM:
         dev = tokens.device
         room = state.gen_k[0].shape[3]
         at_list = [min(i, room - 1) for i in index]
-        at = torch.tensor(at_list, dtype=torch.long, device=dev)
         span = max(at_list) + 1
-        positions = torch.tensor([state.prompt_len[r // s] for r in range(rows)], device=dev) + at
-        hidden = torch.arange(span, device=dev)[None] > at[:, None]  # [rows, span]: not yet written
+        if compute is not None and len(compute) < rows:
+            chosen = set(compute)
+            extra = [r for r in range(rows) if r not in chosen][: max(0, min(MIN_ROWS, rows) - len(compute))]
+            compute = sorted([*compute, *extra])
+        else:
+            compute = None
+        sel = None if compute is None else torch.tensor(compute, dtype=torch.long, device=dev)
+        picked = range(rows) if compute is None else compute
+        m = len(picked)
+        at = torch.tensor([at_list[r] for r in picked], dtype=torch.long, device=dev)
+        all_at = torch.tensor(at_list, dtype=torch.long, device=dev)
+        positions = torch.tensor([state.prompt_len[r // s] for r in picked], device=dev) + at
+        hidden = torch.arange(span, device=dev)[None] > all_at[:, None]  # [rows, span]: not yet written
         gen_bias = torch.zeros(hidden.shape, dtype=torch.float32, device=dev).masked_fill_(hidden, float("-inf"))
         gen_bias = gen_bias.view(n_conv, 1, s, 1, span)
-        conv_of = torch.arange(n_conv, device=dev).repeat_interleave(s)
-        slot_of = torch.arange(s, device=dev).repeat(n_conv)
+        conv_of = torch.tensor([r // s for r in picked], dtype=torch.long, device=dev)
+        slot_of = torch.tensor([r % s for r in picked], dtype=torch.long, device=dev)
         groups = self._width_groups(state.prompt_len)
-        x = self.embed(tokens)
+        x = self.embed(tokens if sel is None else tokens[sel])
         cos, sin = self.rotary(x[:, None], positions[:, None])
         for layer, block in enumerate(self.layers):
             a = block.self_attn
             h = block.input_layernorm(x)
-            q = self._rope(a.q_proj(h).view(rows, self.heads, d), cos, sin) * self.scaling
+            q = self._rope(a.q_proj(h).view(m, self.heads, d), cos, sin) * self.scaling
+            if sel is not None:
+                q = torch.zeros((rows, self.heads, d), dtype=q.dtype, device=dev).index_copy_(0, sel, q)
             gk, gv = state.gen_k[layer], state.gen_v[layer]  # [C, kvh, S, T, d]
-            gk[conv_of, :, slot_of, at] = self._rope(a.k_proj(h).view(rows, kvh, d), cos, sin)
-            gv[conv_of, :, slot_of, at] = a.v_proj(h).view(rows, kvh, d)
+            gk[conv_of, :, slot_of, at] = self._rope(a.k_proj(h).view(m, kvh, d), cos, sin)
+            gv[conv_of, :, slot_of, at] = a.v_proj(h).view(m, kvh, d)
             qc = q.view(n_conv, s, kvh, g, d).transpose(1, 2).contiguous()  # [C, kvh, S, g, d]
             pk, pv = state.prompt_k[layer], state.prompt_v[layer]
             parts = [
@@ -465,9 +487,16 @@ class SharedPromptLM:
                 for lo, hi, w in groups
             ]
             o = parts[0] if len(parts) == 1 else torch.cat(parts)
-            x = x + a.o_proj(o.transpose(1, 2).reshape(rows, self.heads * d))
+            o = o.transpose(1, 2).reshape(rows, self.heads * d)
+            x = x + a.o_proj(o if sel is None else o[sel])
             x = x + block.mlp(block.post_attention_layernorm(x))
-        return self.lm_head(self.norm(x)).float()
+        out = self.lm_head(self.norm(x)).float()
+        if sel is None:
+            return out
+        return torch.zeros((rows, out.shape[1]), dtype=out.dtype, device=dev).index_copy_(0, sel, out)
+
+
+MIN_ROWS = 4  # fewest rows a decoding step computes: CPU matrix products round alike from 4 rows up
 
 
 ATTENTION_CHUNK = 32  # query chunk of FastDecoder.encode; PrefixCache cuts at multiples of it
@@ -807,7 +836,9 @@ class HFBackend:
         encoded once, unpadded, with its (up to) K sample rows sharing its KV; a prompt leaves
         as soon as all its rows are done and the freed room takes the next prompts. The batch
         keeps at most `batch_size` prompts and `token_budget` KV tokens (prompts padded to the
-        longest in the batch, plus `max_new_tokens` per sample row).
+        longest in the batch, plus `max_new_tokens` per sample row). A step computes only the
+        live rows (`SharedPromptLM.step`'s `compute`): a prompt waiting for its slowest sample
+        costs its prompt-part attention and that sample's row, not K rows.
 
         `forced`, when given, is (templates, teacher_forced): each row that ends without the
         one-pass verdict gets `forced_p_yes` from its decoding KV (`_forced_from_cache`) before
@@ -871,7 +902,10 @@ class HFBackend:
                     feed = feed[select.to(dev)]
                     grid = [grid[c * slots + s] for c in keep for s in range(slots)]
                 if grid:
-                    logits = self.fast.step(feed, [len(r.ids) - 1 if r is not None else 0 for r in grid], state)
+                    compute = [k for k, r in enumerate(grid) if active(r)]
+                    logits = self.fast.step(
+                        feed, [len(r.ids) - 1 if r is not None else 0 for r in grid], state, compute
+                    )
         return done
 
     def _forced_from_cache(
