@@ -182,7 +182,7 @@ def _digest_file(path: Path) -> str:
 
 def generation_fingerprint(params: Params, model_dir: Path, steps_file: Path) -> str:
     """What determines the sampled analyses: sampling + backend params (and the hf sampler), model, step samples."""
-    from components.backends.hf import SAMPLER as hf_sampler
+    from components.backends.sampler import SAMPLER as hf_sampler
 
     ident = {
         "sampling": params.sample_pairs.sampling.model_dump(mode="json"),

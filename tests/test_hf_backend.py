@@ -11,8 +11,9 @@ from pathlib import Path
 import pytest
 
 from components.backends import BackendError, load_backend
-from components.backends.base import GenerationBackend
+from components.backends.base import GenerationBackend, StreamingBackend
 from components.backends.hf import HFBackend
+from components.backends.sampler import SAMPLER
 from components.config import BackendParams, SamplingParams
 from components.prompts import (
     VERDICT_PHRASE,
@@ -54,8 +55,9 @@ def _texts(result: list[list]) -> list[list[tuple[str, int, str]]]:
 
 
 def test_load_backend_builds_the_protocol(tiny_backend: HFBackend) -> None:
-    assert isinstance(tiny_backend, GenerationBackend)
+    assert isinstance(tiny_backend, GenerationBackend) and not isinstance(tiny_backend, StreamingBackend)
     assert tiny_backend.name == "hf"
+    assert tiny_backend.sampler == SAMPLER and tiny_backend.forced_in_generation
 
 
 def test_same_conversation_same_samples_alone_or_in_any_batch(tiny_model_dir: Path) -> None:
@@ -351,7 +353,7 @@ def test_decoding_steps_compute_only_live_rows_bitwise(verdict_model_dir: Path, 
     """A decoding step runs the per-row work for live rows only (finished rows waiting for their
     prompt's slowest sample are skipped): samples, one-pass verdicts and fallbacks are bitwise
     those of computing every row of the batch."""
-    from components.backends.hf import SharedPromptLM
+    from components.backends.hf_engine import SharedPromptLM
 
     sampling = SamplingParams(n=4, temperature=1.0, top_p=0.95, max_new_tokens=120, seed=3)
     convs = CONVERSATIONS * 2

@@ -21,7 +21,7 @@ import httpx
 import pytest
 from fault_server import FaultServer
 
-from components.backends.base import BackendError, GenerationBackend, row_seed
+from components.backends.base import BackendError, GenerationBackend, StreamingBackend, row_seed
 from components.backends.openai import OpenAIBackend, p_yes_from_token_logprobs
 from components.config import OpenAIParams, SamplingParams
 from components.prompts import VERDICT_PHRASE, parse_verdict, student_messages
@@ -54,7 +54,7 @@ def backend(server: FaultServer, **kw) -> OpenAIBackend:
 def test_implements_the_generation_backend_protocol() -> None:
     with FaultServer() as server:
         b = backend(server)
-        assert isinstance(b, GenerationBackend)
+        assert isinstance(b, GenerationBackend) and isinstance(b, StreamingBackend)
         b.close()
 
 

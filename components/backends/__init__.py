@@ -9,6 +9,7 @@ from components.backends.base import (
     Conversation,
     Generation,
     GenerationBackend,
+    StreamingBackend,
     row_seed,
 )
 from components.config import BackendParams
@@ -18,6 +19,7 @@ __all__ = [
     "Conversation",
     "Generation",
     "GenerationBackend",
+    "StreamingBackend",
     "load_backend",
     "row_seed",
 ]

@@ -16,7 +16,7 @@ one-at-a-time scoring on identical samples.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Protocol, runtime_checkable
 
@@ -46,7 +46,21 @@ class BackendError(RuntimeError):
 
 @runtime_checkable
 class GenerationBackend(Protocol):
-    """What every engine implements."""
+    """What every engine implements.
+
+    Callers also use these optional members, looked up with `getattr` (an engine without them is
+    still a backend, and the callers fall back):
+    - `sampler: str`: the sampler's fingerprint, how a row seed becomes tokens (hf:
+      `sampler.SAMPLER`); journal fingerprints record it (scoring, pairs), so samples drawn by
+      another sampler are never mixed in. None or absent: the engine's own.
+    - `forced_in_generation: bool`: True when `generate` also takes `teacher_forced`, a
+      function of a sample's text giving the assistant prefix of its teacher-forced fallback,
+      and fills `Generation.forced_p_yes` in the same pass (hf); the scorer then runs no
+      second pass.
+    - `generate_iter(...)`: see `StreamingBackend` (openai); the teachers stream with it.
+    - `reset_prefix_cache()`: forget engine-side cached prompt KV (benchmarks time every run
+      from nothing); `peak_batch`: the largest (prompts, KV tokens) batch so far (hf, bench).
+    """
 
     name: str  # recorded as Critique.generator
 
@@ -76,6 +90,24 @@ class GenerationBackend(Protocol):
 
     def close(self) -> None:
         """Free engine resources."""
+        ...
+
+
+@runtime_checkable
+class StreamingBackend(GenerationBackend, Protocol):
+    """A backend that hands over each conversation's generations as soon as they are done."""
+
+    def generate_iter(
+        self,
+        conversations: Sequence[Conversation],
+        sampling: SamplingParams,
+        *,
+        seeds: Sequence[int] | None = None,
+        assistant_prefixes: Sequence[str] | None = None,
+        stop: Sequence[str] | None = None,
+    ) -> Iterator[tuple[int, list[Generation]]]:
+        """Yield (row, its `sampling.n` generations) as each conversation finishes, in any order;
+        the same generations `generate` returns for that row."""
         ...
 
 

@@ -23,7 +23,7 @@ from pathlib import Path
 from typing import Any
 
 from components.backends.base import BackendError, Conversation, Generation, request_rows, row_seed
-from components.backends.hf import VerdictLocator
+from components.backends.verdict import VerdictLocator
 from components.config import BackendParams, SamplingParams
 from components.prompts import NO_TOKEN_TEXT, YES_TOKEN_TEXT
 

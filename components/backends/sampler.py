@@ -1,0 +1,93 @@
+"""How the hf backend turns a row seed into tokens (`SAMPLER`, the sampler's fingerprint in journals).
+
+Sample j of conversation i draws its uniforms once, from a `torch.Generator` seeded with
+`row_seed(seeds[i], j)` (one per token it may generate: `new_rows`), and takes token t by inverse
+CDF of the temperature/top-p filtered distribution of its raw logits at uniform t
+(`sample_tokens`, `nucleus`): a sample does not depend on which other rows share its batch, and a
+decoding step costs a few batched tensor ops whatever the number of rows.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+from components.backends.base import row_seed
+from components.config import SamplingParams
+
+# How the hf backend turns a row seed into tokens; part of every journal fingerprint, so samples
+# drawn by an earlier sampler are never mixed with new ones.
+SAMPLER = "inverse-cdf/1"
+
+
+@dataclass
+class Row:
+    """One sample being decoded: conversation `conv`, sample `index`; `uniforms[t]` picks its token t."""
+
+    conv: int
+    index: int
+    uniforms: list[float]
+    prefix: str
+    ids: list[int] = field(default_factory=list)
+    p_yes: float | None = None
+    finish: str | None = None
+    stop_at: int | None = None  # generated tokens kept when a stop string ended the row
+    forced_p_yes: float | None = None  # teacher-forced fallback read from the decoding KV
+
+
+def new_rows(
+    batch: Sequence[tuple[int, int]], prefixes: Sequence[str], seeds: Sequence[int], sampling: SamplingParams,
+    device: str,
+) -> list[Row]:
+    """Rows for (conversation, sample) pairs, each with its own seeded uniforms."""
+    import torch
+
+    rows = []
+    draws = sampling.max_new_tokens if sampling.temperature > 0 else 0
+    for i, j in batch:
+        g = torch.Generator(device=device)
+        g.manual_seed(row_seed(seeds[i], j))
+        u = torch.rand(draws, generator=g, dtype=torch.float64, device=device).tolist() if draws else []
+        rows.append(Row(conv=i, index=j, uniforms=u, prefix=prefixes[i]))
+    return rows
+
+
+def nucleus(probs: Any, top_p: float, widths: Sequence[int] = (16, 128)) -> tuple[Any, Any]:
+    """(kept probabilities in descending order, their token ids) of each row's top-p nucleus;
+    tokens outside it get probability 0 (the best token always stays). Looks at the best
+    `widths[0]` tokens first, then `widths[1]`, and sorts the whole vocabulary only when some
+    row's nucleus is larger still (the result is the same whichever width holds it)."""
+    vocab = probs.shape[-1]
+    for k in [w for w in widths if w < vocab]:
+        best, idx = probs.topk(k, dim=-1)  # descending
+        before = best.cumsum(dim=-1) - best  # mass of the better tokens
+        if bool((before[:, -1] >= top_p).all()):
+            break
+    else:
+        best, idx = probs.sort(dim=-1, descending=True)
+        before = best.cumsum(dim=-1) - best
+    drop = before >= top_p
+    drop[:, 0] = False
+    return best.masked_fill(drop, 0.0), idx
+
+
+def sample_tokens(logits: Any, rows: Sequence[Row], sampling: SamplingParams) -> Any:
+    """Next token of every row: inverse CDF, at the row's next uniform, of the
+    temperature/top-p filtered softmax of its raw logits (argmax at temperature 0)."""
+    import torch
+
+    if sampling.temperature == 0:
+        return logits.argmax(dim=-1)
+    probs = (logits / sampling.temperature).softmax(dim=-1)
+    if sampling.top_p < 1.0:
+        kept, idx = nucleus(probs, sampling.top_p)
+    else:
+        kept, idx = probs, None
+    cdf = kept.double().cumsum(dim=-1)
+    u = torch.tensor([r.uniforms[len(r.ids)] for r in rows], dtype=torch.float64, device=logits.device)
+    pick = torch.searchsorted(cdf, (u * cdf[:, -1])[:, None], right=True)[:, 0]
+    # u < 1, so pick is inside the support but for rounding at the very top: clamp to the
+    # last token with probability > 0
+    pick = torch.minimum(pick, (kept > 0).sum(dim=-1) - 1) if idx is not None else pick.clamp_(max=cdf.shape[-1] - 1)
+    return pick if idx is None else idx.gather(-1, pick[:, None])[:, 0]
