@@ -27,6 +27,7 @@ from typing import Any
 from components import paths
 from components.config import ModelParams, Params, TinyModelParams
 from components.io import iter_json_lines, write_json
+from components.model_folder import BaseModelError, check_tokenizer_folder, torch_dtype
 
 IM_START = "<|im_start|>"
 IM_END = "<|im_end|>"
@@ -63,10 +64,6 @@ _SPLIT_PATTERN = (
 # verdict line must yield the merges for " Yes" and " No".
 TEMPLATE_WEIGHT = 100
 VERDICT_WEIGHT = 200
-
-
-class BaseModelError(RuntimeError):
-    """The base model cannot be built or materialised (missing package, file or tokenizer)."""
 
 
 # --------------------------------------------------------------------------------------
@@ -325,12 +322,6 @@ def gguf_path(package: str, file_name: str | None) -> Path:
     return found[0]
 
 
-def _torch_dtype(name: str) -> Any:
-    import torch
-
-    return {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}[name]
-
-
 def _ensure_pad(tok: Any) -> None:
     if tok.pad_token is None:
         tok.pad_token = tok.eos_token
@@ -359,7 +350,7 @@ def materialise_gguf(model_params: ModelParams, out_dir: str | Path) -> dict[str
 
     path = gguf_path(model_params.gguf_package, model_params.gguf_file)
     tok = AutoTokenizer.from_pretrained(path.parent, gguf_file=path.name)
-    dtype = _torch_dtype(model_params.dtype)
+    dtype = torch_dtype(model_params.dtype)
     # Unpack every weight into a plain dense model (transformers would otherwise keep the
     # GGUF blocks, which save_pretrained cannot write).
     model = AutoModelForCausalLM.from_pretrained(
@@ -379,17 +370,6 @@ def materialise_gguf(model_params: ModelParams, out_dir: str | Path) -> dict[str
     )
 
 
-def check_tokenizer_folder(path: str | Path) -> None:
-    """Raise BaseModelError if a local model folder has no tokenizer files."""
-    folder = Path(path)
-    names = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "vocab.json")
-    if folder.is_dir() and not any((folder / n).exists() for n in names):
-        raise BaseModelError(
-            f"{folder}: no tokenizer files (expected one of {', '.join(names)}); save the "
-            "tokenizer with the model (tokenizer.save_pretrained)"
-        )
-
-
 def materialise_pretrained(model_params: ModelParams, out_dir: str | Path) -> dict[str, Any]:
     """Load a hub id or local folder as is and save it to `out_dir`."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
@@ -399,7 +379,7 @@ def materialise_pretrained(model_params: ModelParams, out_dir: str | Path) -> di
         raise BaseModelError("model.kind=pretrained needs model.name_or_path (hub id or folder)")
     check_tokenizer_folder(source)
     tok = AutoTokenizer.from_pretrained(source)
-    model = AutoModelForCausalLM.from_pretrained(source, dtype=_torch_dtype(model_params.dtype))
+    model = AutoModelForCausalLM.from_pretrained(source, dtype=torch_dtype(model_params.dtype))
     return _save_loaded(
         model, tok, Path(out_dir), {"kind": "pretrained", "source": source, "dtype": model_params.dtype}
     )

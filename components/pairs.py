@@ -400,7 +400,7 @@ def load_step_samples(params: Params, model_dir: Path) -> tuple[list[StepSample]
 def run(params: Params) -> dict[str, Any]:
     """`rprm sample-pairs`: sample, pair, balance and split; write data/pairs and reports/pairs.json."""
     from components import tracking
-    from components.training import check_model_dir
+    from components.model_folder import check_model_dir
 
     model_dir = paths.SFT_MODEL
     check_model_dir(model_dir, "SFT")

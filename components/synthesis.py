@@ -453,7 +453,7 @@ def fitting_samples(
     tokenizer in `model_dir`), and how many labelled samples were too long."""
     from transformers import AutoTokenizer
 
-    from components.training import check_model_dir
+    from components.model_folder import check_model_dir
 
     check_model_dir(model_dir, "base")
     tokenizer = AutoTokenizer.from_pretrained(str(model_dir))

@@ -71,6 +71,7 @@ import yaml
 from components import paths
 from components.config import DPOParams, Params, TrainParams, dump_params, load_params
 from components.io import DataError, iter_json_lines, parse_record, read_json, write_json
+from components.model_folder import check_model_dir, torch_dtype
 from components.prompts import VERDICT_NO, VERDICT_PHRASE, VERDICT_YES, parse_verdict
 from components.records import PreferencePair, SFTExample
 
@@ -83,7 +84,6 @@ MARKER = "rprm_checkpoint.json"
 STAGES = ("sft", "dpo")
 # Params that change how often things are logged or saved, never the trained weights.
 _NON_TRAJECTORY_KEYS = ("logging_steps", "eval_steps", "save_steps", "save_total_limit", "accelerate_config")
-_TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "vocab.json")
 _HEAD_BYTES = 1024 * 1024
 
 
@@ -274,27 +274,6 @@ def filter_by_length(
 # --------------------------------------------------------------------------------------
 # Input model and checkpoints
 # --------------------------------------------------------------------------------------
-
-
-def check_model_dir(path: Path, what: str) -> None:
-    """The input model folder must hold a config, a tokenizer and a chat template."""
-    hint = "run `rprm base-model`" if what == "base" else "run `rprm sft`"
-    if not path.is_dir():
-        raise DataError(path, None, None, f"{what} model folder not found ({hint})")
-    if not (path / "config.json").is_file():
-        raise DataError(path, None, "config.json", f"not a Hugging Face model folder ({hint})")
-    if not any((path / f).is_file() for f in _TOKENIZER_FILES):
-        raise DataError(path, None, "tokenizer",
-                        f"{what} model folder has no tokenizer ({' / '.join(_TOKENIZER_FILES)}); {hint}")
-    from transformers import AutoTokenizer
-
-    try:
-        tok = AutoTokenizer.from_pretrained(str(path))
-    except Exception as err:  # noqa: BLE001 - any load failure is reported the same way
-        raise DataError(path, None, "tokenizer", f"tokenizer does not load: {err}") from None
-    if not getattr(tok, "chat_template", None):
-        raise DataError(path, None, "chat_template",
-                        f"{what} model's tokenizer has no chat template (needed for the chat examples)")
 
 
 def _file_head_digest(path: Path) -> str:
@@ -524,10 +503,9 @@ def _peft_config(section: TrainParams) -> Any:
 
 
 def _load_model(path: Path, params: Params) -> Any:
-    import torch
     from transformers import AutoModelForCausalLM
 
-    return AutoModelForCausalLM.from_pretrained(str(path), dtype=getattr(torch, params.model.dtype))
+    return AutoModelForCausalLM.from_pretrained(str(path), dtype=torch_dtype(params.model.dtype))
 
 
 def build_trainer(stage: str, params: Params) -> tuple[Any, dict[str, Any]]:
@@ -804,11 +782,10 @@ def save_final_model(trainer: Any, out: Path, *, lora: bool, params: Params) -> 
     trainer.accelerator.wait_for_everyone()
     if trainer.is_world_process_zero():
         if lora:
-            import torch
             from peft import AutoPeftModelForCausalLM
 
             merged = AutoPeftModelForCausalLM.from_pretrained(
-                str(tmp), dtype=getattr(torch, params.model.dtype)
+                str(tmp), dtype=torch_dtype(params.model.dtype)
             ).merge_and_unload()
             shutil.rmtree(tmp)
             merged.save_pretrained(str(tmp))

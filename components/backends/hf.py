@@ -74,16 +74,6 @@ def resolve_device(name: str) -> str:
     return name
 
 
-def torch_dtype(name: str) -> Any:
-    """torch dtype from its params name."""
-    import torch
-
-    try:
-        return {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}[name]
-    except KeyError:
-        raise BackendError(f"unknown dtype {name!r} (float32, bfloat16, float16)") from None
-
-
 class HFBackend:
     """Generation backend on a local transformers causal LM (see module docstring)."""
 
@@ -97,7 +87,7 @@ class HFBackend:
         import torch
         from transformers import AutoModelForCausalLM, AutoTokenizer
 
-        from components.base_model import check_tokenizer_folder
+        from components.model_folder import check_tokenizer_folder, torch_dtype
 
         self.params = params
         self.model_path = str(model_path)
@@ -106,7 +96,11 @@ class HFBackend:
         self.tokenizer = AutoTokenizer.from_pretrained(model_path)
         if not self.tokenizer.chat_template:
             raise BackendError(f"{model_path}: tokenizer has no chat template")
-        self.model = AutoModelForCausalLM.from_pretrained(model_path, dtype=torch_dtype(dtype))
+        try:
+            weights = torch_dtype(dtype)
+        except KeyError:
+            raise BackendError(f"unknown dtype {dtype!r} (float32, bfloat16, float16)") from None
+        self.model = AutoModelForCausalLM.from_pretrained(model_path, dtype=weights)
         self.model.to(self.device).eval()
         tok = self.tokenizer
         self.pad_id = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id

@@ -45,7 +45,7 @@ class VLLMBackend:
     name = "vllm"
 
     def __init__(self, model_path: str | Path, params: BackendParams, dtype: str = "float32"):
-        from components.base_model import check_tokenizer_folder
+        from components.model_folder import check_tokenizer_folder
 
         vllm = _import_vllm()
         check_tokenizer_folder(model_path)
