@@ -8,10 +8,11 @@ from collections import Counter
 import pytest
 
 from components import arithmetic
+from components.checker import find_claims
 from components.config import ArithmeticDomainParams, SamplingParams
 from components.prepare import flatten
 from components.records import StepSample
-from components.teachers import OfflineTeacher, find_claims
+from components.teachers import OfflineTeacher
 
 
 def small(**kw: object) -> ArithmeticDomainParams:

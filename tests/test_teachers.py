@@ -1,4 +1,5 @@
-"""Teachers: the safe arithmetic parser, claim finding, the offline teacher, the backend teacher."""
+"""Teachers and the offline checker (components/checker.py): the safe arithmetic parser, claim
+finding, the offline teacher, the backend teacher."""
 
 from __future__ import annotations
 
@@ -6,25 +7,20 @@ import ast
 import json
 from fractions import Fraction
 from pathlib import Path
+from types import ModuleType
 
 import pytest
 from fault_server import FaultServer
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from components import teachers
+from components import checker, teachers
 from components.backends.openai import OpenAIBackend
+from components.checker import ExpressionError, evaluate_expression, find_claims, normalize_math
 from components.config import OpenAIParams, SamplingParams, load_params
 from components.prompts import parse_verdict, teacher_messages
 from components.records import StepSample
-from components.teachers import (
-    BackendTeacher,
-    ExpressionError,
-    OfflineTeacher,
-    evaluate_expression,
-    find_claims,
-    normalize_math,
-)
+from components.teachers import BackendTeacher, OfflineTeacher
 
 REPO = Path(__file__).resolve().parents[1]
 SECTIONS = [
@@ -118,8 +114,9 @@ def test_evaluate_expression_only_ever_returns_a_number_or_expression_error(text
     assert isinstance(value, Fraction)
 
 
-def test_teacher_module_never_calls_eval_exec_or_compile() -> None:
-    tree = ast.parse(Path(teachers.__file__).read_text(encoding="utf-8"))
+@pytest.mark.parametrize("module", [checker, teachers])
+def test_teacher_module_never_calls_eval_exec_or_compile(module: ModuleType) -> None:
+    tree = ast.parse(Path(module.__file__).read_text(encoding="utf-8"))
     banned = {"eval", "exec", "compile", "__import__"}
     calls = [n.func.id for n in ast.walk(tree) if isinstance(n, ast.Call) and isinstance(n.func, ast.Name)]
     assert banned.isdisjoint(calls)
