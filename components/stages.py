@@ -70,7 +70,7 @@ STAGES: tuple[Stage, ...] = (
     Resume: finished analyses are journaled in data/synth/journal.jsonl; rerun the same
     command to continue where it stopped (other teacher settings start the journal over).
     """, remote=True),
-    Stage("sft", "training:run_sft", """Supervised fine-tuning on the synthesized analyses (TRL SFTTrainer) -> models/sft/.
+    Stage("sft", "sft:run", """Supervised fine-tuning on the synthesized analyses (TRL SFTTrainer) -> models/sft/.
 
     Reads: data/synth/sft_train.jsonl and sft_val.jsonl, models/base/.
 
@@ -89,7 +89,7 @@ STAGES: tuple[Stage, ...] = (
     Resume: the analyses of each step sample are journaled in data/pairs/journal.jsonl; rerun
     to continue (other sampling params, model or data start it over).
     """, remote=True),
-    Stage("dpo", "training:run_dpo", """Direct preference optimisation from the SFT model (TRL DPOTrainer) -> models/dpo/.
+    Stage("dpo", "dpo:run", """Direct preference optimisation from the SFT model (TRL DPOTrainer) -> models/dpo/.
 
     Reads: data/pairs/dpo_train.jsonl and dpo_val.jsonl, models/sft/ (policy and reference).
 

@@ -1,8 +1,10 @@
-"""SFT and DPO stages (TRL), with checkpoint resume and multi-process launch (docs/method.md §7, §8).
+"""The shared path of the SFT and DPO stages (TRL): data checks, checkpoint resume, trainer arguments,
+final model, report and multi-process launch (docs/method.md §7, §8).
 
-`rprm sft` trains the base model on the synthesized analyses with TRL's `SFTTrainer`; `rprm dpo`
-trains the SFT model on its own preference pairs with `DPOTrainer`, the SFT model being the
-reference. Both follow the same path:
+`rprm sft` (`components/sft.py`) trains the base model on the synthesized analyses with TRL's
+`SFTTrainer`; `rprm dpo` (`components/dpo.py`) trains the SFT model on its own preference pairs
+with `DPOTrainer`, the SFT model being the reference. Each stage module holds what is its own
+(records, trainer, report keys) in a `Recipe`; both follow the same path, here:
 
 1. Preflight, before any training: the training files are read and validated (an empty file, a
    record whose verdict does not match its analysis, or a file whose rarer verdict is below
@@ -51,6 +53,7 @@ from __future__ import annotations
 
 import argparse
 import hashlib
+import importlib
 import json
 import logging
 import os
@@ -61,7 +64,7 @@ import sys
 import tempfile
 import warnings
 from collections import Counter
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -69,11 +72,11 @@ from typing import Any
 import yaml
 
 from components import paths
-from components.config import DPOParams, Params, TrainParams, dump_params, load_params
+from components.config import Params, TrainParams, dump_params, load_params
 from components.io import DataError, iter_json_lines, parse_record, read_json, write_json
 from components.model_folder import check_model_dir, torch_dtype
-from components.prompts import VERDICT_NO, VERDICT_PHRASE, VERDICT_YES, parse_verdict
-from components.records import PreferencePair, SFTExample
+from components.prompts import VERDICT_PHRASE, parse_verdict
+from components.records import Record
 
 log = logging.getLogger(__name__)
 
@@ -92,18 +95,25 @@ class TrainingError(RuntimeError):
 
 
 # --------------------------------------------------------------------------------------
-# Stage entry points
+# What a stage adds, what it reads and writes
 # --------------------------------------------------------------------------------------
 
 
-def run_sft(params: Params) -> dict[str, Any]:
-    """`rprm sft`: fine-tune models/base on data/synth into models/sft; return reports/sft.json."""
-    return _run_stage("sft", params)
+@dataclass(frozen=True)
+class Recipe:
+    """What one training stage adds to the shared path (`components.sft.RECIPE`, `components.dpo.RECIPE`)."""
 
-
-def run_dpo(params: Params) -> dict[str, Any]:
-    """`rprm dpo`: DPO of models/sft (also the reference) on data/pairs into models/dpo."""
-    return _run_stage("dpo", params)
+    stage: str  # "sft" | "dpo"
+    record: type[Record]  # the training files' record model
+    row: Callable[[Any, Path, int], dict[str, Any]]  # (record, file, line) -> trainer row; DataError if invalid
+    columns: tuple[str, ...]  # the row keys the trainer's dataset holds
+    verdicts: str  # what the balance check counts, as its message names it
+    too_long: Callable[[dict[str, Any], Any, TrainParams], bool]  # (row, tokenizer, section): drop it
+    # (model, trainer args, train_ds=, val_ds=, tokenizer=, section=, io_=, params=, callbacks=) -> TRL trainer
+    make_trainer: Callable[..., Any]
+    # (report, trainer, eval metrics, preparation info, held-out result): adds the stage's report keys
+    report: Callable[[dict[str, Any], Any, dict[str, float], dict[str, Any], dict[str, Any] | None], None]
+    held_out: Callable[[Any], dict[str, Any]] | None = None  # trainer -> held-out result (DPO: preference accuracy)
 
 
 @dataclass(frozen=True)
@@ -134,12 +144,14 @@ def _section(stage: str, params: Params) -> TrainParams:
     return params.sft if stage == "sft" else params.dpo
 
 
-def _run_stage(stage: str, params: Params) -> dict[str, Any]:
+def run_stage(recipe: Recipe, params: Params) -> dict[str, Any]:
+    """Run one training stage: preflight, then train in this process or launch the workers; return its report."""
     from components import tracking
 
+    stage = recipe.stage
     io_ = stage_io(stage)
     section = _section(stage, params)
-    data = load_stage_data(stage, params)  # bad data fails here, before MLflow or training
+    data = load_stage_data(recipe, params)  # bad data fails here, before MLflow or training
     check_model_dir(io_.model_in, "SFT" if stage == "dpo" else "base")
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # only a corrupt checkpoint matters here; train() warns
@@ -151,7 +163,7 @@ def _run_stage(stage: str, params: Params) -> dict[str, Any]:
         if section.num_processes > 1 and not os.environ.get(WORKER_ENV):
             report = _launch(stage, params, run.info.run_id)
         else:
-            report = train(stage, params)
+            report = train(recipe, params)
         tracking.log_report(report, f"{stage}.json")
     return report
 
@@ -170,45 +182,9 @@ class StageData:
     verdicts: dict[str, int] = field(default_factory=dict)
 
 
-def _sft_row(rec: SFTExample, path: Path, line: int) -> dict[str, Any]:
-    msgs = [m.model_dump() for m in rec.messages]
-    if msgs[-1]["role"] != "assistant":
-        raise DataError(path, line, "messages", "the last message must be the assistant's analysis")
-    if any(m["role"] == "assistant" for m in msgs[:-1]):
-        raise DataError(path, line, "messages", "only the last message may be the assistant's")
-    parsed = parse_verdict(msgs[-1]["content"])
-    if parsed.verdict != rec.verdict:
-        raise DataError(path, line, "verdict",
-                        f"record says {rec.verdict!r} but the analysis parses as {parsed.verdict!r}"
-                        + (f" ({parsed.reason})" if parsed.reason else ""))
-    return {"id": rec.id, "prompt": msgs[:-1], "completion": msgs[-1:], "verdict": rec.verdict}
-
-
-def _dpo_row(rec: PreferencePair, path: Path, line: int) -> dict[str, Any]:
-    chosen = parse_verdict(rec.chosen)
-    if chosen.verdict != rec.chosen_verdict:
-        raise DataError(path, line, "chosen",
-                        f"must end with the {rec.chosen_verdict!r} verdict, parses as {chosen.verdict!r}")
-    opposite = VERDICT_NO if rec.chosen_verdict == "yes" else VERDICT_YES
-    n_verdicts = rec.rejected.count(VERDICT_YES) + rec.rejected.count(VERDICT_NO)
-    if n_verdicts != 1 or opposite not in rec.rejected:
-        raise DataError(path, line, "rejected", "must hold exactly one verdict, the opposite of the chosen one")
-    if rec.prompt[-1].role == "assistant":
-        raise DataError(path, line, "prompt", "the prompt must end with the user's turn")
-    prompt = [m.model_dump() for m in rec.prompt]
-    return {
-        "id": rec.id,
-        "problem_id": rec.problem_id,
-        "prompt": prompt,
-        "chosen": [{"role": "assistant", "content": rec.chosen}],
-        "rejected": [{"role": "assistant", "content": rec.rejected}],
-        "verdict": rec.chosen_verdict,
-    }
-
-
-def read_stage_file(stage: str, path: Path, *, allow_empty: bool) -> list[dict[str, Any]]:
+def read_stage_file(recipe: Recipe, path: Path, *, allow_empty: bool) -> list[dict[str, Any]]:
     """Read and validate an SFT (SFTExample) or DPO (PreferencePair) file into trainer rows."""
-    model, convert = (SFTExample, _sft_row) if stage == "sft" else (PreferencePair, _dpo_row)
+    model, convert = recipe.record, recipe.row
     rows: list[dict[str, Any]] = []
     seen: dict[str, int] = {}
     for line, obj in iter_json_lines(path):
@@ -234,18 +210,18 @@ def check_balance(path: Path, rows: Sequence[dict[str, Any]], min_share: float, 
     return {"yes": n_yes, "no": n_no}
 
 
-def load_stage_data(stage: str, params: Params) -> StageData:
+def load_stage_data(recipe: Recipe, params: Params) -> StageData:
     """Read, validate and balance-check the stage's train/val files (no tokenizer needed)."""
-    io_ = stage_io(stage)
-    section = _section(stage, params)
-    train = read_stage_file(stage, io_.train_file, allow_empty=False)
-    val = read_stage_file(stage, io_.val_file, allow_empty=True) if io_.val_file.exists() else []
-    what = "analysis verdicts" if stage == "sft" else "chosen verdicts"
-    verdicts = check_balance(io_.train_file, train, section.min_verdict_share, what)
+    io_ = stage_io(recipe.stage)
+    section = _section(recipe.stage, params)
+    train = read_stage_file(recipe, io_.train_file, allow_empty=False)
+    val = read_stage_file(recipe, io_.val_file, allow_empty=True) if io_.val_file.exists() else []
+    verdicts = check_balance(io_.train_file, train, section.min_verdict_share, recipe.verdicts)
     return StageData(train=train, val=val, verdicts=verdicts)
 
 
-def _ids(tokenizer: Any, messages: list[dict[str, str]], *, generation_prompt: bool = False) -> list[int]:
+def chat_ids(tokenizer: Any, messages: list[dict[str, str]], *, generation_prompt: bool = False) -> list[int]:
+    """Token ids of chat messages rendered with the tokenizer's chat template."""
     out = tokenizer.apply_chat_template(
         messages, tokenize=True, add_generation_prompt=generation_prompt, return_dict=True
     )
@@ -253,20 +229,12 @@ def _ids(tokenizer: Any, messages: list[dict[str, str]], *, generation_prompt: b
 
 
 def filter_by_length(
-    stage: str, rows: list[dict[str, Any]], tokenizer: Any, section: TrainParams
+    recipe: Recipe, rows: list[dict[str, Any]], tokenizer: Any, section: TrainParams
 ) -> tuple[list[dict[str, Any]], int]:
     """Drop rows longer than max_length (DPO: either answer; or prompt > max_prompt_length)."""
     kept: list[dict[str, Any]] = []
     for r in rows:
-        if stage == "sft":
-            too_long = len(_ids(tokenizer, r["prompt"] + r["completion"])) > section.max_length
-        else:
-            too_long = any(len(_ids(tokenizer, r["prompt"] + r[k])) > section.max_length
-                           for k in ("chosen", "rejected"))
-            limit = getattr(section, "max_prompt_length", None)
-            if limit is not None and not too_long:
-                too_long = len(_ids(tokenizer, r["prompt"], generation_prompt=True)) > limit
-        if not too_long:
+        if not recipe.too_long(r, tokenizer, section):
             kept.append(r)
     return kept, len(rows) - len(kept)
 
@@ -492,7 +460,8 @@ def _common_args(stage: str, section: TrainParams, io_: StageIO, has_val: bool) 
     } | selection_args(stage, section, io_, has_val)
 
 
-def _peft_config(section: TrainParams) -> Any:
+def peft_config(section: TrainParams) -> Any:
+    """The LoRA config of a stage's section, None without LoRA."""
     if not section.lora.enabled:
         return None
     from peft import LoraConfig
@@ -502,55 +471,38 @@ def _peft_config(section: TrainParams) -> Any:
                       target_modules=list(lora.target_modules), task_type="CAUSAL_LM")
 
 
-def _load_model(path: Path, params: Params) -> Any:
+def load_model(path: Path, params: Params) -> Any:
+    """The causal LM of a model folder, in the params' dtype."""
     from transformers import AutoModelForCausalLM
 
     return AutoModelForCausalLM.from_pretrained(str(path), dtype=torch_dtype(params.model.dtype))
 
 
-def build_trainer(stage: str, params: Params) -> tuple[Any, dict[str, Any]]:
+def build_trainer(recipe: Recipe, params: Params) -> tuple[Any, dict[str, Any]]:
     """Validate inputs and build the TRL trainer of a stage; returns (trainer, preparation info)."""
     from datasets import Dataset
     from transformers import AutoTokenizer
 
+    stage = recipe.stage
     io_ = stage_io(stage)
     section = _section(stage, params)
-    data = load_stage_data(stage, params)
+    data = load_stage_data(recipe, params)
     check_model_dir(io_.model_in, "SFT" if stage == "dpo" else "base")
     tokenizer = AutoTokenizer.from_pretrained(str(io_.model_in))
-    train_rows, dropped_train = filter_by_length(stage, data.train, tokenizer, section)
-    val_rows, dropped_val = filter_by_length(stage, data.val, tokenizer, section)
+    train_rows, dropped_train = filter_by_length(recipe, data.train, tokenizer, section)
+    val_rows, dropped_val = filter_by_length(recipe, data.val, tokenizer, section)
     if not train_rows:
         raise DataError(io_.train_file, None, None,
                         f"every example is longer than {stage}.max_length={section.max_length} tokens")
-    columns = ("prompt", "completion") if stage == "sft" else ("prompt", "chosen", "rejected")
+    columns = recipe.columns
     train_ds = Dataset.from_list([{k: r[k] for k in columns} for r in train_rows])
     val_ds = Dataset.from_list([{k: r[k] for k in columns} for r in val_rows]) if val_rows else None
     args_kw = _common_args(stage, section, io_, val_ds is not None)
     fp = fingerprint(stage, params)
     callbacks = [_marker_callback(fp)]
-    model = _load_model(io_.model_in, params)
-    if stage == "sft":
-        from trl import SFTConfig, SFTTrainer
-
-        args = SFTConfig(**args_kw, completion_only_loss=True, assistant_only_loss=False, packing=False)
-        trainer = SFTTrainer(model=model, args=args, train_dataset=train_ds, eval_dataset=val_ds,
-                             processing_class=tokenizer, peft_config=_peft_config(section),
-                             callbacks=callbacks)
-    else:
-        from trl import DPOConfig, DPOTrainer
-
-        assert isinstance(section, DPOParams)
-        losses = [section.loss_type] + (["sft"] if section.sft_weight > 0 else [])
-        weights = [1.0] + ([section.sft_weight] if section.sft_weight > 0 else [])
-        args = DPOConfig(**args_kw, beta=section.beta, loss_type=losses, loss_weights=weights,
-                         precompute_ref_log_probs=section.precompute_ref_log_probs)
-        ref_model = None
-        if not section.lora.enabled and not section.precompute_ref_log_probs:
-            ref_model = _load_model(io_.model_in, params)  # the SFT model, frozen
-        trainer = DPOTrainer(model=model, ref_model=ref_model, args=args, train_dataset=train_ds,
-                             eval_dataset=val_ds, processing_class=tokenizer,
-                             peft_config=_peft_config(section), callbacks=callbacks)
+    model = load_model(io_.model_in, params)
+    trainer = recipe.make_trainer(model, args_kw, train_ds=train_ds, val_ds=val_ds, tokenizer=tokenizer,
+                                  section=section, io_=io_, params=params, callbacks=callbacks)
     info = {
         "train_examples": len(train_rows),
         "val_examples": len(val_rows),
@@ -563,11 +515,12 @@ def build_trainer(stage: str, params: Params) -> tuple[Any, dict[str, Any]]:
     return trainer, info
 
 
-def train(stage: str, params: Params) -> dict[str, Any]:
+def train(recipe: Recipe, params: Params) -> dict[str, Any]:
     """Train one stage in this process (or as one rank of a launch); write model and report."""
+    stage = recipe.stage
     io_ = stage_io(stage)
     section = _section(stage, params)
-    trainer, info = build_trainer(stage, params)
+    trainer, info = build_trainer(recipe, params)
     args = trainer.args
     with args.main_process_first(desc="checkpoint inspection"):
         plan = inspect_checkpoints(io_.checkpoints, info["fingerprint"], clean=args.process_index == 0)
@@ -576,9 +529,9 @@ def train(stage: str, params: Params) -> dict[str, Any]:
     result = trainer.train(resume_from_checkpoint=str(plan.resume_from) if plan.resume_from else None)
     selection = selection_report(trainer)  # before the final evaluation (of the selected model) is logged
     eval_metrics: dict[str, float] = trainer.evaluate() if trainer.eval_dataset is not None else {}
-    preference = preference_accuracy(trainer) if stage == "dpo" and trainer.eval_dataset is not None else None
+    preference = recipe.held_out(trainer) if recipe.held_out is not None and trainer.eval_dataset is not None else None
     save_final_model(trainer, io_.model_out, lora=section.lora.enabled, params=params)
-    report = _report(stage, trainer, result, eval_metrics, info, plan, preference)
+    report = _report(recipe, trainer, result, eval_metrics, info, plan, preference)
     report["selection"] = selection
     if trainer.is_world_process_zero():
         report["generation_check"] = generation_check(io_.model_out, info["val_prompts"], section, params)
@@ -618,7 +571,8 @@ def generation_check(model_dir: Path, prompts: Sequence[tuple[list[dict[str, str
     }
 
 
-def _last_logged(history: list[dict[str, Any]], key: str) -> float | None:
+def last_logged(history: list[dict[str, Any]], key: str) -> float | None:
+    """The last value of `key` in the trainer's log history, None if never logged."""
     for entry in reversed(history):
         if key in entry:
             return float(entry[key])
@@ -626,7 +580,7 @@ def _last_logged(history: list[dict[str, Any]], key: str) -> float | None:
 
 
 def _report(
-    stage: str,
+    recipe: Recipe,
     trainer: Any,
     result: Any,
     eval_metrics: dict[str, float],
@@ -639,7 +593,7 @@ def _report(
     args, state = trainer.args, trainer.state
     history = state.log_history
     report: dict[str, Any] = {
-        "stage": stage,
+        "stage": recipe.stage,
         "train_examples": info["train_examples"],
         "val_examples": info["val_examples"],
         "dropped_too_long": info["dropped_too_long"],
@@ -649,7 +603,7 @@ def _report(
         "world_size": args.world_size,
         "global_batch_size": args.per_device_train_batch_size * args.gradient_accumulation_steps * args.world_size,
         "train_loss": result.training_loss,  # mean over this session's steps (as TRL reports it)
-        "final_train_loss": _last_logged(history, "loss"),
+        "final_train_loss": last_logged(history, "loss"),
         "eval_loss": eval_metrics.get("eval_loss"),
         "runtime_s": result.metrics.get("train_runtime"),
         # reruns are bitwise identical at the same thread count (README, "Reproducibility")
@@ -657,30 +611,7 @@ def _report(
         "resumed_from": plan.resume_from.name if plan.resume_from else None,
         "checkpoints_deleted": {"unfinished": len(plan.unfinished), "stale": len(plan.stale)},
     }
-    if stage == "sft":
-        ds = trainer.train_dataset
-        tokens = sum(len(x) for x in ds["input_ids"])
-        loss_tokens = sum(sum(1 for t in labels if t != -100) for labels in ds["labels"])
-        report["tokens"] = {
-            "train_per_epoch": tokens,
-            "completion_per_epoch": loss_tokens,
-            "seen": round(tokens * (state.epoch or 0.0)),
-        }
-    else:
-        for key in ("rewards/accuracies", "rewards/margins", "rewards/chosen", "rewards/rejected"):
-            report[f"eval_{key.replace('/', '_')}"] = eval_metrics.get(f"eval_{key}")
-            report[f"train_{key.replace('/', '_')}"] = _last_logged(history, key)
-        report["preference_accuracy"] = preference["accuracy"] if preference else None
-        report["preference_pairs_evaluated"] = preference["pairs"] if preference else 0
-        report["mean_reward_margin"] = preference["mean_margin"] if preference else None
-        verdicts = info["val_verdicts"]
-        if preference and args.world_size == 1 and len(verdicts) == len(preference["margins"]):
-            # pairs come back in file order with one process: accuracy per chosen verdict
-            by: dict[str, list[float]] = {"yes": [], "no": []}
-            for verdict, margin in zip(verdicts, preference["margins"], strict=True):
-                by[verdict].append(float(margin > 0))
-            report["preference_accuracy_by_chosen_verdict"] = {
-                k: (sum(v) / len(v) if v else None) for k, v in by.items()}
+    recipe.report(report, trainer, eval_metrics, info, preference)
     return report
 
 
@@ -702,63 +633,6 @@ def selection_report(trainer: Any) -> dict[str, Any]:
         "value": state.best_metric,
         "last_step": state.global_step,
         "evaluated": {str(k): v for k, v in sorted(evaluated.items())},
-    }
-
-
-def _sequence_logps(model: Any, batch: dict[str, Any]) -> Any:
-    """Sum of the completion tokens' log-probabilities per sequence (plain forward pass)."""
-    import torch
-
-    logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], use_cache=False).logits
-    logps = torch.log_softmax(logits[:, :-1].float(), dim=-1)
-    targets = batch["input_ids"][:, 1:]
-    token_logps = logps.gather(-1, targets.unsqueeze(-1)).squeeze(-1)
-    mask = batch["completion_mask"][:, 1:].to(token_logps.dtype)
-    return (token_logps * mask).sum(dim=1)
-
-
-def preference_accuracy(trainer: Any) -> dict[str, Any]:
-    """Held-out preference accuracy, pair by pair: beta*(logratio_chosen - logratio_rejected) > 0.
-
-    The reference is the SFT model: the trainer's frozen copy, the precomputed log-probs, or,
-    with LoRA, the model with its adapter disabled. Pairs are gathered across processes.
-    """
-    import contextlib
-
-    import torch
-
-    model = trainer.model
-    dataloader = trainer.get_eval_dataloader()
-    correct: list[Any] = []
-    margins: list[Any] = []
-    was_training = model.training
-    model.eval()
-    try:
-        with torch.no_grad():
-            for batch in dataloader:
-                policy = _sequence_logps(model, batch).chunk(2)
-                if "ref_chosen_logps" in batch:
-                    ref = (batch["ref_chosen_logps"], batch["ref_rejected_logps"])
-                else:
-                    ref_model = trainer.ref_model or model
-                    ctx = (model.disable_adapter() if trainer.ref_model is None and hasattr(model, "disable_adapter")
-                           else contextlib.nullcontext())
-                    with ctx:
-                        ref = _sequence_logps(ref_model, batch).chunk(2)
-                margin = trainer.beta * ((policy[0] - ref[0]) - (policy[1] - ref[1]))
-                margin = trainer.accelerator.gather_for_metrics(margin)
-                margins.append(margin.float().cpu())
-                correct.append((margin > 0).float().cpu())
-    finally:
-        model.train(was_training)
-    all_correct = torch.cat(correct) if correct else torch.zeros(0)
-    all_margins = torch.cat(margins) if margins else torch.zeros(0)
-    n = int(all_correct.numel())
-    return {
-        "pairs": n,
-        "accuracy": float(all_correct.mean()) if n else None,
-        "mean_margin": float(all_margins.mean()) if n else None,
-        "margins": all_margins.tolist(),
     }
 
 
@@ -873,15 +747,18 @@ def main(argv: Sequence[str] | None = None) -> None:
     os.environ[WORKER_ENV] = "1"
     logging.basicConfig(level=logging.INFO)
     params = load_params(ns.params)
+    # The recipe of the stage's own module (components.sft or components.dpo: the one that launched
+    # this worker), imported by name so that a stage's code is its module and this one only.
+    recipe = importlib.import_module(f"components.{ns.stage}").RECIPE
     run_id = os.environ.get(RUN_ID_ENV)
     if run_id and os.environ.get("RANK", "0") == "0":
         import mlflow
 
         # Rank 0 reopens the launcher's run, so the trainer's MLflow callback logs into it.
         with mlflow.start_run(run_id=run_id):
-            train(ns.stage, params)
+            train(recipe, params)
     else:
-        train(ns.stage, params)
+        train(recipe, params)
 
 
 if __name__ == "__main__":

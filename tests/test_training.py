@@ -166,11 +166,12 @@ def test_sft_labels_mask_the_prompt(tmp_path: Path, tiny_model_dir: Path, defaul
     """Every prompt token has label -100; the analysis and its end-of-turn token are trained."""
     from transformers import AutoTokenizer
 
+    from components.sft import RECIPE
     from components.training import build_trainer
 
     project = make_project(tmp_path / "p", tiny_model_dir)
     monkeypatch.chdir(project)
-    trainer, info = build_trainer("sft", train_params(default_params))
+    trainer, info = build_trainer(RECIPE, train_params(default_params))
     tok = AutoTokenizer.from_pretrained(paths.BASE_MODEL)
     example = json.loads(paths.SFT_TRAIN.read_text().splitlines()[0])
     row = trainer.train_dataset[0]
@@ -192,7 +193,7 @@ def test_sft_labels_mask_the_prompt(tmp_path: Path, tiny_model_dir: Path, defaul
 def sft_run(tmp_path_factory: pytest.TempPathFactory, tiny_model_dir: Path, default_params: Params,
             mlflow_uri: str) -> tuple[Path, dict]:
     """One uninterrupted 4-step SFT run (checkpoints at steps 2 and 4)."""
-    from components.training import run_sft
+    from components.sft import run as run_sft
 
     project = make_project(tmp_path_factory.mktemp("sft-run") / "p", tiny_model_dir)
     old = Path.cwd()
@@ -247,7 +248,8 @@ def test_sft_reruns_are_bitwise_identical(tmp_path: Path, sft_run: tuple[Path, d
     README, "Reproducibility")."""
     import torch
 
-    from components.training import TIMING_KEYS, run_sft
+    from components.sft import run as run_sft
+    from components.training import TIMING_KEYS
 
     first, first_report = sft_run
     project = make_project(tmp_path / "p", tiny_model_dir)
@@ -270,7 +272,7 @@ def test_sft_selects_the_checkpoint_with_the_lowest_validation_loss(
         tmp_path: Path, tiny_model_dir: Path, default_params: Params) -> None:
     """select_by eval_loss: every checkpoint is evaluated; the best one becomes models/sft and the report says
     which (step, checkpoint, metric, value), the Trainer's load_best_model_at_end doing the loading."""
-    from components.training import run_sft
+    from components.sft import run as run_sft
 
     project = make_project(tmp_path / "p", tiny_model_dir)
     params = train_params(default_params, select_by="eval_loss", max_steps=6, learning_rate=5e-2)
@@ -354,7 +356,8 @@ def test_sft_resumes_after_kill(tmp_path: Path, sft_run: tuple[Path, dict], tiny
 def test_checkpoint_inspection(tmp_path: Path, sft_run: tuple[Path, dict], default_params: Params,
                                monkeypatch: pytest.MonkeyPatch) -> None:
     """A corrupt checkpoint stops the stage before training; stale ones are cleared."""
-    from components.training import fingerprint, inspect_checkpoints, run_sft
+    from components.sft import run as run_sft
+    from components.training import fingerprint, inspect_checkpoints
 
     project = tmp_path / "p"
     shutil.copytree(sft_run[0], project)
@@ -392,7 +395,7 @@ def test_sft_bad_inputs_fail_before_training(tmp_path: Path, tiny_model_dir: Pat
                                              default_params: Params, monkeypatch: pytest.MonkeyPatch,
                                              mlflow_uri: str) -> None:
     """Empty, unbalanced or inconsistent data and a model without tokenizer: clear errors, nothing written."""
-    from components.training import run_sft
+    from components.sft import run as run_sft
 
     project = make_project(tmp_path / "p", tiny_model_dir)
     monkeypatch.chdir(project)
@@ -445,7 +448,7 @@ def test_sft_lora_is_merged(tmp_path: Path, tiny_model_dir: Path, default_params
     """With sft.lora the saved model is a plain HF folder with the adapter merged in."""
     from transformers import AutoModelForCausalLM
 
-    from components.training import run_sft
+    from components.sft import run as run_sft
 
     project = make_project(tmp_path / "p", tiny_model_dir)
     monkeypatch.chdir(project)
@@ -468,7 +471,8 @@ def test_sft_two_cpu_processes(tmp_path: Path, tiny_model_dir: Path, default_par
     """num_processes=2 relaunches through `accelerate launch` (DDP on gloo) and logs into one run."""
     import mlflow
 
-    from components.training import launch_command, run_sft
+    from components.sft import run as run_sft
+    from components.training import launch_command
 
     project = make_project(tmp_path / "p", tiny_model_dir)
     monkeypatch.chdir(project)
@@ -516,7 +520,7 @@ def dpo_project(tmp_path_factory: pytest.TempPathFactory, verdict_model_dir: Pat
 
 
 def _run_dpo_in(project: Path, params: Params) -> dict:
-    from components.training import run_dpo
+    from components.dpo import run as run_dpo
 
     old = Path.cwd()
     os.chdir(project)
@@ -608,7 +612,7 @@ def test_dpo_precomputed_reference_and_resume(tmp_path: Path, dpo_project: Path,
 def test_dpo_bad_pairs(tmp_path: Path, dpo_project: Path, default_params: Params,
                        monkeypatch: pytest.MonkeyPatch) -> None:
     """Unbalanced pairs or a rejected analysis with the chosen verdict fail before training."""
-    from components.training import run_dpo
+    from components.dpo import run as run_dpo
 
     project = tmp_path / "p"
     shutil.copytree(dpo_project, project)
