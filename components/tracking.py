@@ -457,6 +457,15 @@ def stage_run(
         yield run
 
 
+@contextmanager
+def resume_run(run_id: str) -> Iterator[Any]:
+    """Reopen an existing run as the active one (rank 0 of a training launch logs into the stage's run)."""
+    import mlflow
+
+    with mlflow.start_run(run_id=run_id) as run:
+        yield run
+
+
 def start_pipeline_run(
     params: Params,
     run_name: str = "pipeline",

@@ -752,10 +752,10 @@ def main(argv: Sequence[str] | None = None) -> None:
     recipe = importlib.import_module(f"components.{ns.stage}").RECIPE
     run_id = os.environ.get(RUN_ID_ENV)
     if run_id and os.environ.get("RANK", "0") == "0":
-        import mlflow
+        from components import tracking
 
         # Rank 0 reopens the launcher's run, so the trainer's MLflow callback logs into it.
-        with mlflow.start_run(run_id=run_id):
+        with tracking.resume_run(run_id):
             train(recipe, params)
     else:
         train(recipe, params)
