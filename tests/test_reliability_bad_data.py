@@ -35,7 +35,7 @@ from typer.testing import CliRunner
 
 from components import benchmarks as B
 from components import data as D
-from components import training
+from components import dpo, sft, training
 from components.config import DataParams
 from components.io import DataError, read_jsonl
 from components.records import (
@@ -97,11 +97,11 @@ LOADERS: dict[str, list[tuple[str, str, Loader]]] = {
     "step_samples": [("read_jsonl(StepSample)", "steps.jsonl", lambda root, p: read_jsonl(p, StepSample, key=lambda r: r.id))],
     "sft_examples": [
         ("read_jsonl(SFTExample)", "sft.jsonl", lambda root, p: read_jsonl(p, SFTExample, key=lambda r: r.id)),
-        ("training.read_stage_file(sft)", "sft.jsonl", lambda root, p: training.read_stage_file("sft", p, allow_empty=False)),
+        ("training.read_stage_file(sft)", "sft.jsonl", lambda root, p: training.read_stage_file(sft.RECIPE, p, allow_empty=False)),
     ],
     "preference_pairs": [
         ("read_jsonl(PreferencePair)", "dpo.jsonl", lambda root, p: read_jsonl(p, PreferencePair, key=lambda r: r.id)),
-        ("training.read_stage_file(dpo)", "dpo.jsonl", lambda root, p: training.read_stage_file("dpo", p, allow_empty=False)),
+        ("training.read_stage_file(dpo)", "dpo.jsonl", lambda root, p: training.read_stage_file(dpo.RECIPE, p, allow_empty=False)),
     ],
     "processbench_predictions": [("benchmarks.read_processbench_predictions", "preds.jsonl",
                                   lambda root, p: B.read_processbench_predictions(p, _pb_items(), 0.5))],
