@@ -16,13 +16,12 @@ from typing import Any
 
 from components.backends.base import Generation, row_seed
 from components.config import DataParams, SamplingParams
-from components.records import ProcessBenchItem, Solution
+from components.records import PROCESSBENCH_SUBSETS, ProcessBenchItem, Solution
 
 ROOT = Path(__file__).resolve().parents[1]
 BUNDLED = ROOT / "data" / "bundled"
 SHARED = (ROOT / ".." / "shared" / "data").resolve()
 RESULTS = ROOT / "bench" / "results"
-SUBSETS = ("gsm8k", "math", "olympiadbench", "omnimath")
 # Modulus and multiplier of `row_seed` (components/backends/base.py): row_seed(s, j) =
 # (s * A + j * B + C) mod M. The naive baseline asks for ONE sample per call, i.e. stream
 # row_seed(s', 0); choosing s' = s + j * B * A^-1 (mod M) makes that the stream of sample j.
@@ -331,7 +330,9 @@ def to_solution(item: ProcessBenchItem) -> Solution:
     )
 
 
-def load_processbench(folder: str | Path, subsets: Sequence[str] = SUBSETS) -> list[ProcessBenchItem]:
+def load_processbench(
+    folder: str | Path, subsets: Sequence[str] = PROCESSBENCH_SUBSETS
+) -> list[ProcessBenchItem]:
     """Every ProcessBench item of `subsets` in `folder` (laid out like data/bundled), validated."""
     from components import data
 

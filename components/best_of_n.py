@@ -53,10 +53,17 @@ from tqdm.auto import tqdm
 from components import arithmetic, paths, search
 from components.backends.base import GenerationBackend
 from components.config import BestOfNParams, Params, SamplingParams
-from components.data import CANDIDATE_POOLS, load_bon_testset, load_candidate_pool, split_steps
+from components.data import CANDIDATE_POOLS, load_bon_testset, load_candidate_pool
 from components.grading import EXTRACTIONS, OUTCOMES, Grade, Grader, reference_answers
 from components.io import DataError, Journal, read_jsonl, write_json
-from components.records import BonProblem, Candidate, CandidatePool, Solution
+from components.records import (
+    BonProblem,
+    Candidate,
+    CandidatePool,
+    Solution,
+    join_steps,
+    split_steps,
+)
 from components.scoring import (
     NEUTRAL_REWARD,
     StepScorer,
@@ -112,11 +119,6 @@ class GradedProblem:
         )
 
 
-def candidate_text(steps: Sequence[str]) -> str:
-    """A candidate's solution text: steps joined by a blank line (how they were split)."""
-    return "\n\n".join(steps)
-
-
 def grade_pool(
     problem: BonProblem, pool: CandidatePool, grader: Grader, n: int | None = None
 ) -> GradedProblem:
@@ -125,7 +127,7 @@ def grade_pool(
     graded = []
     for i, cand in enumerate(pool.candidates[:n]):
         steps = [s for s in cand.steps if s.strip()]
-        text = candidate_text(steps) if steps else (cand.response or "")
+        text = join_steps(steps) if steps else (cand.response or "")
         graded.append(
             GradedCandidate(
                 index=i,

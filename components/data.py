@@ -28,8 +28,11 @@ from pydantic import BaseModel, ConfigDict, Field
 from tqdm import tqdm
 
 from components.config import DataParams
-from components.io import DataError, iter_json_lines, parse_record, read_json
+from components.io import DataError, iter_json_lines, parse_record, read_json, read_jsonl
+from components.paths import PRMBENCH_FILE, PROCESSBENCH_IDS_FILE
 from components.records import (
+    PRMBENCH_CLASSES,
+    PROCESSBENCH_SUBSETS,
     BonProblem,
     Candidate,
     CandidatePool,
@@ -38,24 +41,12 @@ from components.records import (
     PRM800KStep,
     PRMBenchItem,
     ProcessBenchItem,
+    processbench_subset,
+    split_steps,
 )
 
 Source = Literal["bundled", "dir", "hub"]
 
-PROCESSBENCH_SUBSETS: tuple[str, ...] = ("gsm8k", "math", "olympiadbench", "omnimath")
-PROCESSBENCH_IDS_FILE = "processbench/rprm_part_subset_ids.json"
-PRMBENCH_FILE = "prmbench/prmbench_preview.jsonl"
-PRMBENCH_CLASSES: tuple[str, ...] = (
-    "redundency",
-    "circular",
-    "counterfactual",
-    "step_contradiction",
-    "domain_inconsistency",
-    "confidence",
-    "missing_condition",
-    "deception",
-    "multi_solutions",
-)
 # Best-of-N test set name -> file under bon/testsets/ (the names best_of_n.datasets uses).
 BON_TESTSETS: dict[str, str] = {
     "aime24": "aime24.jsonl",
@@ -72,7 +63,6 @@ CANDIDATE_POOLS: dict[str, tuple[str, str]] = {
     "olympiadbench": ("olympiadbench_200.qwen2.5-7b-instruct.t1.n8.jsonl", "olympiadbench"),
     "math_cot_100": ("qwen25math_eval_rm_maj_example.math_cot_100.jsonl", "math"),
 }
-STEP_SEPARATOR = "\n\n"  # how unsplit responses are cut into steps (docs/method.md §3)
 
 
 # --------------------------------------------------------------------------------------
@@ -88,11 +78,6 @@ def normalize_problem(text: str) -> str:
 def problem_id(text: str) -> str:
     """Stable id of a problem: the same normalised text in any file gives the same id."""
     return hashlib.sha1(normalize_problem(text).encode("utf-8")).hexdigest()[:16]
-
-
-def split_steps(response: str) -> list[str]:
-    """Cut an unsplit solution into steps on blank lines, dropping empty pieces."""
-    return [part.strip() for part in response.split(STEP_SEPARATOR) if part.strip()]
 
 
 # --------------------------------------------------------------------------------------
@@ -438,6 +423,33 @@ def load_processbench(
     return out
 
 
+def load_processbench_file(path: str | Path) -> list[ProcessBenchItem]:
+    """ProcessBench solutions (record format) from a folder of `<subset>.jsonl` files or one JSONL file.
+
+    Each item's `subset` is set (from the file name in a folder, else from the item's own
+    `subset` field or its id prefix). Duplicate ids are an error. What `rprm score-processbench`
+    scores against.
+    """
+    path = Path(path)
+    items: list[ProcessBenchItem] = []
+    if path.is_dir():
+        files = [path / f"{s}.jsonl" for s in PROCESSBENCH_SUBSETS if (path / f"{s}.jsonl").exists()]
+        if not files:
+            raise DataError(path, None, None, f"no ProcessBench subset files ({', '.join(PROCESSBENCH_SUBSETS)}).jsonl")
+        for f in files:
+            for item in read_jsonl(f, ProcessBenchItem, key=lambda r: r.id):
+                items.append(item.model_copy(update={"subset": item.subset or f.stem}))
+    else:
+        for item in read_jsonl(path, ProcessBenchItem, key=lambda r: r.id):
+            items.append(item.model_copy(update={"subset": processbench_subset(item)}))
+    seen: set[str] = set()
+    for item in items:
+        if item.id in seen:
+            raise DataError(path, None, "id", f"duplicate id {item.id!r} across subset files")
+        seen.add(item.id)
+    return items
+
+
 # --------------------------------------------------------------------------------------
 # PRMBench
 # --------------------------------------------------------------------------------------
@@ -491,6 +503,19 @@ def load_prmbench(
     if not items:
         raise DataError(label, None, None, "no records")
     return spread_across_classes(items, limit) if limit is not None else items
+
+
+def load_prmbench_file(path: str | Path) -> list[PRMBenchItem]:
+    """PRMBench items (record format) from a JSONL file (or a folder holding `prmbench_preview.jsonl`), in order.
+
+    `position` is set to the item's 0-based position in the file, so (idx, position) is unique.
+    What `rprm score-prmbench` scores against.
+    """
+    path = Path(path)
+    if path.is_dir():
+        path = path / Path(PRMBENCH_FILE).name
+    items = read_jsonl(path, PRMBenchItem)
+    return [it.model_copy(update={"position": i}) for i, it in enumerate(items)]
 
 
 # --------------------------------------------------------------------------------------

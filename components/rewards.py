@@ -1,7 +1,7 @@
 """The PRM as a reward: `rprm score` on a solutions file, and a reward function for TRL's GRPO.
 
 Both split a solution that comes as one text into steps on blank lines, as Best-of-N does
-(`data.split_steps`, docs/method.md §3), score every step with the R-PRM step scorer (K
+(`records.split_steps`, docs/method.md §3), score every step with the R-PRM step scorer (K
 sampled analyses per step, reward = mean P(" Yes"), any backend), and reduce the step rewards
 to one number per solution with the aggregations of `search.AGGREGATIONS` (`min`, `last`,
 `product`, `mean`).
@@ -47,9 +47,8 @@ from pathlib import Path
 from typing import Any, Literal
 
 from components.config import Params, ScoringParams
-from components.data import split_steps
 from components.io import DataError, iter_json_lines, write_jsonl
-from components.records import Solution
+from components.records import Solution, split_steps
 from components.search import AGGREGATIONS, aggregate
 
 Shaping = Literal["none", "verdict", "centered"]

@@ -63,11 +63,11 @@ from typing import Any, Literal, Protocol
 from components.backends.base import Conversation, Generation, GenerationBackend
 from components.config import SamplingParams
 from components.grading import last_boxed
+from components.records import STEP_SEPARATOR, assistant_prefix, join_steps
 
 Aggregation = Literal["min", "last", "product", "mean"]
 
 POLICY_SYSTEM_PROMPT = "Please reason step by step, and put your final answer within \\boxed{}."
-STEP_SEPARATOR = "\n\n"
 
 
 # --------------------------------------------------------------------------------------
@@ -280,7 +280,7 @@ class SearchResult:
     @property
     def text(self) -> str:
         """The solution text (steps joined by a blank line)."""
-        return STEP_SEPARATOR.join(self.steps)
+        return join_steps(self.steps)
 
     def to_dict(self) -> dict[str, Any]:
         """JSON-ready view (with the solution text)."""
@@ -298,11 +298,6 @@ class Proposal:
 def policy_messages(question: str) -> Conversation:
     """The policy's chat: the Qwen2.5-Math chain-of-thought system prompt and the problem."""
     return [{"role": "system", "content": POLICY_SYSTEM_PROMPT}, {"role": "user", "content": question}]
-
-
-def assistant_prefix(steps: Sequence[str]) -> str:
-    """Assistant text a continuation starts from: the chosen steps and a blank line."""
-    return STEP_SEPARATOR.join(steps) + STEP_SEPARATOR if steps else ""
 
 
 def path_solution_id(problem_id: str, path: Sequence[str]) -> str:
