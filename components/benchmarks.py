@@ -60,6 +60,7 @@ from components.records import (
     ProcessBenchItem,
     processbench_subset,
 )
+from components.scoring import step_is_wrong
 
 POSITIVE_F1_ONLY = frozenset({"multi_solutions"})
 REDUNDANCY_CLASSES = frozenset({"redundency", "circular"})
@@ -83,7 +84,7 @@ def predict_first_error(step_rewards: Sequence[float | None], threshold: float) 
     for i, r in enumerate(step_rewards):
         if r is None:
             raise ValueError(f"step {i} was not scored and no earlier step is below {threshold}")
-        if r < threshold:
+        if step_is_wrong(r, threshold):
             return i
     return -1
 

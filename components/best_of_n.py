@@ -65,8 +65,8 @@ from components.records import (
     split_steps,
 )
 from components.scoring import (
-    NEUTRAL_REWARD,
     StepScorer,
+    mean_reward,
     scoring_settings,
 )
 
@@ -340,8 +340,7 @@ class ScorerRewarder:
         values = [vals for vals, _ in analysed]
         rewards = {}
         for key, vals in zip(unique, values, strict=True):
-            kept = [v for v in vals if v is not None]
-            rewards[key] = sum(kept) / len(kept) if kept else NEUTRAL_REWARD
+            rewards[key] = mean_reward(vals)
         return [rewards[k] for k in keys]
 
 

@@ -49,6 +49,7 @@ from typing import Any, Literal
 from components.config import Params, ScoringParams
 from components.io import DataError, iter_json_lines, write_jsonl
 from components.records import Solution, split_steps
+from components.scoring import first_wrong_step, step_verdicts
 from components.search import AGGREGATIONS, aggregate
 
 Shaping = Literal["none", "verdict", "centered"]
@@ -135,12 +136,12 @@ def aggregate_scores(step_rewards: Sequence[float | None]) -> dict[str, float | 
 def output_row(solution: Solution, step_rewards: Sequence[float | None], threshold: float,
                generations: int = 0) -> dict[str, Any]:
     """What `rprm score` writes for one solution."""
-    low = [i for i, r in enumerate(step_rewards) if r is not None and r < threshold]
+    first = first_wrong_step(step_rewards, threshold)
     return {
         "id": solution.id,
         "step_rewards": list(step_rewards),
-        "first_error": low[0] if low else -1,
-        "verdicts": [None if r is None else ("yes" if r >= threshold else "no") for r in step_rewards],
+        "first_error": -1 if first is None else first,
+        "verdicts": step_verdicts(step_rewards, threshold),
         "scores": aggregate_scores(step_rewards),
         "generations": generations,
     }
@@ -268,7 +269,7 @@ def shape(step_rewards: Sequence[float], shaping: str, threshold: float) -> list
     if shaping == "none":
         return list(step_rewards)
     if shaping == "verdict":
-        return [1.0 if r >= threshold else 0.0 for r in step_rewards]
+        return [1.0 if v == "yes" else 0.0 for v in step_verdicts(step_rewards, threshold)]
     if shaping == "centered":
         return [r - threshold for r in step_rewards]
     raise ValueError(f"unknown shaping {shaping!r} (one of {', '.join(SHAPINGS)})")
@@ -423,7 +424,7 @@ class ProcessReward:
                            if values else self.empty_reward)
         log_metric = kwargs.get("log_metric")
         if callable(log_metric) and per_step:
-            flagged = [any(r is not None and r < self.threshold for r in s) for s in per_step]
+            flagged = [first_wrong_step(s, self.threshold) is not None for s in per_step]
             log_metric(f"prm/{self.__name__}/flagged_rate", sum(flagged) / len(flagged))
             log_metric(f"prm/{self.__name__}/steps", sum(len(s) for s in per_step) / len(per_step))
         return rewards

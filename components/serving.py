@@ -48,6 +48,7 @@ from mlflow.pyfunc import PythonModel, PythonModelContext
 from mlflow.types.schema import Array, ColSpec, DataType, ParamSchema, ParamSpec, Schema
 
 from components.records import Solution, StepScores
+from components.scoring import step_verdicts
 
 MODEL_ARTIFACT = "model"  # key of the HF model folder among the pyfunc's artifacts
 MAX_COMBINED_SOLUTIONS = 64  # most solutions one combined scorer call takes from waiting requests
@@ -199,7 +200,7 @@ def response_rows(scores: Sequence[StepScores], threshold: float) -> list[dict[s
             "id": s.id,
             "step_rewards": list(s.step_rewards),
             "first_error": s.first_error,
-            "verdicts": [None if r is None else ("yes" if r >= threshold else "no") for r in s.step_rewards],
+            "verdicts": step_verdicts(s.step_rewards, threshold),
         }
         for s in scores
     ]
