@@ -26,11 +26,10 @@ from bench.common import (
     measure_memory,
     median,
     ratio,
-    single_sample_seed,
     timed,
 )
 from components import prompts
-from components.backends.base import Generation, row_seed
+from components.backends.base import Generation, row_seed, single_sample_seed, step_seed
 from components.config import ScoringParams
 from components.records import Solution
 from components.scoring import (
@@ -39,7 +38,6 @@ from components.scoring import (
     mean_reward,
     sampled_verdict_value,
     step_conversation,
-    step_seed,
 )
 
 

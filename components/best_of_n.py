@@ -40,7 +40,6 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
-import random
 import time
 from collections import Counter
 from collections.abc import Callable, Sequence
@@ -51,7 +50,7 @@ from typing import Any
 from tqdm.auto import tqdm
 
 from components import arithmetic, paths, search
-from components.backends.base import GenerationBackend
+from components.backends.base import GenerationBackend, problem_seed
 from components.config import BestOfNParams, Params, SamplingParams
 from components.data import CANDIDATE_POOLS, load_bon_testset, load_candidate_pool
 from components.grading import EXTRACTIONS, OUTCOMES, Grade, Grader, reference_answers
@@ -217,10 +216,6 @@ def _settings_hash(settings: dict[str, Any]) -> str:
     return hashlib.sha256(json.dumps(settings, sort_keys=True).encode()).hexdigest()[:12]
 
 
-def _problem_seed(seed: int, problem_id: str) -> int:
-    return random.Random(f"{seed}:{problem_id}").randrange(2**31 - 1)
-
-
 def generate_pools(
     problems: Sequence[BonProblem],
     policy: Callable[[], GenerationBackend],
@@ -252,7 +247,7 @@ def generate_pools(
             outputs = policy().generate(
                 [search.policy_messages(p.problem) for p in batch],
                 sampling,
-                seeds=[_problem_seed(bp.seed, p.id) for p in batch],
+                seeds=[problem_seed(bp.seed, p.id) for p in batch],
             )
             for prob, gens in zip(batch, outputs, strict=True):
                 journal.append(

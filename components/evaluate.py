@@ -54,7 +54,7 @@ from rich.console import Console
 
 from components import benchmarks, paths, plots
 from components.config import Params, ScoringParams
-from components.io import DataError, read_jsonl, write_json, write_jsonl
+from components.io import DataError, read_jsonl, stat_digest, write_json, write_jsonl
 from components.records import PRMBenchItem, ProcessBenchItem, Solution
 from components.scoring import ScoredSolution, StepScorer, scoring_fingerprint
 
@@ -122,15 +122,6 @@ def resolve_model(name: str) -> tuple[Path, str]:
     if name != "base" and (paths.BASE_MODEL / "config.json").exists():
         return paths.BASE_MODEL, "base"
     raise DataError(path, None, None, f"model {name!r} not found (and no base model): run the pipeline first")
-
-
-def model_fingerprint(path: Path) -> str:
-    """Identity of a model folder: names, sizes and modification times of its files."""
-    h = hashlib.sha256()
-    for f in sorted(p for p in path.rglob("*") if p.is_file()):
-        st = f.stat()
-        h.update(f"{f.relative_to(path).as_posix()}:{st.st_size}:{st.st_mtime_ns}\n".encode())
-    return h.hexdigest()[:16]
 
 
 def processbench_solutions(items: Sequence[ProcessBenchItem]) -> list[Solution]:
@@ -303,7 +294,7 @@ def _evaluate_model(params: Params, name: str, plan: SweepPlan, pb_items: list[P
                       f"({path}) in its place[/yellow]")
     scoring = sampling_scoring(params, plan)
     prmb_scoring = sampling_scoring(params, plan, "prmbench")
-    tag = f"{evaluated}:{model_fingerprint(path)}:{params.model.dtype}"
+    tag = f"{evaluated}:{stat_digest(path)}:{params.model.dtype}"
     backend = load_backend(params.backend, path, dtype=params.model.dtype)
     try:
         fingerprint = scoring_fingerprint(backend, scoring, tag)

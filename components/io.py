@@ -1,5 +1,7 @@
 """Safe file I/O: validated JSON Lines reading, atomic writes, append-only journals.
 
+Also the digests of files and folders that stages and tracking compare (one place for each kind).
+
 Every reader error names the file, the 1-based line and the field. Every writer goes through a
 temporary file in the same folder and an atomic rename, so a crash never leaves a half-written
 output that DVC or the next stage would trust. Journals are appended and fsynced record by
@@ -9,6 +11,7 @@ elsewhere is skipped with a warning naming the file and line (the records after 
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import stat
@@ -22,6 +25,7 @@ from typing import Any, TypeVar
 from pydantic import BaseModel, ValidationError
 
 T = TypeVar("T", bound=BaseModel)
+_CHUNK = 1024 * 1024
 
 
 class StageRefused(RuntimeError):
@@ -302,3 +306,58 @@ class Journal:
 
     def __exit__(self, *exc: object) -> None:
         self.close()
+
+
+# --------------------------------------------------------------------------------------
+# Digests of files and folders
+# --------------------------------------------------------------------------------------
+
+
+def tree_files(path: str | Path) -> list[Path]:
+    """The files under a folder (sorted paths, any depth), or [path] for a file."""
+    path = Path(path)
+    return [path] if path.is_file() else sorted(p for p in path.rglob("*") if p.is_file())
+
+
+def file_digest(path: str | Path, algorithm: str = "md5") -> str:
+    """Hex digest of a file's bytes (read in chunks) with a hashlib algorithm."""
+    h = hashlib.new(algorithm, usedforsecurity=False)
+    with Path(path).open("rb") as fh:
+        while chunk := fh.read(_CHUNK):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def file_md5(path: str | Path) -> str:
+    """md5 of a file's bytes (DVC 3's `md5` for files)."""
+    return file_digest(path, "md5")
+
+
+def data_hash(path: str | Path) -> str:
+    """DVC's hash of a file or folder: md5, or for a folder md5 of its listing + `.dir`."""
+    p = Path(path)
+    if not p.is_dir():
+        return file_md5(p)
+    entries = [{"md5": file_md5(f), "relpath": f.relative_to(p).as_posix()} for f in tree_files(p)]
+    entries.sort(key=lambda e: e["relpath"])
+    listing = json.dumps(entries, sort_keys=True).encode("utf-8")
+    return hashlib.md5(listing, usedforsecurity=False).hexdigest() + ".dir"
+
+
+def content_digest(path: str | Path) -> str:
+    """sha256 of every file's name (not its folder) and bytes, in `tree_files` order."""
+    h = hashlib.sha256()
+    for f in tree_files(path):
+        h.update(f.name.encode())
+        h.update(f.read_bytes())
+    return h.hexdigest()
+
+
+def stat_digest(path: str | Path) -> str:
+    """Cheap identity of a folder: relative names, sizes and modification times of its files (16 hex)."""
+    path = Path(path)
+    h = hashlib.sha256()
+    for f in tree_files(path):
+        st = f.stat()
+        h.update(f"{f.relative_to(path).as_posix()}:{st.st_size}:{st.st_mtime_ns}\n".encode())
+    return h.hexdigest()[:16]

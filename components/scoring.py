@@ -62,7 +62,7 @@ from typing import Any
 from tqdm.auto import tqdm
 
 from components import prompts
-from components.backends.base import BackendError, Conversation, GenerationBackend
+from components.backends.base import BackendError, Conversation, GenerationBackend, step_seed
 from components.config import SamplingParams, ScoringParams
 from components.io import DataError, Journal
 from components.records import Solution, StepScores
@@ -95,12 +95,6 @@ def step_verdicts(step_rewards: Sequence[float | None], threshold: float) -> lis
     :func:`step_is_wrong`, still reads "no" here.
     """
     return [None if r is None else ("yes" if r >= threshold else "no") for r in step_rewards]
-
-
-def step_seed(seed: int, solution_id: str, step_index: int) -> int:
-    """Seed of one step's K analyses, from (sampling seed, solution id, step index)."""
-    digest = hashlib.sha256(f"{seed}{_SEP}{solution_id}{_SEP}{step_index}".encode()).digest()
-    return int.from_bytes(digest[:8], "big") % (2**31 - 1)
 
 
 def step_conversation(solution: Solution, step_index: int) -> Conversation:

@@ -60,7 +60,7 @@ from collections.abc import Callable, Mapping, Sequence
 from dataclasses import asdict, dataclass, field
 from typing import Any, Literal, Protocol
 
-from components.backends.base import Conversation, Generation, GenerationBackend
+from components.backends.base import Conversation, Generation, GenerationBackend, search_seed
 from components.config import SamplingParams
 from components.grading import last_boxed
 from components.records import STEP_SEPARATOR, assistant_prefix, join_steps
@@ -305,11 +305,6 @@ def path_solution_id(problem_id: str, path: Sequence[str]) -> str:
     candidate's analyses are seeded independently of the other candidates'."""
     digest = hashlib.sha256(json.dumps(list(path), ensure_ascii=False).encode()).hexdigest()[:16]
     return f"{problem_id}#guided:{digest}"
-
-
-def search_seed(seed: int, problem_id: str, iteration: int, beam: int) -> int:
-    """Seed of the proposals of one beam at one iteration (independent of batching)."""
-    return random.Random(f"{seed}:{problem_id}:{iteration}:{beam}").randrange(2**31 - 1)
 
 
 def is_final_step(text: str, generation: Generation) -> bool:

@@ -45,12 +45,12 @@ from pathlib import Path
 from typing import Any
 
 from components.config import Params
+from components.io import data_hash
 
 PARENT_RUN_ENV = "RPRM_PARENT_RUN_ID"
 UI_URL_ENV = "RPRM_MLFLOW_UI_URL"  # base URL of the MLflow UI in published links
 DEFAULT_UI_URL = "http://127.0.0.1:5000"  # `mlflow ui` on this machine
 PANDAS_DATASET_MAX_BYTES = 8 * 1024 * 1024  # larger JSONL inputs are logged as metadata only
-_CHUNK = 1024 * 1024
 ARTIFACTS_DIR = "mlartifacts"  # beside a local SQLite store: <store folder>/mlartifacts/<experiment>/
 ARTIFACT_ROOT_TAG = "rprm.artifact_root"  # experiment tag: the folder its artifact location was set under
 EXPERIMENT_KIND_TAG = "mlflow.experimentKind"
@@ -307,35 +307,6 @@ def git_dirty() -> bool | None:
     except Exception:
         return None
     return bool(out.strip())
-
-
-# --------------------------------------------------------------------------------------
-# Data hashes (as DVC computes them)
-# --------------------------------------------------------------------------------------
-
-
-def file_md5(path: str | Path) -> str:
-    """md5 of a file's bytes (DVC 3's `md5` for files)."""
-    h = hashlib.md5(usedforsecurity=False)
-    with Path(path).open("rb") as fh:
-        while chunk := fh.read(_CHUNK):
-            h.update(chunk)
-    return h.hexdigest()
-
-
-def data_hash(path: str | Path) -> str:
-    """DVC's hash of a file or folder: md5, or for a folder md5 of its listing + `.dir`."""
-    p = Path(path)
-    if not p.is_dir():
-        return file_md5(p)
-    entries = [
-        {"md5": file_md5(f), "relpath": f.relative_to(p).as_posix()}
-        for f in p.rglob("*")
-        if f.is_file()
-    ]
-    entries.sort(key=lambda e: e["relpath"])
-    listing = json.dumps(entries, sort_keys=True).encode("utf-8")
-    return hashlib.md5(listing, usedforsecurity=False).hexdigest() + ".dir"
 
 
 def _tag_path(path: Path) -> str:
