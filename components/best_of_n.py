@@ -671,14 +671,12 @@ def run(params: Params) -> dict[str, Any]:
         # wall-clock `seconds` go to MLflow only: the report files are a function of params and data
         write_json(paths.BON_REPORT, without_timings(report))
         write_json(paths.GUIDED_SEARCH_REPORT, without_timings(guided))
-        import mlflow
-
         tracking.log_report(_without(report, "mismatches"))  # metrics (lists stay in the JSON)
         tracking.log_report(_without(guided, "config"))
-        mlflow.log_text(json.dumps(report, indent=2, sort_keys=True), "bon.json")
-        mlflow.log_text(json.dumps(guided, indent=2, sort_keys=True), "guided_search.json")
+        tracking.log_json(report, "bon.json")
+        tracking.log_json(guided, "guided_search.json")
         tracking.log_table(choice_table, "bon_choices.json")
         tracking.log_table(guided_rows, "guided_search_choices.json")
-        mlflow.log_artifact(str(png), "plots")
-        mlflow.log_artifact(str(paths.BON_CURVE_CSV), "plots")
+        tracking.log_artifact(png, "plots")
+        tracking.log_artifact(paths.BON_CURVE_CSV, "plots")
     return report

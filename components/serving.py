@@ -26,6 +26,11 @@ Concurrent requests are combined: while one batch is being scored, the requests 
 wait, and the next scorer call takes all of them at once (one batched generation instead of
 many small ones). Rewards do not depend on this batching because sampling is seeded per
 solution and step.
+
+Besides components/tracking.py, this is the one module that imports MLflow, on purpose: it is the
+file MLflow loads at serving time (models from code), and what it uses is serving-side API: the
+PythonModel base class, the signature's schema types, MlflowException (answered as HTTP 400) and
+`mlflow.models.set_model`. Logging and the registry go through components/tracking.py.
 """
 
 from __future__ import annotations
