@@ -289,6 +289,16 @@ def prmbench_occurrences(items: Sequence[PRMBenchItem]) -> list[int]:
 # --------------------------------------------------------------------------------------
 
 
+def _line_key(obj: Any, field: str, path: Path, line: int) -> str:
+    """The string `field` of a line's JSON object; DataError naming file, line and field otherwise."""
+    if not isinstance(obj, dict):
+        raise DataError(path, line, None, f"expected a JSON object, got {type(obj).__name__}")
+    value = obj.get(field)
+    if not isinstance(value, str):
+        raise DataError(path, line, field, f"missing or non-string {field} ({value!r})")
+    return value
+
+
 def _check_scores(values: Any, n_steps: int, path: Path, line: int, field: str, who: str,
                   allow_null: bool) -> list[float | None]:
     if not isinstance(values, list):
@@ -331,11 +341,7 @@ def read_processbench_predictions(
     preds: dict[str, int] = {}
     lines: dict[str, int] = {}
     for line, obj in iter_json_lines(path):
-        if not isinstance(obj, dict):
-            raise DataError(path, line, None, f"expected a JSON object, got {type(obj).__name__}")
-        sid = obj.get("id")
-        if not isinstance(sid, str):
-            raise DataError(path, line, "id", f"missing or non-string id ({sid!r})")
+        sid = _line_key(obj, "id", path, line)
         who = f"id {sid!r}"
         item = by_id.get(sid)
         if item is None:
@@ -455,11 +461,7 @@ def read_prmbench_results(
     invalid = correct_ignored = 0
     sources: Counter[str] = Counter()
     for line, obj in iter_json_lines(path):
-        if not isinstance(obj, dict):
-            raise DataError(path, line, None, f"expected a JSON object, got {type(obj).__name__}")
-        idx = obj.get("idx")
-        if not isinstance(idx, str):
-            raise DataError(path, line, "idx", f"missing or non-string idx ({idx!r})")
+        idx = _line_key(obj, "idx", path, line)
         key = idx
         if key not in first:
             cls = next((c for c in PRMBENCH_CLASSES if key.startswith(c + "_" + c + "_")), None)

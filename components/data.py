@@ -28,7 +28,14 @@ from pydantic import BaseModel, ConfigDict, Field
 from tqdm import tqdm
 
 from components.config import DataParams
-from components.io import DataError, iter_json_lines, parse_record, read_json, read_jsonl
+from components.io import (
+    DataError,
+    iter_json_lines,
+    parse_record,
+    read_json,
+    read_jsonl,
+    unique_records,
+)
 from components.paths import PRMBENCH_FILE, PROCESSBENCH_IDS_FILE
 from components.records import (
     PRMBENCH_CLASSES,
@@ -400,16 +407,10 @@ def load_processbench(
         label, rows = _rows(
             data, source, f"processbench/{subset}.jsonl", hub_name=data.hub_processbench, hub_split=subset
         )
-        items: list[ProcessBenchItem] = []
-        seen: dict[str, int] = {}
-        for line, obj in rows:
-            item = parse_processbench_row(obj, label, line, subset)
-            if item.id in seen:
-                raise DataError(label, line, "id", f"duplicate id {item.id!r} (first on line {seen[item.id]})")
-            seen[item.id] = line
-            items.append(item)
-        if not items:
-            raise DataError(label, None, None, "no records")
+        items = unique_records(rows, lambda obj, line, label=label, subset=subset:
+                               parse_processbench_row(obj, label, line, subset),
+                               label, key=lambda it: it.id)
+        seen = {it.id for it in items}
         if wanted is not None:
             ids = wanted.get(subset)
             if ids is None:
@@ -575,17 +576,8 @@ def load_bon_testset(data: DataParams, name: str, *, source: Source | None = Non
         raise DataError(f"bon/testsets/{name}", None, "name", f"unknown test set (one of {sorted(BON_TESTSETS)})")
     path = _bon_root(data, source) / "testsets" / BON_TESTSETS[name]
     label = str(path)
-    out: list[BonProblem] = []
-    seen: dict[str, int] = {}
-    for line, obj in iter_json_lines(path):
-        prob = parse_bon_row(obj, label, line, name)
-        if prob.id in seen:
-            raise DataError(label, line, "id", f"duplicate id {prob.id!r} (first on line {seen[prob.id]})")
-        seen[prob.id] = line
-        out.append(prob)
-    if not out:
-        raise DataError(label, None, None, "no records")
-    return out
+    return unique_records(iter_json_lines(path), lambda obj, line: parse_bon_row(obj, label, line, name),
+                          label, key=lambda p: p.id)
 
 
 def _candidate(raw: Any, label: str, line: int, where: str) -> Candidate:

@@ -25,6 +25,7 @@ from typing import Any, TypeVar
 from pydantic import BaseModel, ValidationError
 
 T = TypeVar("T", bound=BaseModel)
+R = TypeVar("R")
 _CHUNK = 1024 * 1024
 
 
@@ -106,6 +107,31 @@ def parse_record(
         raise DataError(path, line, field, msg) from None
 
 
+def unique_records(
+    rows: Iterable[tuple[int, Any]],
+    parse: Callable[[Any, int], R],
+    label: str | Path,
+    *,
+    key: Callable[[R], Any] | None = None,
+    allow_empty: bool = False,
+) -> list[R]:
+    """Parse (line, object) rows in order; with `key`, a repeated key is a DataError naming both
+    lines (field `id`), and no row at all is one unless `allow_empty`."""
+    out: list[R] = []
+    seen: dict[Any, int] = {}
+    for lineno, obj in rows:
+        rec = parse(obj, lineno)
+        if key is not None:
+            k = key(rec)
+            if k in seen:
+                raise DataError(label, lineno, "id", f"duplicate id {k!r} (first on line {seen[k]})")
+            seen[k] = lineno
+        out.append(rec)
+    if not out and not allow_empty:
+        raise DataError(label, None, None, "no records")
+    return out
+
+
 def read_jsonl(
     path: str | Path,
     model: type[T],
@@ -114,19 +140,8 @@ def read_jsonl(
     allow_empty: bool = False,
 ) -> list[T]:
     """Read and validate a whole JSONL file; with `key`, duplicate keys are an error."""
-    out: list[T] = []
-    seen: dict[Any, int] = {}
-    for lineno, obj in iter_json_lines(path):
-        rec = parse_record(model, obj, path, lineno)
-        if key is not None:
-            k = key(rec)
-            if k in seen:
-                raise DataError(path, lineno, "id", f"duplicate id {k!r} (first on line {seen[k]})")
-            seen[k] = lineno
-        out.append(rec)
-    if not out and not allow_empty:
-        raise DataError(path, None, None, "no records")
-    return out
+    return unique_records(iter_json_lines(path), lambda obj, lineno: parse_record(model, obj, path, lineno),
+                          path, key=key, allow_empty=allow_empty)
 
 
 def read_json(path: str | Path) -> Any:
@@ -142,6 +157,14 @@ def read_json(path: str | Path) -> Any:
         raise DataError(path, None, None, f"not valid UTF-8 ({err.reason})") from None
     except json.JSONDecodeError as err:
         raise DataError(path, err.lineno, None, f"invalid JSON: {err.msg}") from None
+
+
+def read_json_object(path: str | Path) -> dict[str, Any]:
+    """Read a JSON document that must be an object (a report); DataError as `read_json` otherwise."""
+    obj = read_json(path)
+    if not isinstance(obj, dict):
+        raise DataError(path, None, None, "expected a JSON object")
+    return obj
 
 
 def current_umask() -> int:

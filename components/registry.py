@@ -25,7 +25,6 @@ used.
 
 from __future__ import annotations
 
-import json
 import logging
 import math
 import warnings
@@ -37,7 +36,7 @@ from typing import Any
 import components
 from components import paths, serving, tracking
 from components.config import Params
-from components.io import DataError, StageRefused, data_hash, write_json
+from components.io import DataError, StageRefused, data_hash, read_json_object, write_json
 
 log = logging.getLogger(__name__)
 
@@ -66,13 +65,7 @@ SERVING_REQUIREMENTS = (
 def _read_report(path: Path) -> dict[str, Any]:
     if not path.exists():
         raise DataError(path, None, None, "report not found; run the evaluate stage first")
-    try:
-        obj = json.loads(path.read_text(encoding="utf-8"))
-    except json.JSONDecodeError as err:
-        raise DataError(path, err.lineno, None, f"invalid JSON: {err.msg}") from None
-    if not isinstance(obj, dict):
-        raise DataError(path, None, None, "expected a JSON object")
-    return obj
+    return read_json_object(path)
 
 
 def _number(value: Any) -> float | None:

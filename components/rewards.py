@@ -47,7 +47,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 from components.config import Params, ScoringParams
-from components.io import DataError, iter_json_lines, write_jsonl
+from components.io import DataError, iter_json_lines, unique_records, write_jsonl
 from components.records import Solution, split_steps
 from components.scoring import first_wrong_step, step_verdicts
 from components.search import AGGREGATIONS, aggregate
@@ -115,17 +115,9 @@ def parse_solution_row(obj: Any, label: str, line: int, max_steps: int, max_char
 
 def read_solutions(path: str | Path, max_steps: int, max_chars: int) -> list[Solution]:
     """Every row of a solutions file, validated (ids unique); DataError at the first bad row."""
-    out: list[Solution] = []
-    seen: dict[str, int] = {}
-    for line, obj in iter_json_lines(path):
-        sol = parse_solution_row(obj, str(path), line, max_steps, max_chars)
-        if sol.id in seen:
-            raise DataError(path, line, "id", f"duplicate id {sol.id!r} (first on line {seen[sol.id]})")
-        seen[sol.id] = line
-        out.append(sol)
-    if not out:
-        raise DataError(path, None, None, "no records")
-    return out
+    return unique_records(iter_json_lines(path),
+                          lambda obj, line: parse_solution_row(obj, str(path), line, max_steps, max_chars),
+                          path, key=lambda s: s.id)
 
 
 def aggregate_scores(step_rewards: Sequence[float | None]) -> dict[str, float | None]:
