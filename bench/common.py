@@ -14,32 +14,14 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from components.backends.base import Generation, row_seed
+from components.backends.base import Generation
 from components.config import DataParams, SamplingParams
-from components.records import ProcessBenchItem, Solution
+from components.records import PROCESSBENCH_SUBSETS, ProcessBenchItem, Solution
 
 ROOT = Path(__file__).resolve().parents[1]
 BUNDLED = ROOT / "data" / "bundled"
 SHARED = (ROOT / ".." / "shared" / "data").resolve()
 RESULTS = ROOT / "bench" / "results"
-SUBSETS = ("gsm8k", "math", "olympiadbench", "omnimath")
-# Modulus and multiplier of `row_seed` (components/backends/base.py): row_seed(s, j) =
-# (s * A + j * B + C) mod M. The naive baseline asks for ONE sample per call, i.e. stream
-# row_seed(s', 0); choosing s' = s + j * B * A^-1 (mod M) makes that the stream of sample j.
-_ROW_MOD = 2**63 - 1
-_ROW_MUL = 1_000_003
-_ROW_STEP = 7_919
-
-
-def single_sample_seed(seed: int, index: int) -> int:
-    """The seed s' whose sample 0 is sample `index` of `seed`: row_seed(s', 0) == row_seed(seed, index)."""
-    inv = pow(_ROW_MUL, -1, _ROW_MOD)
-    s = (seed + index * _ROW_STEP * inv) % _ROW_MOD
-    if row_seed(s, 0) != row_seed(seed, index):
-        raise AssertionError(
-            "components.backends.base.row_seed changed; update bench/common.py single_sample_seed"
-        )
-    return s
 
 
 # --------------------------------------------------------------------------------------
@@ -331,7 +313,9 @@ def to_solution(item: ProcessBenchItem) -> Solution:
     )
 
 
-def load_processbench(folder: str | Path, subsets: Sequence[str] = SUBSETS) -> list[ProcessBenchItem]:
+def load_processbench(
+    folder: str | Path, subsets: Sequence[str] = PROCESSBENCH_SUBSETS
+) -> list[ProcessBenchItem]:
     """Every ProcessBench item of `subsets` in `folder` (laid out like data/bundled), validated."""
     from components import data
 

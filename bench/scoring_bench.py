@@ -26,20 +26,18 @@ from bench.common import (
     measure_memory,
     median,
     ratio,
-    single_sample_seed,
     timed,
 )
 from components import prompts
-from components.backends.base import Generation, row_seed
+from components.backends.base import Generation, row_seed, single_sample_seed, step_seed
 from components.config import ScoringParams
 from components.records import Solution
 from components.scoring import (
-    NEUTRAL_REWARD,
     StepScorer,
     _fallback_prefix,
+    mean_reward,
     sampled_verdict_value,
     step_conversation,
-    step_seed,
 )
 
 
@@ -104,7 +102,7 @@ def naive_score(backend: Any, solutions: Sequence[Solution], scoring: ScoringPar
                 vals.append(float(p) if p is not None else sampled_verdict_value(gen.text))
             sol_values.append(vals)
         all_values.append(sol_values)
-        all_rewards.append([_mean(v) for v in sol_values])
+        all_rewards.append([mean_reward(v) for v in sol_values])
     return NaiveResult(all_values, all_rewards)
 
 
@@ -127,7 +125,7 @@ def all_steps_at_once(backend: Any, solutions: Sequence[Solution], scoring: Scor
     rewards: list[list[float]] = []
     it = iter(values)
     for sol in solutions:
-        rewards.append([_mean(next(it)) for _ in sol.steps])
+        rewards.append([mean_reward(next(it)) for _ in sol.steps])
     return rewards
 
 
@@ -153,11 +151,6 @@ def _summary(runs: Sequence[Timing], n_steps: int) -> dict[str, Any]:
         "steps_per_s_spread": [round(n_steps / max(walls), 3), round(n_steps / min(walls), 3)],
         "steps_per_cpu_s": round(n_steps / med_cpu, 3) if med_cpu else None,
     }
-
-
-def _mean(values: Sequence[float | None]) -> float:
-    kept = [v for v in values if v is not None]
-    return sum(kept) / len(kept) if kept else NEUTRAL_REWARD
 
 
 def _max_abs_diff(a: Sequence[Sequence[float | None]], b: Sequence[Sequence[float | None]]) -> float:

@@ -51,6 +51,8 @@ from components.records import (
     PRM800KSolution,
     PRM800KStep,
     ProcessBenchItem,
+    assistant_prefix,
+    split_steps,
 )
 
 SUBSET = "arithmetic"
@@ -293,7 +295,7 @@ def bon_pools(params: ArithmeticDomainParams, bon: Sequence[Problem]) -> list[Ca
             steps: list[str] = []
             for i in range(len(p.ops) + 1):
                 seed = row_seed(params.seed, hash_id(f"{p.id}:{j}:{i}"))
-                prefix = "\n\n".join(steps) + "\n\n" if steps else ""
+                prefix = assistant_prefix(steps)
                 gen = policy.generate([[{"role": "user", "content": p.question}]], one, seeds=[seed],
                                       assistant_prefixes=[prefix])[0][0]
                 steps.append(gen.text)
@@ -365,7 +367,7 @@ class ArithmeticPolicy:
         for i, conv in enumerate(conversations):
             problem = self._problem(conv)
             prefix = assistant_prefixes[i] if assistant_prefixes else ""
-            done = [s.strip() for s in prefix.split("\n\n") if s.strip()]
+            done = split_steps(prefix)
             value = problem.start
             if done:
                 claimed = _NUMBER.findall(done[-1])

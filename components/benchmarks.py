@@ -1,7 +1,8 @@
 """ProcessBench and PRMBench metrics (docs/method.md §10) and the scoring commands.
 
 Pure metric functions first, then readers that validate a predictions / results file against a
-benchmark, then the two CLI entry points (`rprm score-processbench`, `rprm score-prmbench`).
+benchmark (loaded by `components.data`), then the two CLI entry points (`rprm score-processbench`,
+`rprm score-prmbench`).
 
 ProcessBench (QwenLM/ProcessBench `run_eval.py`): per subset, `acc_erroneous` =
 100 x share of samples with label != -1 whose predicted first error equals the label,
@@ -49,17 +50,18 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
 
-from components.io import DataError, iter_json_lines, read_jsonl, write_json
-from components.records import PRMBenchItem, ProcessBenchItem
+from components.data import load_prmbench_file, load_processbench_file
+from components.io import DataError, iter_json_lines, write_json
+from components.records import (
+    PRMBENCH_CLASSES,
+    PRMBENCH_GROUPS,
+    PROCESSBENCH_SUBSETS,
+    PRMBenchItem,
+    ProcessBenchItem,
+    processbench_subset,
+)
+from components.scoring import step_is_wrong
 
-PROCESSBENCH_SUBSETS: tuple[str, ...] = ("gsm8k", "math", "olympiadbench", "omnimath")
-
-PRMBENCH_GROUPS: dict[str, tuple[str, ...]] = {
-    "simplicity": ("redundency", "circular"),
-    "soundness": ("counterfactual", "step_contradiction", "domain_inconsistency", "confidence"),
-    "sensitivity": ("missing_condition", "deception", "multi_solutions"),
-}
-PRMBENCH_CLASSES: tuple[str, ...] = tuple(c for cs in PRMBENCH_GROUPS.values() for c in cs)
 POSITIVE_F1_ONLY = frozenset({"multi_solutions"})
 REDUNDANCY_CLASSES = frozenset({"redundency", "circular"})
 
@@ -82,7 +84,7 @@ def predict_first_error(step_rewards: Sequence[float | None], threshold: float) 
     for i, r in enumerate(step_rewards):
         if r is None:
             raise ValueError(f"step {i} was not scored and no earlier step is below {threshold}")
-        if r < threshold:
+        if step_is_wrong(r, threshold):
             return i
     return -1
 
@@ -146,13 +148,6 @@ def processbench_metrics(
         "avg_over": defined,
         "n": sum(r["n"] for r in report.values()),
     }
-
-
-def processbench_subset(item: ProcessBenchItem) -> str:
-    """The subset of a ProcessBench solution: its `subset` field, else its id prefix (`gsm8k-0`)."""
-    if item.subset:
-        return item.subset
-    return item.id.rsplit("-", 1)[0] if "-" in item.id else ""
 
 
 # --------------------------------------------------------------------------------------
@@ -290,51 +285,18 @@ def prmbench_occurrences(items: Sequence[PRMBenchItem]) -> list[int]:
 
 
 # --------------------------------------------------------------------------------------
-# Benchmark readers
-# --------------------------------------------------------------------------------------
-
-
-def load_processbench(path: str | Path) -> list[ProcessBenchItem]:
-    """ProcessBench solutions from a folder of `<subset>.jsonl` files or one JSONL file.
-
-    Each item's `subset` is set (from the file name in a folder, else from the item's own
-    `subset` field or its id prefix). Duplicate ids are an error.
-    """
-    path = Path(path)
-    items: list[ProcessBenchItem] = []
-    if path.is_dir():
-        files = [path / f"{s}.jsonl" for s in PROCESSBENCH_SUBSETS if (path / f"{s}.jsonl").exists()]
-        if not files:
-            raise DataError(path, None, None, f"no ProcessBench subset files ({', '.join(PROCESSBENCH_SUBSETS)}).jsonl")
-        for f in files:
-            for item in read_jsonl(f, ProcessBenchItem, key=lambda r: r.id):
-                items.append(item.model_copy(update={"subset": item.subset or f.stem}))
-    else:
-        for item in read_jsonl(path, ProcessBenchItem, key=lambda r: r.id):
-            items.append(item.model_copy(update={"subset": processbench_subset(item)}))
-    seen: set[str] = set()
-    for item in items:
-        if item.id in seen:
-            raise DataError(path, None, "id", f"duplicate id {item.id!r} across subset files")
-        seen.add(item.id)
-    return items
-
-
-def load_prmbench(path: str | Path) -> list[PRMBenchItem]:
-    """PRMBench items from a JSONL file (or a folder holding `prmbench_preview.jsonl`), in order.
-
-    `position` is set to the item's 0-based position in the file, so (idx, position) is unique.
-    """
-    path = Path(path)
-    if path.is_dir():
-        path = path / "prmbench_preview.jsonl"
-    items = read_jsonl(path, PRMBenchItem)
-    return [it.model_copy(update={"position": i}) for i, it in enumerate(items)]
-
-
-# --------------------------------------------------------------------------------------
 # Predictions / results files (any PRM)
 # --------------------------------------------------------------------------------------
+
+
+def _line_key(obj: Any, field: str, path: Path, line: int) -> str:
+    """The string `field` of a line's JSON object; DataError naming file, line and field otherwise."""
+    if not isinstance(obj, dict):
+        raise DataError(path, line, None, f"expected a JSON object, got {type(obj).__name__}")
+    value = obj.get(field)
+    if not isinstance(value, str):
+        raise DataError(path, line, field, f"missing or non-string {field} ({value!r})")
+    return value
 
 
 def _check_scores(values: Any, n_steps: int, path: Path, line: int, field: str, who: str,
@@ -379,11 +341,7 @@ def read_processbench_predictions(
     preds: dict[str, int] = {}
     lines: dict[str, int] = {}
     for line, obj in iter_json_lines(path):
-        if not isinstance(obj, dict):
-            raise DataError(path, line, None, f"expected a JSON object, got {type(obj).__name__}")
-        sid = obj.get("id")
-        if not isinstance(sid, str):
-            raise DataError(path, line, "id", f"missing or non-string id ({sid!r})")
+        sid = _line_key(obj, "id", path, line)
         who = f"id {sid!r}"
         item = by_id.get(sid)
         if item is None:
@@ -503,11 +461,7 @@ def read_prmbench_results(
     invalid = correct_ignored = 0
     sources: Counter[str] = Counter()
     for line, obj in iter_json_lines(path):
-        if not isinstance(obj, dict):
-            raise DataError(path, line, None, f"expected a JSON object, got {type(obj).__name__}")
-        idx = obj.get("idx")
-        if not isinstance(idx, str):
-            raise DataError(path, line, "idx", f"missing or non-string idx ({idx!r})")
+        idx = _line_key(obj, "idx", path, line)
         key = idx
         if key not in first:
             cls = next((c for c in PRMBENCH_CLASSES if key.startswith(c + "_" + c + "_")), None)
@@ -616,7 +570,7 @@ def cli_score_processbench(predictions: Path, benchmark: Path, threshold: float,
         raise DataError(predictions, None, None, f"mode must be one of {SCORE_MODES}, got {mode!r}")
     if not 0.0 <= threshold <= 1.0:
         raise DataError(predictions, None, None, f"threshold must be in [0, 1], got {threshold}")
-    items = load_processbench(benchmark)
+    items = load_processbench_file(benchmark)
     sources: Counter[str] = Counter()
     preds = read_processbench_predictions(predictions, items, threshold, mode, sources)
     report = processbench_metrics((processbench_subset(it), it.label, preds[it.id]) for it in items)
@@ -645,7 +599,7 @@ def cli_score_prmbench(results: Path, benchmark: Path, threshold: float, out: Pa
         raise DataError(results, None, None, f"threshold must be in [0, 1], got {threshold}")
     if comparison not in (">=", ">"):
         raise DataError(results, None, None, f"comparison must be '>=' or '>', got {comparison!r}")
-    items = load_prmbench(benchmark)
+    items = load_prmbench_file(benchmark)
     res = read_prmbench_results(results, items, threshold, comparison, mode)
     report = prmbench_metrics(res.rows)
     report.update(

@@ -40,7 +40,6 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
-import random
 import time
 from collections import Counter
 from collections.abc import Callable, Sequence
@@ -51,15 +50,22 @@ from typing import Any
 from tqdm.auto import tqdm
 
 from components import arithmetic, paths, search
-from components.backends.base import GenerationBackend
+from components.backends.base import GenerationBackend, problem_seed
 from components.config import BestOfNParams, Params, SamplingParams
-from components.data import CANDIDATE_POOLS, load_bon_testset, load_candidate_pool, split_steps
+from components.data import CANDIDATE_POOLS, load_bon_testset, load_candidate_pool
 from components.grading import EXTRACTIONS, OUTCOMES, Grade, Grader, reference_answers
 from components.io import DataError, Journal, read_jsonl, write_json
-from components.records import BonProblem, Candidate, CandidatePool, Solution
+from components.records import (
+    BonProblem,
+    Candidate,
+    CandidatePool,
+    Solution,
+    join_steps,
+    split_steps,
+)
 from components.scoring import (
-    NEUTRAL_REWARD,
     StepScorer,
+    mean_reward,
     scoring_settings,
 )
 
@@ -112,11 +118,6 @@ class GradedProblem:
         )
 
 
-def candidate_text(steps: Sequence[str]) -> str:
-    """A candidate's solution text: steps joined by a blank line (how they were split)."""
-    return "\n\n".join(steps)
-
-
 def grade_pool(
     problem: BonProblem, pool: CandidatePool, grader: Grader, n: int | None = None
 ) -> GradedProblem:
@@ -125,7 +126,7 @@ def grade_pool(
     graded = []
     for i, cand in enumerate(pool.candidates[:n]):
         steps = [s for s in cand.steps if s.strip()]
-        text = candidate_text(steps) if steps else (cand.response or "")
+        text = join_steps(steps) if steps else (cand.response or "")
         graded.append(
             GradedCandidate(
                 index=i,
@@ -215,10 +216,6 @@ def _settings_hash(settings: dict[str, Any]) -> str:
     return hashlib.sha256(json.dumps(settings, sort_keys=True).encode()).hexdigest()[:12]
 
 
-def _problem_seed(seed: int, problem_id: str) -> int:
-    return random.Random(f"{seed}:{problem_id}").randrange(2**31 - 1)
-
-
 def generate_pools(
     problems: Sequence[BonProblem],
     policy: Callable[[], GenerationBackend],
@@ -250,7 +247,7 @@ def generate_pools(
             outputs = policy().generate(
                 [search.policy_messages(p.problem) for p in batch],
                 sampling,
-                seeds=[_problem_seed(bp.seed, p.id) for p in batch],
+                seeds=[problem_seed(bp.seed, p.id) for p in batch],
             )
             for prob, gens in zip(batch, outputs, strict=True):
                 journal.append(
@@ -338,8 +335,7 @@ class ScorerRewarder:
         values = [vals for vals, _ in analysed]
         rewards = {}
         for key, vals in zip(unique, values, strict=True):
-            kept = [v for v in vals if v is not None]
-            rewards[key] = sum(kept) / len(kept) if kept else NEUTRAL_REWARD
+            rewards[key] = mean_reward(vals)
         return [rewards[k] for k in keys]
 
 
@@ -675,14 +671,12 @@ def run(params: Params) -> dict[str, Any]:
         # wall-clock `seconds` go to MLflow only: the report files are a function of params and data
         write_json(paths.BON_REPORT, without_timings(report))
         write_json(paths.GUIDED_SEARCH_REPORT, without_timings(guided))
-        import mlflow
-
         tracking.log_report(_without(report, "mismatches"))  # metrics (lists stay in the JSON)
         tracking.log_report(_without(guided, "config"))
-        mlflow.log_text(json.dumps(report, indent=2, sort_keys=True), "bon.json")
-        mlflow.log_text(json.dumps(guided, indent=2, sort_keys=True), "guided_search.json")
+        tracking.log_json(report, "bon.json")
+        tracking.log_json(guided, "guided_search.json")
         tracking.log_table(choice_table, "bon_choices.json")
         tracking.log_table(guided_rows, "guided_search_choices.json")
-        mlflow.log_artifact(str(png), "plots")
-        mlflow.log_artifact(str(paths.BON_CURVE_CSV), "plots")
+        tracking.log_artifact(png, "plots")
+        tracking.log_artifact(paths.BON_CURVE_CSV, "plots")
     return report

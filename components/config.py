@@ -27,6 +27,8 @@ from typing import Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
+from components.records import PROCESSBENCH_SUBSETS, ProcessBenchSubset
+
 
 class ParamsError(ValueError):
     """Raised when a params file is unreadable or does not match the schema."""
@@ -427,8 +429,8 @@ class DPOParams(TrainParams):
 
 
 class ProcessBenchParams(Section):
-    subsets: list[Literal["gsm8k", "math", "olympiadbench", "omnimath"]] = Field(
-        default_factory=lambda: ["gsm8k", "math", "olympiadbench", "omnimath"],
+    subsets: list[ProcessBenchSubset] = Field(
+        default_factory=lambda: list(PROCESSBENCH_SUBSETS),
         description="ProcessBench subsets evaluated (the F1 average is over these).",
     )
     max_per_subset: int | None = Field(5, ge=1, description="Cap per subset (null: all).")

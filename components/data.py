@@ -28,8 +28,18 @@ from pydantic import BaseModel, ConfigDict, Field
 from tqdm import tqdm
 
 from components.config import DataParams
-from components.io import DataError, iter_json_lines, parse_record, read_json
+from components.io import (
+    DataError,
+    iter_json_lines,
+    parse_record,
+    read_json,
+    read_jsonl,
+    unique_records,
+)
+from components.paths import PRMBENCH_FILE, PROCESSBENCH_IDS_FILE
 from components.records import (
+    PRMBENCH_CLASSES,
+    PROCESSBENCH_SUBSETS,
     BonProblem,
     Candidate,
     CandidatePool,
@@ -38,24 +48,12 @@ from components.records import (
     PRM800KStep,
     PRMBenchItem,
     ProcessBenchItem,
+    processbench_subset,
+    split_steps,
 )
 
 Source = Literal["bundled", "dir", "hub"]
 
-PROCESSBENCH_SUBSETS: tuple[str, ...] = ("gsm8k", "math", "olympiadbench", "omnimath")
-PROCESSBENCH_IDS_FILE = "processbench/rprm_part_subset_ids.json"
-PRMBENCH_FILE = "prmbench/prmbench_preview.jsonl"
-PRMBENCH_CLASSES: tuple[str, ...] = (
-    "redundency",
-    "circular",
-    "counterfactual",
-    "step_contradiction",
-    "domain_inconsistency",
-    "confidence",
-    "missing_condition",
-    "deception",
-    "multi_solutions",
-)
 # Best-of-N test set name -> file under bon/testsets/ (the names best_of_n.datasets uses).
 BON_TESTSETS: dict[str, str] = {
     "aime24": "aime24.jsonl",
@@ -72,7 +70,6 @@ CANDIDATE_POOLS: dict[str, tuple[str, str]] = {
     "olympiadbench": ("olympiadbench_200.qwen2.5-7b-instruct.t1.n8.jsonl", "olympiadbench"),
     "math_cot_100": ("qwen25math_eval_rm_maj_example.math_cot_100.jsonl", "math"),
 }
-STEP_SEPARATOR = "\n\n"  # how unsplit responses are cut into steps (docs/method.md §3)
 
 
 # --------------------------------------------------------------------------------------
@@ -88,11 +85,6 @@ def normalize_problem(text: str) -> str:
 def problem_id(text: str) -> str:
     """Stable id of a problem: the same normalised text in any file gives the same id."""
     return hashlib.sha1(normalize_problem(text).encode("utf-8")).hexdigest()[:16]
-
-
-def split_steps(response: str) -> list[str]:
-    """Cut an unsplit solution into steps on blank lines, dropping empty pieces."""
-    return [part.strip() for part in response.split(STEP_SEPARATOR) if part.strip()]
 
 
 # --------------------------------------------------------------------------------------
@@ -415,16 +407,10 @@ def load_processbench(
         label, rows = _rows(
             data, source, f"processbench/{subset}.jsonl", hub_name=data.hub_processbench, hub_split=subset
         )
-        items: list[ProcessBenchItem] = []
-        seen: dict[str, int] = {}
-        for line, obj in rows:
-            item = parse_processbench_row(obj, label, line, subset)
-            if item.id in seen:
-                raise DataError(label, line, "id", f"duplicate id {item.id!r} (first on line {seen[item.id]})")
-            seen[item.id] = line
-            items.append(item)
-        if not items:
-            raise DataError(label, None, None, "no records")
+        items = unique_records(rows, lambda obj, line, label=label, subset=subset:
+                               parse_processbench_row(obj, label, line, subset),
+                               label, key=lambda it: it.id)
+        seen = {it.id for it in items}
         if wanted is not None:
             ids = wanted.get(subset)
             if ids is None:
@@ -436,6 +422,33 @@ def load_processbench(
             items = [it for it in items if it.id in keep]
         out.extend(balanced_head(items, limit) if limit is not None else items)
     return out
+
+
+def load_processbench_file(path: str | Path) -> list[ProcessBenchItem]:
+    """ProcessBench solutions (record format) from a folder of `<subset>.jsonl` files or one JSONL file.
+
+    Each item's `subset` is set (from the file name in a folder, else from the item's own
+    `subset` field or its id prefix). Duplicate ids are an error. What `rprm score-processbench`
+    scores against.
+    """
+    path = Path(path)
+    items: list[ProcessBenchItem] = []
+    if path.is_dir():
+        files = [path / f"{s}.jsonl" for s in PROCESSBENCH_SUBSETS if (path / f"{s}.jsonl").exists()]
+        if not files:
+            raise DataError(path, None, None, f"no ProcessBench subset files ({', '.join(PROCESSBENCH_SUBSETS)}).jsonl")
+        for f in files:
+            for item in read_jsonl(f, ProcessBenchItem, key=lambda r: r.id):
+                items.append(item.model_copy(update={"subset": item.subset or f.stem}))
+    else:
+        for item in read_jsonl(path, ProcessBenchItem, key=lambda r: r.id):
+            items.append(item.model_copy(update={"subset": processbench_subset(item)}))
+    seen: set[str] = set()
+    for item in items:
+        if item.id in seen:
+            raise DataError(path, None, "id", f"duplicate id {item.id!r} across subset files")
+        seen.add(item.id)
+    return items
 
 
 # --------------------------------------------------------------------------------------
@@ -491,6 +504,19 @@ def load_prmbench(
     if not items:
         raise DataError(label, None, None, "no records")
     return spread_across_classes(items, limit) if limit is not None else items
+
+
+def load_prmbench_file(path: str | Path) -> list[PRMBenchItem]:
+    """PRMBench items (record format) from a JSONL file (or a folder holding `prmbench_preview.jsonl`), in order.
+
+    `position` is set to the item's 0-based position in the file, so (idx, position) is unique.
+    What `rprm score-prmbench` scores against.
+    """
+    path = Path(path)
+    if path.is_dir():
+        path = path / Path(PRMBENCH_FILE).name
+    items = read_jsonl(path, PRMBenchItem)
+    return [it.model_copy(update={"position": i}) for i, it in enumerate(items)]
 
 
 # --------------------------------------------------------------------------------------
@@ -550,17 +576,8 @@ def load_bon_testset(data: DataParams, name: str, *, source: Source | None = Non
         raise DataError(f"bon/testsets/{name}", None, "name", f"unknown test set (one of {sorted(BON_TESTSETS)})")
     path = _bon_root(data, source) / "testsets" / BON_TESTSETS[name]
     label = str(path)
-    out: list[BonProblem] = []
-    seen: dict[str, int] = {}
-    for line, obj in iter_json_lines(path):
-        prob = parse_bon_row(obj, label, line, name)
-        if prob.id in seen:
-            raise DataError(label, line, "id", f"duplicate id {prob.id!r} (first on line {seen[prob.id]})")
-        seen[prob.id] = line
-        out.append(prob)
-    if not out:
-        raise DataError(label, None, None, "no records")
-    return out
+    return unique_records(iter_json_lines(path), lambda obj, line: parse_bon_row(obj, label, line, name),
+                          label, key=lambda p: p.id)
 
 
 def _candidate(raw: Any, label: str, line: int, where: str) -> Candidate:

@@ -54,8 +54,8 @@ from rich.console import Console
 
 from components import benchmarks, paths, plots
 from components.config import Params, ScoringParams
-from components.io import DataError, read_jsonl, write_json, write_jsonl
-from components.records import PRMBenchItem, ProcessBenchItem, Solution
+from components.io import DataError, read_jsonl, stat_digest, write_json, write_jsonl
+from components.records import PRMBenchItem, ProcessBenchItem, Solution, processbench_subset
 from components.scoring import ScoredSolution, StepScorer, scoring_fingerprint
 
 console = Console(stderr=True)
@@ -124,20 +124,11 @@ def resolve_model(name: str) -> tuple[Path, str]:
     raise DataError(path, None, None, f"model {name!r} not found (and no base model): run the pipeline first")
 
 
-def model_fingerprint(path: Path) -> str:
-    """Identity of a model folder: names, sizes and modification times of its files."""
-    h = hashlib.sha256()
-    for f in sorted(p for p in path.rglob("*") if p.is_file()):
-        st = f.stat()
-        h.update(f"{f.relative_to(path).as_posix()}:{st.st_size}:{st.st_mtime_ns}\n".encode())
-    return h.hexdigest()[:16]
-
-
 def processbench_solutions(items: Sequence[ProcessBenchItem]) -> list[Solution]:
     """ProcessBench items as Solutions (gold first error and subset kept)."""
     return [
         Solution(id=it.id, question=it.problem, steps=it.steps, first_error=it.label,
-                 subset=benchmarks.processbench_subset(it))
+                 subset=processbench_subset(it))
         for it in items
     ]
 
@@ -186,7 +177,7 @@ def processbench_at(items: Sequence[ProcessBenchItem], scored: Sequence[ScoredSo
         pred = s.first_error(threshold, k)
         if pred is None:
             raise RuntimeError(f"{it.id}: prediction at k={k}, threshold={threshold} not determined")
-        rows.append((benchmarks.processbench_subset(it), it.label, pred))
+        rows.append((processbench_subset(it), it.label, pred))
     return benchmarks.processbench_metrics(rows, subsets)
 
 
@@ -271,7 +262,7 @@ def _prediction_rows(model: str, pb_items: Sequence[ProcessBenchItem], pb_scored
     for it, s in zip(pb_items, pb_scored, strict=True):
         pred = s.first_error(plan.threshold, plan.k)
         rows.append({
-            "model": model, "benchmark": "processbench", "id": it.id, "group": benchmarks.processbench_subset(it),
+            "model": model, "benchmark": "processbench", "id": it.id, "group": processbench_subset(it),
             "label": str(it.label), "prediction": str(pred), "correct": pred == it.label,
             "steps": s.n_steps, "steps_scored": len(s.values), "generations": s.generations(),
             "fallbacks": s.fallbacks(),
@@ -303,7 +294,7 @@ def _evaluate_model(params: Params, name: str, plan: SweepPlan, pb_items: list[P
                       f"({path}) in its place[/yellow]")
     scoring = sampling_scoring(params, plan)
     prmb_scoring = sampling_scoring(params, plan, "prmbench")
-    tag = f"{evaluated}:{model_fingerprint(path)}:{params.model.dtype}"
+    tag = f"{evaluated}:{stat_digest(path)}:{params.model.dtype}"
     backend = load_backend(params.backend, path, dtype=params.model.dtype)
     try:
         fingerprint = scoring_fingerprint(backend, scoring, tag)
@@ -334,7 +325,7 @@ def _evaluate_model(params: Params, name: str, plan: SweepPlan, pb_items: list[P
           "cost": processbench_cost(pb_items, pb_scored, plan, ev.early_exit)}
     heldout: dict[str, Any] = {}
     if heldout_items:
-        hsubsets = sorted({benchmarks.processbench_subset(it) for it in heldout_items})
+        hsubsets = sorted({processbench_subset(it) for it in heldout_items})
         at = processbench_at(heldout_items, heldout_scored, hsubsets, plan.k, plan.threshold)
         heldout = {**info, "k": plan.k, "threshold": plan.threshold, "f1": at["avg_f1"],
                    **({k: v for k, v in at["subsets"][hsubsets[0]].items() if k != "f1"} if len(hsubsets) == 1 else {}),
@@ -457,8 +448,6 @@ def _write_plots(models: list[str], scaling: dict[str, Any], prmb: dict[str, Any
 
 def run(params: Params) -> dict[str, Any]:
     """Evaluate every model of evaluate.models; write reports, plots and scores; log to MLflow."""
-    import mlflow
-
     from components import tracking
 
     ev = params.evaluate
@@ -467,7 +456,7 @@ def run(params: Params) -> dict[str, Any]:
     plan = sweep_plan(params)
     pb_items, prmb_items = _load_benchmarks()
     heldout_items = _load_heldout()
-    seen = {benchmarks.processbench_subset(it) for it in pb_items}
+    seen = {processbench_subset(it) for it in pb_items}
     subsets = [s for s in ev.processbench.subsets if s in seen] + sorted(seen - set(ev.processbench.subsets))
     inputs = [paths.PROCESSBENCH, paths.PRMBENCH, *([paths.HELDOUT] if heldout_items else []),
               *dict.fromkeys(resolve_model(m)[0] for m in ev.models)]
@@ -505,7 +494,7 @@ def run(params: Params) -> dict[str, Any]:
                 "models": {m: r["heldout"] for m, r in results.items()},
             })
         write_json(HELDOUT_REPORT, heldout_report)
-        pb_counts = Counter(benchmarks.processbench_subset(it) for it in pb_items)
+        pb_counts = Counter(processbench_subset(it) for it in pb_items)
         figures = _write_plots(models, scaling, {m: r["prmbench"] for m, r in results.items()}, subsets, plan,
                                dict(pb_counts), ev.prmbench.threshold, ev.prmbench.comparison)
         if not heldout_items:  # a DVC output on every domain: say there is nothing to show
@@ -534,9 +523,9 @@ def run(params: Params) -> dict[str, Any]:
             for k in plan.ks:
                 f1 = scaling[m]["processbench_k"][str(k)]["avg_f1"]
                 if f1 is not None:
-                    mlflow.log_metric(f"{m}.processbench_avg_f1_vs_k", f1, step=k)
+                    tracking.log_metric(f"{m}.processbench_avg_f1_vs_k", f1, step=k)
         for f in figures:
-            mlflow.log_artifact(str(f), artifact_path="plots")
+            tracking.log_artifact(f, artifact_path="plots")
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", UserWarning)  # MLflow's schema hint about integer columns
             tracking.log_table([row for r in results.values() for row in r["rows"]], "predictions.json")

@@ -1,5 +1,7 @@
 """Safe file I/O: validated JSON Lines reading, atomic writes, append-only journals.
 
+Also the digests of files and folders that stages and tracking compare (one place for each kind).
+
 Every reader error names the file, the 1-based line and the field. Every writer goes through a
 temporary file in the same folder and an atomic rename, so a crash never leaves a half-written
 output that DVC or the next stage would trust. Journals are appended and fsynced record by
@@ -9,6 +11,7 @@ elsewhere is skipped with a warning naming the file and line (the records after 
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import stat
@@ -22,6 +25,8 @@ from typing import Any, TypeVar
 from pydantic import BaseModel, ValidationError
 
 T = TypeVar("T", bound=BaseModel)
+R = TypeVar("R")
+_CHUNK = 1024 * 1024
 
 
 class StageRefused(RuntimeError):
@@ -102,6 +107,31 @@ def parse_record(
         raise DataError(path, line, field, msg) from None
 
 
+def unique_records(
+    rows: Iterable[tuple[int, Any]],
+    parse: Callable[[Any, int], R],
+    label: str | Path,
+    *,
+    key: Callable[[R], Any] | None = None,
+    allow_empty: bool = False,
+) -> list[R]:
+    """Parse (line, object) rows in order; with `key`, a repeated key is a DataError naming both
+    lines (field `id`), and no row at all is one unless `allow_empty`."""
+    out: list[R] = []
+    seen: dict[Any, int] = {}
+    for lineno, obj in rows:
+        rec = parse(obj, lineno)
+        if key is not None:
+            k = key(rec)
+            if k in seen:
+                raise DataError(label, lineno, "id", f"duplicate id {k!r} (first on line {seen[k]})")
+            seen[k] = lineno
+        out.append(rec)
+    if not out and not allow_empty:
+        raise DataError(label, None, None, "no records")
+    return out
+
+
 def read_jsonl(
     path: str | Path,
     model: type[T],
@@ -110,19 +140,8 @@ def read_jsonl(
     allow_empty: bool = False,
 ) -> list[T]:
     """Read and validate a whole JSONL file; with `key`, duplicate keys are an error."""
-    out: list[T] = []
-    seen: dict[Any, int] = {}
-    for lineno, obj in iter_json_lines(path):
-        rec = parse_record(model, obj, path, lineno)
-        if key is not None:
-            k = key(rec)
-            if k in seen:
-                raise DataError(path, lineno, "id", f"duplicate id {k!r} (first on line {seen[k]})")
-            seen[k] = lineno
-        out.append(rec)
-    if not out and not allow_empty:
-        raise DataError(path, None, None, "no records")
-    return out
+    return unique_records(iter_json_lines(path), lambda obj, lineno: parse_record(model, obj, path, lineno),
+                          path, key=key, allow_empty=allow_empty)
 
 
 def read_json(path: str | Path) -> Any:
@@ -138,6 +157,14 @@ def read_json(path: str | Path) -> Any:
         raise DataError(path, None, None, f"not valid UTF-8 ({err.reason})") from None
     except json.JSONDecodeError as err:
         raise DataError(path, err.lineno, None, f"invalid JSON: {err.msg}") from None
+
+
+def read_json_object(path: str | Path) -> dict[str, Any]:
+    """Read a JSON document that must be an object (a report); DataError as `read_json` otherwise."""
+    obj = read_json(path)
+    if not isinstance(obj, dict):
+        raise DataError(path, None, None, "expected a JSON object")
+    return obj
 
 
 def current_umask() -> int:
@@ -302,3 +329,58 @@ class Journal:
 
     def __exit__(self, *exc: object) -> None:
         self.close()
+
+
+# --------------------------------------------------------------------------------------
+# Digests of files and folders
+# --------------------------------------------------------------------------------------
+
+
+def tree_files(path: str | Path) -> list[Path]:
+    """The files under a folder (sorted paths, any depth), or [path] for a file."""
+    path = Path(path)
+    return [path] if path.is_file() else sorted(p for p in path.rglob("*") if p.is_file())
+
+
+def file_digest(path: str | Path, algorithm: str = "md5") -> str:
+    """Hex digest of a file's bytes (read in chunks) with a hashlib algorithm."""
+    h = hashlib.new(algorithm, usedforsecurity=False)
+    with Path(path).open("rb") as fh:
+        while chunk := fh.read(_CHUNK):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def file_md5(path: str | Path) -> str:
+    """md5 of a file's bytes (DVC 3's `md5` for files)."""
+    return file_digest(path, "md5")
+
+
+def data_hash(path: str | Path) -> str:
+    """DVC's hash of a file or folder: md5, or for a folder md5 of its listing + `.dir`."""
+    p = Path(path)
+    if not p.is_dir():
+        return file_md5(p)
+    entries = [{"md5": file_md5(f), "relpath": f.relative_to(p).as_posix()} for f in tree_files(p)]
+    entries.sort(key=lambda e: e["relpath"])
+    listing = json.dumps(entries, sort_keys=True).encode("utf-8")
+    return hashlib.md5(listing, usedforsecurity=False).hexdigest() + ".dir"
+
+
+def content_digest(path: str | Path) -> str:
+    """sha256 of every file's name (not its folder) and bytes, in `tree_files` order."""
+    h = hashlib.sha256()
+    for f in tree_files(path):
+        h.update(f.name.encode())
+        h.update(f.read_bytes())
+    return h.hexdigest()
+
+
+def stat_digest(path: str | Path) -> str:
+    """Cheap identity of a folder: relative names, sizes and modification times of its files (16 hex)."""
+    path = Path(path)
+    h = hashlib.sha256()
+    for f in tree_files(path):
+        st = f.stat()
+        h.update(f"{f.relative_to(path).as_posix()}:{st.st_size}:{st.st_mtime_ns}\n".encode())
+    return h.hexdigest()[:16]

@@ -41,8 +41,9 @@ from pathlib import Path
 from typing import Any
 
 from components import paths
+from components.backends.base import sample_seed
 from components.config import Params
-from components.io import DataError, Journal, read_jsonl, write_json, write_jsonl
+from components.io import DataError, Journal, content_digest, read_jsonl, write_json, write_jsonl
 from components.prompts import (
     VERDICT_NO,
     VERDICT_YES,
@@ -62,12 +63,6 @@ SAMPLE_TABLE_ROWS = 50
 # --------------------------------------------------------------------------------------
 # Pure logic (pair rules, balance, split)
 # --------------------------------------------------------------------------------------
-
-
-def sample_seed(seed: int, sample_id: str) -> int:
-    """Per-step-sample sampling seed, a function of (seed, sample id) only."""
-    digest = hashlib.sha256(f"{seed}:{sample_id}".encode()).digest()
-    return int.from_bytes(digest[:8], "big") % (2**31 - 1)
 
 
 def pair_role(text: str, label: bool) -> str | None:
@@ -171,15 +166,6 @@ def split_by_problem(
 # --------------------------------------------------------------------------------------
 
 
-def _digest_file(path: Path) -> str:
-    h = hashlib.sha256()
-    files = [path] if path.is_file() else sorted(p for p in path.rglob("*") if p.is_file())
-    for f in files:
-        h.update(f.name.encode())
-        h.update(f.read_bytes())
-    return h.hexdigest()
-
-
 def generation_fingerprint(params: Params, model_dir: Path, steps_file: Path) -> str:
     """What determines the sampled analyses: sampling + backend params (and the hf sampler), model, step samples."""
     from components.backends.sampler import SAMPLER as hf_sampler
@@ -188,8 +174,8 @@ def generation_fingerprint(params: Params, model_dir: Path, steps_file: Path) ->
         "sampling": params.sample_pairs.sampling.model_dump(mode="json"),
         "backend": params.backend.model_dump(mode="json"),
         "sampler": hf_sampler if params.backend.kind == "hf" else None,
-        "model": _digest_file(model_dir),
-        "steps": _digest_file(steps_file),
+        "model": content_digest(model_dir),
+        "steps": content_digest(steps_file),
     }
     return hashlib.sha256(json.dumps(ident, sort_keys=True).encode()).hexdigest()[:16]
 

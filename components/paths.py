@@ -46,9 +46,13 @@ BON_CURVE_PNG = Path("plots/bon_curve.png")  # a DVC plot (images render offline
 REPORTS = Path("reports")
 PLOTS = Path("plots")
 
+# Inside a data folder (data.bundled_dir, data.dir; relative to it).
+PROCESSBENCH_IDS_FILE = "processbench/rprm_part_subset_ids.json"  # the R-PRM authors' quick-eval ids
+PRMBENCH_FILE = "prmbench/prmbench_preview.jsonl"
+
 BUNDLED = Path("data/bundled")  # small real subsets shipped in git (data/bundled/README.md)
 BUNDLED_PROCESSBENCH = BUNDLED / "processbench"  # default benchmark of `rprm score-processbench`
-BUNDLED_PRMBENCH = BUNDLED / "prmbench" / "prmbench_preview.jsonl"  # ... of `rprm score-prmbench`
+BUNDLED_PRMBENCH = BUNDLED / PRMBENCH_FILE  # ... of `rprm score-prmbench`
 
 
 def model_dir(name: str) -> Path:

@@ -31,7 +31,6 @@ from components import arithmetic, paths
 from components.config import DataParams, Params
 from components.data import (
     BON_TESTSETS,
-    PRMBENCH_FILE,
     Source,
     load_bon_testset,
     load_prm800k,
@@ -43,6 +42,7 @@ from components.data import (
 )
 from components.io import DataError, write_json, write_jsonl
 from components.records import (
+    PROCESSBENCH_SUBSETS,
     CandidatePool,
     PRM800KSolution,
     PRMBenchItem,
@@ -142,7 +142,6 @@ def flatten(
 
 # The Best-of-N test sets the project evaluates (best_of_n.datasets), also names in prepare.decontaminate.
 BON_EVALUATED = ("aime24", "amc23", "math500", "olympiadbench", "college_math", "minerva_math")
-PROCESSBENCH_SUBSETS = ("gsm8k", "math", "olympiadbench", "omnimath")
 
 
 def benchmark_problems(params: Params) -> dict[str, Counter[str]]:
@@ -435,11 +434,11 @@ def input_paths(params: Params) -> list[str]:
         bon = source_root(params.data, "bundled" if not local else None) / "bon/testsets"
         out += [bon / BON_TESTSETS[name] for name in BON_EVALUATED]
         if local:
-            out += [root / "processbench", root / PRMBENCH_FILE]
+            out += [root / "processbench", root / paths.PRMBENCH_FILE]
     bench = benchmark_source(params)
     if bench != "hub":
         broot = source_root(params.data, bench)
-        out += [broot / "processbench", broot / PRMBENCH_FILE]
+        out += [broot / "processbench", broot / paths.PRMBENCH_FILE]
     return [str(p) for p in dict.fromkeys(out)]
 
 

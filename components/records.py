@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from typing import Annotated, Literal
+from collections.abc import Sequence
+from typing import Annotated, Literal, get_args
 
 from pydantic import (
     AfterValidator,
@@ -13,6 +14,33 @@ from pydantic import (
     ValidationInfo,
     field_validator,
 )
+
+STEP_SEPARATOR = "\n\n"  # between the steps of a solution's text (docs/method.md §3)
+
+# The official ProcessBench subsets and PRMBench classes (grouped as PRMBench reports them).
+ProcessBenchSubset = Literal["gsm8k", "math", "olympiadbench", "omnimath"]
+PROCESSBENCH_SUBSETS: tuple[str, ...] = get_args(ProcessBenchSubset)
+PRMBENCH_GROUPS: dict[str, tuple[str, ...]] = {
+    "simplicity": ("redundency", "circular"),
+    "soundness": ("counterfactual", "step_contradiction", "domain_inconsistency", "confidence"),
+    "sensitivity": ("missing_condition", "deception", "multi_solutions"),
+}
+PRMBENCH_CLASSES: tuple[str, ...] = tuple(c for cs in PRMBENCH_GROUPS.values() for c in cs)
+
+
+def split_steps(text: str) -> list[str]:
+    """Cut an unsplit solution into steps on blank lines, dropping empty pieces."""
+    return [part.strip() for part in text.split(STEP_SEPARATOR) if part.strip()]
+
+
+def join_steps(steps: Sequence[str]) -> str:
+    """A solution's text: its steps joined by a blank line (what `split_steps` cuts)."""
+    return STEP_SEPARATOR.join(steps)
+
+
+def assistant_prefix(steps: Sequence[str]) -> str:
+    """Assistant text a continuation starts from: the chosen steps and a blank line."""
+    return join_steps(steps) + STEP_SEPARATOR if steps else ""
 
 
 class Record(BaseModel):
@@ -166,6 +194,13 @@ class ProcessBenchItem(Record):
         if steps is not None and label >= len(steps):
             raise ValueError(f"first-error index {label} out of range for {len(steps)} steps (-1..{len(steps) - 1})")
         return label
+
+
+def processbench_subset(item: ProcessBenchItem) -> str:
+    """The subset of a ProcessBench solution: its `subset` field, else its id prefix (`gsm8k-0`)."""
+    if item.subset:
+        return item.subset
+    return item.id.rsplit("-", 1)[0] if "-" in item.id else ""
 
 
 def _one_based_step(index: int) -> int:

@@ -25,7 +25,6 @@ used.
 
 from __future__ import annotations
 
-import json
 import logging
 import math
 import warnings
@@ -37,7 +36,7 @@ from typing import Any
 import components
 from components import paths, serving, tracking
 from components.config import Params
-from components.io import DataError, StageRefused, write_json
+from components.io import DataError, StageRefused, data_hash, read_json_object, write_json
 
 log = logging.getLogger(__name__)
 
@@ -47,6 +46,11 @@ PRMBENCH_REPORT = paths.REPORTS / "prmbench.json"
 HELDOUT_REPORT = paths.REPORTS / "heldout.json"
 REGISTRATION_REPORT = paths.REPORTS / "registration.json"
 LOGGED_MODEL_NAME = "prm"  # the pyfunc's name inside the register run
+REGISTERED_MODEL_DESCRIPTION = (
+    "R-PRM generative process reward model: question + steps -> per-step "
+    "rewards (mean P(Yes) over K analyses), predicted first error, verdicts. "
+    "Aliases: challenger (latest registered), champion (promoted, served)."
+)
 SERVING_REQUIREMENTS = (
     "mlflow", "torch", "transformers", "tokenizers", "safetensors", "accelerate",
     "pydantic", "pyyaml", "numpy", "pandas",
@@ -61,13 +65,7 @@ SERVING_REQUIREMENTS = (
 def _read_report(path: Path) -> dict[str, Any]:
     if not path.exists():
         raise DataError(path, None, None, "report not found; run the evaluate stage first")
-    try:
-        obj = json.loads(path.read_text(encoding="utf-8"))
-    except json.JSONDecodeError as err:
-        raise DataError(path, err.lineno, None, f"invalid JSON: {err.msg}") from None
-    if not isinstance(obj, dict):
-        raise DataError(path, None, None, "expected a JSON object")
-    return obj
+    return read_json_object(path)
 
 
 def _number(value: Any) -> float | None:
@@ -160,7 +158,7 @@ def benchmark_digests() -> dict[str, str]:
     out = {}
     for name, path in (("heldout", paths.HELDOUT), ("processbench", paths.PROCESSBENCH), ("prmbench", paths.PRMBENCH)):
         if path.exists():
-            out[name] = tracking.data_hash(path)
+            out[name] = data_hash(path)
     return out
 
 
@@ -194,9 +192,7 @@ def pyfunc_spec(params: Params, model_dir: Path, model_hash: str) -> dict[str, A
 
 def _log_pyfunc(params: Params, model_dir: Path, model_hash: str) -> Any:
     """Log the PRM folder as a models-from-code pyfunc in the active run."""
-    import mlflow
-
-    return mlflow.pyfunc.log_model(name=LOGGED_MODEL_NAME, **pyfunc_spec(params, model_dir, model_hash))
+    return tracking.log_pyfunc(LOGGED_MODEL_NAME, pyfunc_spec(params, model_dir, model_hash))
 
 
 def _check_model_dir(name: str) -> Path:
@@ -209,8 +205,6 @@ def _check_model_dir(name: str) -> Path:
 
 def run_register(params: Params) -> dict[str, Any]:
     """`rprm register`: log the PRM as a pyfunc, register a version with alias challenger."""
-    import mlflow
-
     model_dir = _check_model_dir(params.register.model)
     metrics = headline_metrics(params.register.model)
     failures = quality_gate(params, metrics)
@@ -221,14 +215,14 @@ def run_register(params: Params) -> dict[str, Any]:
     inputs = [model_dir, PROCESSBENCH_REPORT, PRMBENCH_REPORT]
     sections = ["backend", "scoring", "tracking", "register"]
     with tracking.stage_run("register", params, sections, inputs=inputs) as run:
-        model_hash = tracking.data_hash(model_dir)
+        model_hash = data_hash(model_dir)
         with warnings.catch_warnings():
             # No input example on purpose (validating one would load the model and sample K
             # analyses at registration); the signature is explicit.
             warnings.filterwarnings("ignore", message=".*input example was not provided")
             info = _log_pyfunc(params, model_dir, model_hash)
-        client = mlflow.MlflowClient()
-        _ensure_registered_model(client, name)
+        client = tracking.registry_client()
+        tracking.ensure_registered_model(client, name, REGISTERED_MODEL_DESCRIPTION)
         commit = tracking.git_commit()
         tags = {
             **{k: f"{v:.6g}" for k, v in metrics.items()},
@@ -240,8 +234,8 @@ def run_register(params: Params) -> dict[str, Any]:
             "scoring.threshold": str(params.scoring.threshold),
             **{f"benchmark.{b}_md5": d for b, d in digests.items()},
         }
-        version = mlflow.register_model(info.model_uri, name, tags=tags)
-        client.set_registered_model_alias(name, params.register.alias, version.version)
+        version = tracking.register_version(info.model_uri, name, tags)
+        tracking.set_alias(client, name, params.register.alias, version.version)
         tracking.log_report({f"headline.{k}": v for k, v in metrics.items()})
         report = {
             "registered_model": name,
@@ -255,7 +249,7 @@ def run_register(params: Params) -> dict[str, Any]:
             "model_md5": model_hash,
             "metrics": metrics,
         }
-        mlflow.log_text(json.dumps(report, indent=2, sort_keys=True), "reports/registration.json")
+        tracking.log_json(report, "reports/registration.json")
     write_json(REGISTRATION_REPORT, report)
     gate_metric = metrics.get(params.promote.metric)
     print(f"registered {name} version {version.version} as @{params.register.alias} "
@@ -265,32 +259,9 @@ def run_register(params: Params) -> dict[str, Any]:
     return report
 
 
-def _ensure_registered_model(client: Any, name: str) -> None:
-    from mlflow.exceptions import MlflowException
-
-    try:
-        client.get_registered_model(name)
-    except MlflowException:
-        client.create_registered_model(
-            name,
-            description="R-PRM generative process reward model: question + steps -> per-step "
-            "rewards (mean P(Yes) over K analyses), predicted first error, verdicts. "
-            "Aliases: challenger (latest registered), champion (promoted, served).",
-        )
-
-
 # --------------------------------------------------------------------------------------
 # promote
 # --------------------------------------------------------------------------------------
-
-
-def _version_by_alias(client: Any, name: str, alias: str) -> Any | None:
-    from mlflow.exceptions import MlflowException
-
-    try:
-        return client.get_model_version_by_alias(name, alias)
-    except MlflowException:
-        return None
 
 
 def _metric(version: Any, key: str) -> float | None:
@@ -312,13 +283,11 @@ def _benchmark_of(metric: str) -> str | None:
 
 def promote(params: Params) -> dict[str, Any]:
     """`rprm promote`: move `champion` to the challenger if it wins by the margin; record why."""
-    import mlflow
-
     tracking.setup(params)
-    client = mlflow.MlflowClient()
+    client = tracking.registry_client()
     name, key, margin = params.tracking.registered_model, params.promote.metric, params.promote.margin
-    challenger = _version_by_alias(client, name, params.register.alias)
-    champion = _version_by_alias(client, name, CHAMPION)
+    challenger = tracking.version_by_alias(client, name, params.register.alias)
+    champion = tracking.version_by_alias(client, name, CHAMPION)
     decision: dict[str, Any] = {
         "registered_model": name,
         "metric": key,
@@ -356,7 +325,7 @@ def promote(params: Params) -> dict[str, Any]:
                     champion_after=int(challenger.version) if promoted else decision["champion_before"],
                     decided_at=datetime.now(UTC).isoformat(timespec="seconds"))
     if promoted:
-        client.set_registered_model_alias(name, CHAMPION, challenger.version)
+        tracking.set_alias(client, name, CHAMPION, challenger.version)
     _record(client, name, decision, challenger, champion)
     print(outcome_line(decision))
     return decision
@@ -383,14 +352,15 @@ def _record(client: Any, name: str, decision: dict[str, Any], challenger: Any, c
         return  # nothing was compared
     common = {"promotion.decision": outcome, "promotion.reason": decision["reason"],
               "promotion.decided_at": decision["decided_at"]}
-    for k, v in common.items():
-        client.set_model_version_tag(name, challenger.version, k, v)
+    tracking.set_version_tags(client, name, challenger.version, common)
     if champion is not None:
-        client.set_model_version_tag(name, challenger.version, "promotion.compared_with", champion.version)
+        tracking.set_version_tags(client, name, challenger.version, {"promotion.compared_with": champion.version})
         role = "replaced_by" if decision["promoted"] else "defended_against"
-        client.set_model_version_tag(name, champion.version, f"promotion.{role}", challenger.version)
-        client.set_model_version_tag(name, champion.version, "promotion.reason", decision["reason"])
-        client.set_model_version_tag(name, champion.version, "promotion.decided_at", decision["decided_at"])
+        tracking.set_version_tags(client, name, champion.version, {
+            f"promotion.{role}": challenger.version,
+            "promotion.reason": decision["reason"],
+            "promotion.decided_at": decision["decided_at"],
+        })
 
 
 # --------------------------------------------------------------------------------------
@@ -437,26 +407,14 @@ def resolve_model(spec: str, cache_dir: Path | None = None) -> tuple[Path, str]:
         if folder is None:
             raise DataError(spec, None, "model", "does not resolve: not a model folder (no config.json)")
         return folder, str(folder.resolve())
-    import mlflow
-    from mlflow.exceptions import MlflowException
-
     name, alias, version = _parse_models_uri(spec)
     if not name or (version is not None and not version.isdigit()):
         raise DataError(spec, None, "model", "does not resolve: expected models:/<name>@<alias> or "
                                              "models:/<name>/<version>")
-    client = mlflow.MlflowClient()
     try:
-        if alias is not None:
-            mv = client.get_model_version_by_alias(name, alias)
-        elif version is not None:
-            mv = client.get_model_version(name, version)
-        else:
-            versions = client.search_model_versions(f"name = '{name}'")
-            if not versions:
-                raise MlflowException(f"registered model {name!r} has no versions")
-            mv = max(versions, key=lambda v: int(v.version))
-    except MlflowException as err:
-        store = mlflow.get_tracking_uri()
+        mv = tracking.find_version(tracking.registry_client(), name, alias, version)
+    except tracking.RegistryError as err:
+        store = tracking.current_tracking_uri()
         raise DataError(spec, None, "model", f"does not resolve in the tracking store {store}: "
                                              f"{str(err).splitlines()[0]}") from None
     ident = f"models:/{name}/{mv.version}"
@@ -471,8 +429,8 @@ def resolve_model(spec: str, cache_dir: Path | None = None) -> tuple[Path, str]:
     tmp = Path(tempfile.mkdtemp(prefix=f".{mv.version}-", dir=target.parent))
     try:
         try:
-            mlflow.artifacts.download_artifacts(artifact_uri=ident, dst_path=str(tmp))
-        except (MlflowException, OSError) as err:
+            tracking.download_artifacts(ident, tmp)
+        except (tracking.RegistryError, OSError) as err:
             raise DataError(spec, None, "model", f"resolves to {ident} but its files cannot be downloaded: "
                                                  f"{str(err).splitlines()[0]}") from None
         if _model_folder(tmp) is None:

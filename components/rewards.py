@@ -1,7 +1,7 @@
 """The PRM as a reward: `rprm score` on a solutions file, and a reward function for TRL's GRPO.
 
 Both split a solution that comes as one text into steps on blank lines, as Best-of-N does
-(`data.split_steps`, docs/method.md §3), score every step with the R-PRM step scorer (K
+(`records.split_steps`, docs/method.md §3), score every step with the R-PRM step scorer (K
 sampled analyses per step, reward = mean P(" Yes"), any backend), and reduce the step rewards
 to one number per solution with the aggregations of `search.AGGREGATIONS` (`min`, `last`,
 `product`, `mean`).
@@ -47,9 +47,9 @@ from pathlib import Path
 from typing import Any, Literal
 
 from components.config import Params, ScoringParams
-from components.data import split_steps
-from components.io import DataError, iter_json_lines, write_jsonl
-from components.records import Solution
+from components.io import DataError, iter_json_lines, unique_records, write_jsonl
+from components.records import Solution, split_steps
+from components.scoring import first_wrong_step, step_verdicts
 from components.search import AGGREGATIONS, aggregate
 
 Shaping = Literal["none", "verdict", "centered"]
@@ -115,17 +115,9 @@ def parse_solution_row(obj: Any, label: str, line: int, max_steps: int, max_char
 
 def read_solutions(path: str | Path, max_steps: int, max_chars: int) -> list[Solution]:
     """Every row of a solutions file, validated (ids unique); DataError at the first bad row."""
-    out: list[Solution] = []
-    seen: dict[str, int] = {}
-    for line, obj in iter_json_lines(path):
-        sol = parse_solution_row(obj, str(path), line, max_steps, max_chars)
-        if sol.id in seen:
-            raise DataError(path, line, "id", f"duplicate id {sol.id!r} (first on line {seen[sol.id]})")
-        seen[sol.id] = line
-        out.append(sol)
-    if not out:
-        raise DataError(path, None, None, "no records")
-    return out
+    return unique_records(iter_json_lines(path),
+                          lambda obj, line: parse_solution_row(obj, str(path), line, max_steps, max_chars),
+                          path, key=lambda s: s.id)
 
 
 def aggregate_scores(step_rewards: Sequence[float | None]) -> dict[str, float | None]:
@@ -136,12 +128,12 @@ def aggregate_scores(step_rewards: Sequence[float | None]) -> dict[str, float | 
 def output_row(solution: Solution, step_rewards: Sequence[float | None], threshold: float,
                generations: int = 0) -> dict[str, Any]:
     """What `rprm score` writes for one solution."""
-    low = [i for i, r in enumerate(step_rewards) if r is not None and r < threshold]
+    first = first_wrong_step(step_rewards, threshold)
     return {
         "id": solution.id,
         "step_rewards": list(step_rewards),
-        "first_error": low[0] if low else -1,
-        "verdicts": [None if r is None else ("yes" if r >= threshold else "no") for r in step_rewards],
+        "first_error": -1 if first is None else first,
+        "verdicts": step_verdicts(step_rewards, threshold),
         "scores": aggregate_scores(step_rewards),
         "generations": generations,
     }
@@ -269,7 +261,7 @@ def shape(step_rewards: Sequence[float], shaping: str, threshold: float) -> list
     if shaping == "none":
         return list(step_rewards)
     if shaping == "verdict":
-        return [1.0 if r >= threshold else 0.0 for r in step_rewards]
+        return [1.0 if v == "yes" else 0.0 for v in step_verdicts(step_rewards, threshold)]
     if shaping == "centered":
         return [r - threshold for r in step_rewards]
     raise ValueError(f"unknown shaping {shaping!r} (one of {', '.join(SHAPINGS)})")
@@ -424,7 +416,7 @@ class ProcessReward:
                            if values else self.empty_reward)
         log_metric = kwargs.get("log_metric")
         if callable(log_metric) and per_step:
-            flagged = [any(r is not None and r < self.threshold for r in s) for s in per_step]
+            flagged = [first_wrong_step(s, self.threshold) is not None for s in per_step]
             log_metric(f"prm/{self.__name__}/flagged_rate", sum(flagged) / len(flagged))
             log_metric(f"prm/{self.__name__}/steps", sum(len(s) for s in per_step) / len(per_step))
         return rewards

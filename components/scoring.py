@@ -62,7 +62,7 @@ from typing import Any
 from tqdm.auto import tqdm
 
 from components import prompts
-from components.backends.base import BackendError, Conversation, GenerationBackend
+from components.backends.base import BackendError, Conversation, GenerationBackend, step_seed
 from components.config import SamplingParams, ScoringParams
 from components.io import DataError, Journal
 from components.records import Solution, StepScores
@@ -72,10 +72,29 @@ _CONFIG_KEY = "__config__"
 _SEP = "\x1f"
 
 
-def step_seed(seed: int, solution_id: str, step_index: int) -> int:
-    """Seed of one step's K analyses, from (sampling seed, solution id, step index)."""
-    digest = hashlib.sha256(f"{seed}{_SEP}{solution_id}{_SEP}{step_index}".encode()).digest()
-    return int.from_bytes(digest[:8], "big") % (2**31 - 1)
+def mean_reward(values: Sequence[float | None]) -> float:
+    """A step reward: the mean of the kept analyses' values (None = dropped), 0.5 if none is kept."""
+    kept = [v for v in values if v is not None]
+    return sum(kept) / len(kept) if kept else NEUTRAL_REWARD
+
+
+def step_is_wrong(reward: float, threshold: float) -> bool:
+    """The one prediction rule: a step is wrong iff its reward < threshold (strict)."""
+    return reward < threshold
+
+
+def first_wrong_step(step_rewards: Sequence[float | None], threshold: float) -> int | None:
+    """Index of the first scored step that is wrong (null rewards skipped), else None."""
+    return next((i for i, r in enumerate(step_rewards) if r is not None and step_is_wrong(r, threshold)), None)
+
+
+def step_verdicts(step_rewards: Sequence[float | None], threshold: float) -> list[str | None]:
+    """Per step "yes" if reward >= threshold, else "no" (a wrong step); None where not scored.
+
+    Written as `>=` as before the rule had one home: a NaN reward, never wrong by
+    :func:`step_is_wrong`, still reads "no" here.
+    """
+    return [None if r is None else ("yes" if r >= threshold else "no") for r in step_rewards]
 
 
 def step_conversation(solution: Solution, step_index: int) -> Conversation:
@@ -152,8 +171,7 @@ class ScoredSolution:
 
     def reward(self, step: int, k: int | None = None) -> float:
         """Mean kept value of the first k analyses of a scored step (0.5 if none is kept)."""
-        kept = [v for v in self.values[step][:k] if v is not None]
-        return sum(kept) / len(kept) if kept else NEUTRAL_REWARD
+        return mean_reward(self.values[step][:k])
 
     def rewards(self, k: int | None = None) -> list[float | None]:
         """Step rewards over the first k analyses; None for steps that were not scored."""
@@ -162,7 +180,7 @@ class ScoredSolution:
     def first_error(self, threshold: float, k: int | None = None) -> int | None:
         """First scored step with reward < threshold; -1 if none and complete; None if unknown."""
         for i in range(len(self.values)):
-            if self.reward(i, k) < threshold:
+            if step_is_wrong(self.reward(i, k), threshold):
                 return i
         return -1 if self.complete else None
 
@@ -288,7 +306,8 @@ class StepScorer:
         i = state.next_step
         state.scored.values.append(values)
         state.scored.fallback.append(fallback)
-        state.undetermined = {k for k in state.undetermined if not state.scored.reward(i, k) < self.exit_points[k]}
+        state.undetermined = {k for k in state.undetermined
+                              if not step_is_wrong(state.scored.reward(i, k), self.exit_points[k])}
 
     def score(self, solutions: Sequence[Solution]) -> list[StepScores]:
         """StepScores at K = sampling.n and scoring.threshold, in input order."""

@@ -60,14 +60,14 @@ from collections.abc import Callable, Mapping, Sequence
 from dataclasses import asdict, dataclass, field
 from typing import Any, Literal, Protocol
 
-from components.backends.base import Conversation, Generation, GenerationBackend
+from components.backends.base import Conversation, Generation, GenerationBackend, search_seed
 from components.config import SamplingParams
 from components.grading import last_boxed
+from components.records import STEP_SEPARATOR, assistant_prefix, join_steps
 
 Aggregation = Literal["min", "last", "product", "mean"]
 
 POLICY_SYSTEM_PROMPT = "Please reason step by step, and put your final answer within \\boxed{}."
-STEP_SEPARATOR = "\n\n"
 
 
 # --------------------------------------------------------------------------------------
@@ -280,7 +280,7 @@ class SearchResult:
     @property
     def text(self) -> str:
         """The solution text (steps joined by a blank line)."""
-        return STEP_SEPARATOR.join(self.steps)
+        return join_steps(self.steps)
 
     def to_dict(self) -> dict[str, Any]:
         """JSON-ready view (with the solution text)."""
@@ -300,21 +300,11 @@ def policy_messages(question: str) -> Conversation:
     return [{"role": "system", "content": POLICY_SYSTEM_PROMPT}, {"role": "user", "content": question}]
 
 
-def assistant_prefix(steps: Sequence[str]) -> str:
-    """Assistant text a continuation starts from: the chosen steps and a blank line."""
-    return STEP_SEPARATOR.join(steps) + STEP_SEPARATOR if steps else ""
-
-
 def path_solution_id(problem_id: str, path: Sequence[str]) -> str:
     """Id under which the PRM scores a candidate path: its own per (problem, path), so each
     candidate's analyses are seeded independently of the other candidates'."""
     digest = hashlib.sha256(json.dumps(list(path), ensure_ascii=False).encode()).hexdigest()[:16]
     return f"{problem_id}#guided:{digest}"
-
-
-def search_seed(seed: int, problem_id: str, iteration: int, beam: int) -> int:
-    """Seed of the proposals of one beam at one iteration (independent of batching)."""
-    return random.Random(f"{seed}:{problem_id}:{iteration}:{beam}").randrange(2**31 - 1)
 
 
 def is_final_step(text: str, generation: Generation) -> bool:

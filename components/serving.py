@@ -26,6 +26,11 @@ Concurrent requests are combined: while one batch is being scored, the requests 
 wait, and the next scorer call takes all of them at once (one batched generation instead of
 many small ones). Rewards do not depend on this batching because sampling is seeded per
 solution and step.
+
+Besides components/tracking.py, this is the one module that imports MLflow, on purpose: it is the
+file MLflow loads at serving time (models from code), and what it uses is serving-side API: the
+PythonModel base class, the signature's schema types, MlflowException (answered as HTTP 400) and
+`mlflow.models.set_model`. Logging and the registry go through components/tracking.py.
 """
 
 from __future__ import annotations
@@ -48,6 +53,7 @@ from mlflow.pyfunc import PythonModel, PythonModelContext
 from mlflow.types.schema import Array, ColSpec, DataType, ParamSchema, ParamSpec, Schema
 
 from components.records import Solution, StepScores
+from components.scoring import step_verdicts
 
 MODEL_ARTIFACT = "model"  # key of the HF model folder among the pyfunc's artifacts
 MAX_COMBINED_SOLUTIONS = 64  # most solutions one combined scorer call takes from waiting requests
@@ -199,7 +205,7 @@ def response_rows(scores: Sequence[StepScores], threshold: float) -> list[dict[s
             "id": s.id,
             "step_rewards": list(s.step_rewards),
             "first_error": s.first_error,
-            "verdicts": [None if r is None else ("yes" if r >= threshold else "no") for r in s.step_rewards],
+            "verdicts": step_verdicts(s.step_rewards, threshold),
         }
         for s in scores
     ]

@@ -22,13 +22,12 @@ parent run with every other report number.
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import Any
 
 from components import paths
 from components.config import Params
-from components.io import DataError, write_json
+from components.io import DataError, read_json_object, write_json
 
 HEADLINE_REPORT = paths.REPORTS / "headline.json"
 DIGITS = 4
@@ -46,13 +45,7 @@ def _read(path: Path) -> dict[str, Any] | None:
     """A report as a dict; None when the file does not exist."""
     if not path.exists():
         return None
-    try:
-        obj = json.loads(path.read_text(encoding="utf-8"))
-    except json.JSONDecodeError as err:
-        raise DataError(path, err.lineno, None, f"invalid JSON: {err.msg}") from None
-    if not isinstance(obj, dict):
-        raise DataError(path, None, None, "expected a JSON object")
-    return obj
+    return read_json_object(path)
 
 
 def _num(value: Any) -> float | None:

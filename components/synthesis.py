@@ -45,7 +45,7 @@ from typing import Any
 from tqdm.auto import tqdm
 
 from components import paths
-from components.backends.base import BackendError, Generation, row_seed
+from components.backends.base import BackendError, Generation, row_seed, sample_seed
 from components.config import Params, TeacherParams
 from components.io import DataError, Journal, read_jsonl, write_json, write_jsonl
 from components.prompts import (
@@ -75,12 +75,6 @@ class TeacherErrorBudgetExceeded(BackendError):
 class _Item:
     sample: StepSample
     split: str  # "train" | "val": the prepared file it came from
-
-
-def sample_seed(seed: int, sample_id: str) -> int:
-    """The per-row seed of a step sample: a function of the stage seed and the id only."""
-    digest = hashlib.sha256(f"{seed}:{sample_id}".encode()).digest()
-    return int.from_bytes(digest[:8], "big") % (2**31 - 1)
 
 
 def teacher_fingerprint(teacher: TeacherParams, seed: int) -> str:

@@ -26,6 +26,10 @@ model versions to the same place under the current folder (:func:`relocate_artif
 Stores behind a server (`http(s)://`) are probed first (:func:`check_store`): an unreachable
 server is a one-line error within seconds instead of minutes of MLflow retries.
 
+Every MLflow call of the stages (runs, metrics, artifacts, the model registry) goes through this
+module; only components/serving.py, the pyfunc MLflow loads at serving time, imports MLflow too
+(besides the training worker's `mlflow.start_run` in components/training.py, not moved yet).
+
 Secrets never reach MLflow: only params sections are logged, and API keys live in the
 environment (params hold only the *name* of the variable).
 """
@@ -45,12 +49,12 @@ from pathlib import Path
 from typing import Any
 
 from components.config import Params
+from components.io import data_hash
 
 PARENT_RUN_ENV = "RPRM_PARENT_RUN_ID"
 UI_URL_ENV = "RPRM_MLFLOW_UI_URL"  # base URL of the MLflow UI in published links
 DEFAULT_UI_URL = "http://127.0.0.1:5000"  # `mlflow ui` on this machine
 PANDAS_DATASET_MAX_BYTES = 8 * 1024 * 1024  # larger JSONL inputs are logged as metadata only
-_CHUNK = 1024 * 1024
 ARTIFACTS_DIR = "mlartifacts"  # beside a local SQLite store: <store folder>/mlartifacts/<experiment>/
 ARTIFACT_ROOT_TAG = "rprm.artifact_root"  # experiment tag: the folder its artifact location was set under
 EXPERIMENT_KIND_TAG = "mlflow.experimentKind"
@@ -309,35 +313,6 @@ def git_dirty() -> bool | None:
     return bool(out.strip())
 
 
-# --------------------------------------------------------------------------------------
-# Data hashes (as DVC computes them)
-# --------------------------------------------------------------------------------------
-
-
-def file_md5(path: str | Path) -> str:
-    """md5 of a file's bytes (DVC 3's `md5` for files)."""
-    h = hashlib.md5(usedforsecurity=False)
-    with Path(path).open("rb") as fh:
-        while chunk := fh.read(_CHUNK):
-            h.update(chunk)
-    return h.hexdigest()
-
-
-def data_hash(path: str | Path) -> str:
-    """DVC's hash of a file or folder: md5, or for a folder md5 of its listing + `.dir`."""
-    p = Path(path)
-    if not p.is_dir():
-        return file_md5(p)
-    entries = [
-        {"md5": file_md5(f), "relpath": f.relative_to(p).as_posix()}
-        for f in p.rglob("*")
-        if f.is_file()
-    ]
-    entries.sort(key=lambda e: e["relpath"])
-    listing = json.dumps(entries, sort_keys=True).encode("utf-8")
-    return hashlib.md5(listing, usedforsecurity=False).hexdigest() + ".dir"
-
-
 def _tag_path(path: Path) -> str:
     """A path as written in tag keys: relative to the cwd when inside it, posix separators."""
     try:
@@ -563,7 +538,28 @@ def log_report(report: Mapping[str, Any], artifact_file: str | None = None) -> N
     if metrics:
         mlflow.log_metrics({k.replace("@", "_at_"): v for k, v in metrics.items()})
     if artifact_file:
-        mlflow.log_text(json.dumps(report, indent=2, sort_keys=True), artifact_file)
+        log_json(report, artifact_file)
+
+
+def log_json(obj: Any, artifact_file: str) -> None:
+    """Log a JSON document (indented, sorted keys) as an artifact of the active run."""
+    import mlflow
+
+    mlflow.log_text(json.dumps(obj, indent=2, sort_keys=True), artifact_file)
+
+
+def log_metric(key: str, value: float, step: int | None = None) -> None:
+    """Log one metric (at `step`) in the active run."""
+    import mlflow
+
+    mlflow.log_metric(key, value, step=step)
+
+
+def log_artifact(path: str | Path, artifact_path: str | None = None) -> None:
+    """Log a local file as an artifact of the active run (under `artifact_path`)."""
+    import mlflow
+
+    mlflow.log_artifact(str(path), artifact_path=artifact_path)
 
 
 def log_table(rows: Sequence[Mapping[str, Any]], artifact_file: str) -> None:
@@ -573,3 +569,99 @@ def log_table(rows: Sequence[Mapping[str, Any]], artifact_file: str) -> None:
 
     if rows:
         mlflow.log_table(pd.DataFrame(list(rows)), artifact_file=artifact_file)
+
+
+# --------------------------------------------------------------------------------------
+# Model registry (register, promote, resolve a models:/ URI)
+# --------------------------------------------------------------------------------------
+
+
+class RegistryError(RuntimeError):
+    """A model-registry call failed; the message is the store's."""
+
+
+def log_pyfunc(name: str, spec: Mapping[str, Any]) -> Any:
+    """Log a pyfunc model (`mlflow.pyfunc.log_model` arguments in `spec`) in the active run; its ModelInfo."""
+    import mlflow
+
+    return mlflow.pyfunc.log_model(name=name, **spec)
+
+
+def registry_client() -> Any:
+    """A client of the current tracking store (MLFLOW_TRACKING_URI or the one `setup` set)."""
+    import mlflow
+
+    return mlflow.MlflowClient()
+
+
+def current_tracking_uri() -> str:
+    """The tracking URI MLflow uses now."""
+    import mlflow
+
+    return mlflow.get_tracking_uri()
+
+
+def ensure_registered_model(client: Any, name: str, description: str) -> None:
+    """Create registered model `name` (with `description`) unless it exists."""
+    from mlflow.exceptions import MlflowException
+
+    try:
+        client.get_registered_model(name)
+    except MlflowException:
+        client.create_registered_model(name, description=description)
+
+
+def register_version(model_uri: str, name: str, tags: Mapping[str, str]) -> Any:
+    """Register `model_uri` as a new version of `name` with `tags`; the ModelVersion."""
+    import mlflow
+
+    return mlflow.register_model(model_uri, name, tags=tags)
+
+
+def set_alias(client: Any, name: str, alias: str, version: str | int) -> None:
+    """Point `alias` of registered model `name` at `version`."""
+    client.set_registered_model_alias(name, alias, version)
+
+
+def set_version_tags(client: Any, name: str, version: str | int, tags: Mapping[str, Any]) -> None:
+    """Set tags on one model version, in the order given."""
+    for key, value in tags.items():
+        client.set_model_version_tag(name, version, key, value)
+
+
+def version_by_alias(client: Any, name: str, alias: str) -> Any | None:
+    """The model version `alias` points at, None if it points nowhere (or `name` does not exist)."""
+    from mlflow.exceptions import MlflowException
+
+    try:
+        return client.get_model_version_by_alias(name, alias)
+    except MlflowException:
+        return None
+
+
+def find_version(client: Any, name: str, alias: str | None = None, version: str | None = None) -> Any:
+    """The version of `name` by alias, else by number, else the latest; RegistryError if there is none."""
+    from mlflow.exceptions import MlflowException
+
+    try:
+        if alias is not None:
+            return client.get_model_version_by_alias(name, alias)
+        if version is not None:
+            return client.get_model_version(name, version)
+        versions = client.search_model_versions(f"name = '{name}'")
+        if not versions:
+            raise MlflowException(f"registered model {name!r} has no versions")
+        return max(versions, key=lambda v: int(v.version))
+    except MlflowException as err:
+        raise RegistryError(str(err)) from err
+
+
+def download_artifacts(artifact_uri: str, dst_path: str | Path) -> None:
+    """Download `artifact_uri` (e.g. models:/name/3) into `dst_path`; RegistryError if the store refuses."""
+    import mlflow
+    from mlflow.exceptions import MlflowException
+
+    try:
+        mlflow.artifacts.download_artifacts(artifact_uri=artifact_uri, dst_path=str(dst_path))
+    except MlflowException as err:
+        raise RegistryError(str(err)) from err

@@ -19,7 +19,6 @@ Deploy it on a cron schedule with `python -m flows.deploy` (one machine, `serve(
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import shutil
@@ -34,15 +33,11 @@ from prefect.artifacts import create_markdown_artifact
 from components import paths, registry
 from components.config import load_params
 from components.data import load_prm800k
-from components.io import DataError
+from components.io import DataError, file_digest
 from components.prepare import load_labelled
 from flows.pipeline import STAGES, pipeline, stage_env
 
 REJECTED = "rejected"
-
-
-def _digest(path: Path) -> str:
-    return hashlib.sha256(path.read_bytes()).hexdigest()
 
 
 def _reject(path: Path, incoming: Path, message: str) -> str:
@@ -68,9 +63,9 @@ def intake(project_dir: str) -> dict[str, Any]:
         return result
     labelled.mkdir(parents=True, exist_ok=True)
     known = {s.id for s in load_prm800k(params.data)} | {s.id for s in load_labelled(params.data, labelled)}
-    existing = {_digest(p) for p in labelled.glob("*.jsonl")}
+    existing = {file_digest(p, "sha256") for p in labelled.glob("*.jsonl")}
     for path in files:
-        if _digest(path) in existing:
+        if file_digest(path, "sha256") in existing:
             path.unlink()
             result["duplicates"].append(path.name)
             log.info("%s: already in %s; dropped", path.name, labelled)
@@ -93,10 +88,10 @@ def intake(project_dir: str) -> dict[str, Any]:
             shutil.rmtree(staging, ignore_errors=True)
         target = labelled / path.name
         if target.exists():
-            target = labelled / f"{path.stem}-{_digest(path)[:8]}.jsonl"
+            target = labelled / f"{path.stem}-{file_digest(path, 'sha256')[:8]}.jsonl"
         shutil.move(path, target)
         known |= {s.id for s in solutions}
-        existing.add(_digest(target))
+        existing.add(file_digest(target, "sha256"))
         result["accepted"].append({"file": target.name, "solutions": len(solutions)})
         log.info("accepted %s: %d solutions -> %s", path.name, len(solutions), target)
     return result

@@ -16,15 +16,12 @@ from pathlib import Path
 
 import pytest
 
-from components.backends.base import row_seed
+from components.backends.base import row_seed, single_sample_seed
 
 ROOT = Path(__file__).resolve().parents[1]
 
 
-def test_single_sample_seed_maps_onto_the_scorers_streams(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.syspath_prepend(str(ROOT))
-    from bench.common import single_sample_seed
-
+def test_single_sample_seed_maps_onto_the_scorers_streams() -> None:
     for seed in (0, 1, 12345, 2**31 - 2):
         for j in range(6):
             assert row_seed(single_sample_seed(seed, j), 0) == row_seed(seed, j)

@@ -13,6 +13,7 @@ from typer.testing import CliRunner
 
 from components import benchmarks as B
 from components.cli import app
+from components.data import load_prmbench_file, load_processbench_file
 from components.io import DataError
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -236,7 +237,7 @@ def test_bad_predictions_fail_naming_file_line_and_id(tmp_path: Path, rows: list
     bench = _pb_benchmark(tmp_path)
     preds = write_lines(tmp_path / "bad_preds.jsonl", rows)
     with pytest.raises(DataError) as err:
-        B.read_processbench_predictions(preds, B.load_processbench(bench), 0.5)
+        B.read_processbench_predictions(preds, load_processbench_file(bench), 0.5)
     assert err.value.path == str(preds) and err.value.line == line
     assert needle in str(err.value)
 
@@ -253,7 +254,7 @@ def test_cli_bad_predictions_exit_nonzero_and_write_nothing(tmp_path: Path) -> N
 
 @needs_shared
 def test_cli_score_processbench_full_benchmark_perfect_predictions(tmp_path: Path) -> None:
-    items = B.load_processbench(SHARED_PB)
+    items = load_processbench_file(SHARED_PB)
     assert len(items) == 3400
     rows = []
     for it in items:  # a PRM that is exactly right, as step rewards
@@ -461,7 +462,7 @@ def test_cli_mode_flag_reaches_the_report(tmp_path: Path) -> None:
 
 @needs_shared
 def test_perfect_labels_give_prmscore_one_on_full_prmbench(tmp_path: Path) -> None:
-    items = B.load_prmbench(SHARED_PRMB)
+    items = load_prmbench_file(SHARED_PRMB)
     assert len(items) == 6216
     lines = []
     for it in items:
@@ -487,9 +488,9 @@ def test_perfect_labels_give_prmscore_one_on_full_prmbench(tmp_path: Path) -> No
 
 def test_cli_scoring_defaults_to_the_bundled_benchmarks(tmp_path: Path) -> None:
     """Without --benchmark both commands score against the copies bundled in the project."""
-    pb_items = B.load_processbench(ROOT / "data" / "bundled" / "processbench")
+    pb_items = load_processbench_file(ROOT / "data" / "bundled" / "processbench")
     preds = write_lines(tmp_path / "preds.jsonl", [{"id": it.id, "first_error": it.label} for it in pb_items])
-    prmb_items = B.load_prmbench(ROOT / "data" / "bundled" / "prmbench" / "prmbench_preview.jsonl")
+    prmb_items = load_prmbench_file(ROOT / "data" / "bundled" / "prmbench" / "prmbench_preview.jsonl")
     results = write_lines(tmp_path / "results.jsonl", [
         {"idx": it.idx, "scores": {"step_level_validity_labels": [
             i + 1 not in it.error_steps for i in range(len(it.modified_process))]}}

@@ -81,12 +81,12 @@ LOADERS: dict[str, list[tuple[str, str, Loader]]] = {
                       lambda root, p: D.load_processbench(dir_params(root), ["gsm8k"]))],
     "prepared_processbench": [
         ("read_jsonl(ProcessBenchItem)", "pb.jsonl", lambda root, p: read_jsonl(p, ProcessBenchItem, key=lambda r: r.id)),
-        ("benchmarks.load_processbench", "pb.jsonl", lambda root, p: B.load_processbench(p)),
+        ("data.load_processbench_file", "pb.jsonl", lambda root, p: D.load_processbench_file(p)),
     ],
     "prmbench": [("data.load_prmbench", D.PRMBENCH_FILE, lambda root, p: D.load_prmbench(dir_params(root)))],
     "prepared_prmbench": [
         ("read_jsonl(PRMBenchItem)", "prmb.jsonl", lambda root, p: read_jsonl(p, PRMBenchItem)),
-        ("benchmarks.load_prmbench", "prmb.jsonl", lambda root, p: B.load_prmbench(p)),
+        ("data.load_prmbench_file", "prmb.jsonl", lambda root, p: D.load_prmbench_file(p)),
     ],
     "bon_testset": [("data.load_bon_testset", "bon/testsets/amc23.jsonl",
                      lambda root, p: D.load_bon_testset(dir_params(root), "amc23"))],

@@ -16,6 +16,8 @@ one-at-a-time scoring on identical samples.
 
 from __future__ import annotations
 
+import hashlib
+import random
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Protocol, runtime_checkable
@@ -111,9 +113,58 @@ class StreamingBackend(GenerationBackend, Protocol):
         ...
 
 
+# --------------------------------------------------------------------------------------
+# Seeds: every seed the project derives, from here
+# --------------------------------------------------------------------------------------
+
+# row_seed(s, j) = (s * ROW_SEED_MUL + j * ROW_SEED_STEP + ROW_SEED_ADD) mod ROW_SEED_MOD
+ROW_SEED_MUL, ROW_SEED_STEP, ROW_SEED_ADD, ROW_SEED_MOD = 1_000_003, 7_919, 12_345, 2**63 - 1
+SEED_RANGE = 2**31 - 1  # the derived seeds below lie in [0, SEED_RANGE)
+
+
 def row_seed(seed: int, index: int) -> int:
     """Seed of the random stream of sample `index` of a conversation seeded with `seed`."""
-    return (seed * 1_000_003 + index * 7_919 + 12_345) % (2**63 - 1)
+    return (seed * ROW_SEED_MUL + index * ROW_SEED_STEP + ROW_SEED_ADD) % ROW_SEED_MOD
+
+
+def single_sample_seed(seed: int, index: int) -> int:
+    """The seed s' whose sample 0 is sample `index` of `seed`: row_seed(s', 0) == row_seed(seed, index).
+
+    A one-sample-per-call baseline (bench) draws stream row_seed(s', 0); s' = s + j * STEP * MUL^-1
+    (mod MOD) makes that the stream of sample j.
+    """
+    return (seed + index * ROW_SEED_STEP * pow(ROW_SEED_MUL, -1, ROW_SEED_MOD)) % ROW_SEED_MOD
+
+
+def hashed_seed(*parts: object, sep: str = ":") -> int:
+    """A seed from the sha256 of the parts joined by `sep` (first 8 bytes, big-endian, mod SEED_RANGE)."""
+    digest = hashlib.sha256(sep.join(str(p) for p in parts).encode()).digest()
+    return int.from_bytes(digest[:8], "big") % SEED_RANGE
+
+
+def drawn_seed(*parts: object) -> int:
+    """A seed drawn from `random.Random` seeded with the parts joined by ':' (in [0, SEED_RANGE))."""
+    return random.Random(":".join(str(p) for p in parts)).randrange(SEED_RANGE)
+
+
+def sample_seed(seed: int, sample_id: str) -> int:
+    """Seed of a step sample's analyses (synthesis, pair sampling): a function of (seed, sample id) only."""
+    return hashed_seed(seed, sample_id)
+
+
+def step_seed(seed: int, solution_id: str, step_index: int) -> int:
+    """Seed of one step's K analyses (scoring), from (sampling seed, solution id, step index)."""
+    return hashed_seed(seed, solution_id, step_index, sep="\x1f")
+
+
+def search_seed(seed: int, problem_id: str, iteration: int, beam: int) -> int:
+    """Seed of the proposals of one beam at one guided-search iteration (independent of batching)."""
+    return drawn_seed(seed, problem_id, iteration, beam)
+
+
+def problem_seed(seed: int, problem_id: str) -> int:
+    """Seed of a problem's policy-generated Best-of-N candidates."""
+    return drawn_seed(seed, problem_id)
 
 
 def request_rows(
