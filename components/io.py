@@ -376,6 +376,23 @@ def content_digest(path: str | Path) -> str:
     return h.hexdigest()
 
 
+_HEAD_BYTES = 1024 * 1024
+
+
+def head_digest(path: str | Path) -> str:
+    """Cheap identity of a file or folder: relative names, sizes and the first MiB of each file."""
+    path = Path(path)
+    h = hashlib.sha256()
+    for f in tree_files(path):
+        h.update(f.relative_to(path).as_posix().encode() if f != path else b".")
+        fh_digest = hashlib.sha256()
+        with f.open("rb") as fh:
+            fh_digest.update(fh.read(_HEAD_BYTES))
+        fh_digest.update(str(f.stat().st_size).encode())
+        h.update(fh_digest.hexdigest().encode())
+    return h.hexdigest()
+
+
 def stat_digest(path: str | Path) -> str:
     """Cheap identity of a folder: relative names, sizes and modification times of its files (16 hex)."""
     path = Path(path)

@@ -73,7 +73,14 @@ import yaml
 
 from components import paths
 from components.config import Params, TrainParams, dump_params, load_params
-from components.io import DataError, iter_json_lines, parse_record, read_json, write_json
+from components.io import (
+    DataError,
+    head_digest,
+    iter_json_lines,
+    parse_record,
+    read_json,
+    write_json,
+)
 from components.model_folder import check_model_dir, torch_dtype
 from components.prompts import VERDICT_PHRASE, parse_verdict
 from components.records import Record
@@ -87,7 +94,6 @@ MARKER = "rprm_checkpoint.json"
 STAGES = ("sft", "dpo")
 # Params that change how often things are logged or saved, never the trained weights.
 _NON_TRAJECTORY_KEYS = ("logging_steps", "eval_steps", "save_steps", "save_total_limit", "accelerate_config")
-_HEAD_BYTES = 1024 * 1024
 
 
 class TrainingError(RuntimeError):
@@ -244,24 +250,6 @@ def filter_by_length(
 # --------------------------------------------------------------------------------------
 
 
-def _file_head_digest(path: Path) -> str:
-    h = hashlib.sha256()
-    with path.open("rb") as fh:
-        h.update(fh.read(_HEAD_BYTES))
-    h.update(str(path.stat().st_size).encode())
-    return h.hexdigest()
-
-
-def _tree_digest(path: Path) -> str:
-    """Cheap identity of a file or folder: name, size and the first MiB of each file."""
-    h = hashlib.sha256()
-    files = [path] if path.is_file() else sorted(p for p in path.rglob("*") if p.is_file())
-    for f in files:
-        h.update(f.relative_to(path).as_posix().encode() if f != path else b".")
-        h.update(_file_head_digest(f).encode())
-    return h.hexdigest()
-
-
 def fingerprint(stage: str, params: Params) -> str:
     """Identity of a training trajectory: its params, its data and its input model."""
     io_ = stage_io(stage)
@@ -272,9 +260,9 @@ def fingerprint(stage: str, params: Params) -> str:
         "stage": stage,
         "params": section,
         "dtype": params.model.dtype,
-        "train": _tree_digest(io_.train_file) if io_.train_file.exists() else None,
-        "val": _tree_digest(io_.val_file) if io_.val_file.exists() else None,
-        "model": _tree_digest(io_.model_in) if io_.model_in.exists() else None,
+        "train": head_digest(io_.train_file) if io_.train_file.exists() else None,
+        "val": head_digest(io_.val_file) if io_.val_file.exists() else None,
+        "model": head_digest(io_.model_in) if io_.model_in.exists() else None,
     }
     return hashlib.sha256(json.dumps(ident, sort_keys=True).encode()).hexdigest()
 

@@ -174,7 +174,7 @@ def test_explain_prints_every_field_with_value_default_and_description() -> None
         for name, field in model.model_fields.items():
             assert f"{path}{name}" in text, f"{path}{name}"
             assert field.description.split("\n")[0][:40] in text, f"{path}{name}"
-    assert '  sft.learning_rate = 2e-05  (default 0.003)' in lines
+    assert '  sft.learning_rate = 0.0001  (default 0.003)' in lines
     assert '  sft.seed = 42  (default)' in lines
 
 
