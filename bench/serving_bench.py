@@ -51,8 +51,8 @@ def save_pyfunc(model_path: Path, scoring: ScoringParams, backend: BackendParams
     params = Params()
     params.scoring = scoring.model_copy(deep=True)
     params.backend = backend.model_copy(deep=True)
-    spec = registry.pyfunc_spec(params, model_path, "bench")
-    with warnings.catch_warnings():  # no input example on purpose, as in `rprm register`
+    with warnings.catch_warnings(), registry.pyfunc_spec(params, model_path, "bench") as spec:
+        # no input example on purpose, as in `rprm register`
         warnings.filterwarnings("ignore", message=".*input example was not provided")
         mlflow.pyfunc.save_model(path=str(dest), **spec)
     return dest

@@ -6,7 +6,10 @@ model) as an MLflow pyfunc model from code (`components/serving.py`), with its s
 parameters as the model config; registers it as a new version of `tracking.registered_model`,
 points the alias `register.alias` (`challenger`) at it, and tags the version with the
 headline metrics of `reports/processbench.json` and `reports/prmbench.json`, the run, the git
-commit and the model folder's hash. It writes `reports/registration.json`.
+commit and the model folder's hash. It writes `reports/registration.json`. The code shipped with
+the model (its `code/components/` folder) is what serving imports: the static import closure of
+`components/serving.py` (components/modules.py; lazy imports included, so all three backends)
+and the package data (`components/resources/`), nothing else of components/.
 
 Quality gate (`register.gate`): before anything is logged, the model's verdict-reach rate and
 first-error F1 on the gate's benchmark (the in-domain held-out benchmark by default) must clear
@@ -27,14 +30,18 @@ from __future__ import annotations
 
 import logging
 import math
+import shutil
+import tempfile
 import warnings
+from collections.abc import Iterator
+from contextlib import contextmanager
 from datetime import UTC, datetime
 from importlib import metadata
 from pathlib import Path
 from typing import Any
 
 import components
-from components import paths, serving, tracking
+from components import modules, paths, serving, tracking
 from components.config import Params
 from components.io import DataError, StageRefused, data_hash, read_json_object, write_json
 
@@ -51,6 +58,7 @@ REGISTERED_MODEL_DESCRIPTION = (
     "rewards (mean P(Yes) over K analyses), predicted first error, verdicts. "
     "Aliases: challenger (latest registered), champion (promoted, served)."
 )
+CODE_ROOT = Path(components.__file__).resolve().parents[1]  # the folder holding components/
 SERVING_REQUIREMENTS = (
     "mlflow", "torch", "transformers", "tokenizers", "safetensors", "accelerate",
     "pydantic", "pyyaml", "numpy", "pandas",
@@ -176,23 +184,46 @@ def serving_requirements() -> list[str]:
     return [f"{name}=={metadata.version(name)}" for name in SERVING_REQUIREMENTS]
 
 
-def pyfunc_spec(params: Params, model_dir: Path, model_hash: str) -> dict[str, Any]:
-    """What the PRM pyfunc is made of (the arguments of `mlflow.pyfunc.log_model`/`save_model`)."""
-    return {
-        "python_model": Path(serving.__file__),
-        "artifacts": {serving.MODEL_ARTIFACT: str(model_dir)},
-        "code_paths": [str(Path(components.__file__).parent)],
-        "model_config": model_config(params),
-        "signature": serving.signature(),
-        "pip_requirements": serving_requirements(),
-        "metadata": {"rprm": {"model": params.register.model, "model_md5": model_hash,
-                              "scoring": params.scoring.model_dump(mode="json")}},
-    }
+def serving_code_files() -> list[Path]:
+    """The served model's code, relative to CODE_ROOT: serving's static import closure and the package data."""
+    return sorted(modules.import_closure(serving.__name__, CODE_ROOT)
+                  | modules.package_data(components.__name__, CODE_ROOT))
+
+
+@contextmanager
+def staged_serving_code() -> Iterator[Path]:
+    """A temporary copy of `serving_code_files()` in the package layout; yields its components/ folder (removed on exit)."""
+    with tempfile.TemporaryDirectory(prefix="rprm-served-code-") as tmp:
+        for rel in serving_code_files():
+            (Path(tmp) / rel).parent.mkdir(parents=True, exist_ok=True)
+            shutil.copy2(CODE_ROOT / rel, Path(tmp) / rel)
+        yield Path(tmp) / components.__name__
+
+
+@contextmanager
+def pyfunc_spec(params: Params, model_dir: Path, model_hash: str) -> Iterator[dict[str, Any]]:
+    """What the PRM pyfunc is made of (the arguments of `mlflow.pyfunc.log_model`/`save_model`); use it inside the with block.
+
+    The code path is a staged copy of `serving_code_files()`; MLflow copies it to the model's
+    `code/components/` and puts `code/` first on sys.path when it loads the model.
+    """
+    with staged_serving_code() as code:
+        yield {
+            "python_model": Path(serving.__file__),
+            "artifacts": {serving.MODEL_ARTIFACT: str(model_dir)},
+            "code_paths": [str(code)],
+            "model_config": model_config(params),
+            "signature": serving.signature(),
+            "pip_requirements": serving_requirements(),
+            "metadata": {"rprm": {"model": params.register.model, "model_md5": model_hash,
+                                  "scoring": params.scoring.model_dump(mode="json")}},
+        }
 
 
 def _log_pyfunc(params: Params, model_dir: Path, model_hash: str) -> Any:
     """Log the PRM folder as a models-from-code pyfunc in the active run."""
-    return tracking.log_pyfunc(LOGGED_MODEL_NAME, pyfunc_spec(params, model_dir, model_hash))
+    with pyfunc_spec(params, model_dir, model_hash) as spec:
+        return tracking.log_pyfunc(LOGGED_MODEL_NAME, spec)
 
 
 def _check_model_dir(name: str) -> Path:

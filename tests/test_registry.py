@@ -98,7 +98,15 @@ def test_register_logs_pyfunc_version_with_alias_and_tags(project: Path) -> None
     assert pyfunc["config"]["backend"]["kind"] == "hf"
     assert mlmodel["metadata"]["rprm"]["scoring"]["threshold"] == 0.5
     assert (local / "artifacts" / "dpo" / "config.json").exists()
-    assert (local / "code" / "components" / "serving.py").exists()
+    # the code shipped is what serving imports (its static import closure) and the package data
+    code = local / "code"
+    shipped = {f.relative_to(code) for f in code.rglob("*") if f.is_file()}
+    assert shipped == set(registry.serving_code_files())
+    assert {Path("components/serving.py"), Path("components/__init__.py"), Path("components/scoring.py"),
+            Path("components/backends/__init__.py"), Path("components/backends/hf.py"),
+            Path("components/resources/teacher_one_shot_official.json")} <= shipped
+    for never in ("training", "sft", "dpo", "best_of_n", "cli", "registry", "tracking", "modules"):
+        assert Path(f"components/{never}.py") not in shipped, never
     reqs = (local / "requirements.txt").read_text().split()
     assert any(r.startswith("torch==") for r in reqs) and any(r.startswith("mlflow==") for r in reqs)
 

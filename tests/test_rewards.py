@@ -253,8 +253,8 @@ def test_registry_uri_resolves_to_the_registered_folder(tmp_path: Path, verdict_
     monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path / 'mlflow.db'}")
     mlflow.set_tracking_uri(f"sqlite:///{tmp_path / 'mlflow.db'}")
     mlflow.set_experiment("resolve-test")
-    with mlflow.start_run():
-        info = mlflow.pyfunc.log_model(name="prm", **registry.pyfunc_spec(Params(), verdict_model_dir, "x"))
+    with mlflow.start_run(), registry.pyfunc_spec(Params(), verdict_model_dir, "x") as spec:
+        info = mlflow.pyfunc.log_model(name="prm", **spec)
     version = mlflow.register_model(info.model_uri, "r-prm")
     mlflow.MlflowClient().set_registered_model_alias("r-prm", "champion", version.version)
     cache = tmp_path / "cache"

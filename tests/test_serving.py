@@ -282,7 +282,8 @@ def test_unknown_request_params_are_refused_on_the_pyfunc_predict_path(
     from components import registry
 
     path = tmp_path / "pyfunc"
-    mlflow.pyfunc.save_model(str(path), **registry.pyfunc_spec(serving_params(), verdict_model_dir, "md5"))
+    with registry.pyfunc_spec(serving_params(), verdict_model_dir, "md5") as spec:
+        mlflow.pyfunc.save_model(str(path), **spec)
     model = mlflow.pyfunc.load_model(str(path))
     rows = pd.DataFrame([{"question": QUESTION, "steps": STEPS[:1], "id": "one"}])
     with pytest.raises(MlflowException) as err:
@@ -295,6 +296,52 @@ def test_unknown_request_params_are_refused_on_the_pyfunc_predict_path(
     (pred,) = model.predict(rows, params={"early_exit": True})  # nothing left over from the refusals
     assert pred["id"] == "one"
     check_prediction(pred, 1)
+
+
+# Loads the saved pyfunc at argv[1] with no copy of the project importable but the model's own
+# code/ (no PYTHONPATH, cwd elsewhere, the editable install's finder removed), scores one
+# solution and prints the prediction and the files of the project modules that were loaded.
+LOAD_FROM_SHIPPED_CODE = """
+import json, sys
+sys.meta_path[:] = [f for f in sys.meta_path if "__editable__" not in getattr(f, "__module__", "")]
+import mlflow, pandas as pd
+model = mlflow.pyfunc.load_model(sys.argv[1])
+(pred,) = model.predict(pd.DataFrame([{"question": sys.argv[2], "steps": [sys.argv[3]], "id": "one"}]))
+files = sorted(m.__file__ for n, m in list(sys.modules.items()) if n.split(".")[0] == "components")
+print(json.dumps({"pred": pred, "files": files}, default=lambda o: o.tolist()))
+"""
+
+
+@pytest.mark.slow
+@pytest.mark.filterwarnings("ignore:.*input example was not provided")
+def test_served_model_ships_only_what_serving_imports_and_runs_from_it(
+        verdict_model_dir: Path, tmp_path: Path) -> None:
+    """The pyfunc's code/ holds serving's import closure and the package data, nothing else of
+    components/; the staging copy is gone afterwards; the model loads and scores from that code alone."""
+    import mlflow
+
+    path = tmp_path / "pyfunc"
+    with registry.pyfunc_spec(serving_params(), verdict_model_dir, "md5") as spec:
+        staged = Path(spec["code_paths"][0])
+        assert staged.name == "components"
+        mlflow.pyfunc.save_model(str(path), **spec)
+    assert not staged.parent.exists()
+    code = path / "code"
+    shipped = {f.relative_to(code) for f in code.rglob("*") if f.is_file()}
+    assert shipped == set(registry.serving_code_files())
+    assert Path("components/serving.py") in shipped and Path("components/resources/README.md") in shipped
+    for never in ("training", "sft", "best_of_n", "cli", "registry", "tracking"):
+        assert Path(f"components/{never}.py") not in shipped, never
+
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
+    work = tmp_path / "elsewhere"
+    work.mkdir()
+    proc = subprocess.run([sys.executable, "-c", LOAD_FROM_SHIPPED_CODE, str(path), QUESTION, STEPS[0]],
+                          cwd=work, env=env, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    out = json.loads(proc.stdout.strip().splitlines()[-1])
+    check_prediction(out["pred"], 1)
+    assert out["files"] and all(Path(f).resolve().is_relative_to(code.resolve()) for f in out["files"]), out["files"]
 
 
 def test_openai_backend_behind_the_server_asks_for_the_configured_model(tmp_path: Path) -> None:

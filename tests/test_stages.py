@@ -4,12 +4,12 @@ imports, so `dvc repro` reruns a stage when any code it runs changes."""
 
 from __future__ import annotations
 
-import ast
 from pathlib import Path
 
 import pytest
 import yaml
 
+from components.modules import import_closure, module_file
 from components.stages import STAGE_NAMES, STAGES, stage
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -20,77 +20,6 @@ def dvc_stages() -> dict[str, dict]:
     return yaml.safe_load((ROOT / "dvc.yaml").read_text())["stages"]
 
 
-def module_file(module: str, root: Path = ROOT) -> Path | None:
-    """The file of a project module (`components.x` or `components.x.y`); None for others."""
-    parts = module.split(".")
-    if parts[0] != PACKAGE:
-        return None
-    base = root.joinpath(*parts)
-    if (base / "__init__.py").is_file():
-        return base / "__init__.py"
-    if base.with_suffix(".py").is_file():
-        return base.with_suffix(".py")
-    return None
-
-
-def _type_checking_only(node: ast.AST, parents: dict[ast.AST, ast.AST]) -> bool:
-    """Whether `node` sits under an `if TYPE_CHECKING:` block (never imported at run time)."""
-    while node in parents:
-        node = parents[node]
-        if isinstance(node, ast.If):
-            test = node.test
-            name = test.id if isinstance(test, ast.Name) else getattr(test, "attr", None)
-            if name == "TYPE_CHECKING":
-                return True
-    return False
-
-
-def imported_modules(path: Path, root: Path = ROOT) -> set[str]:
-    """Project modules a file imports anywhere in it (functions' lazy imports included), as
-    dotted names; `from components import x` counts as `components.x` when x is a module."""
-    tree = ast.parse(path.read_text(encoding="utf-8"), filename=str(path))
-    parents = {child: node for node in ast.walk(tree) for child in ast.iter_child_nodes(node)}
-    rel = path.relative_to(root).with_suffix("")
-    here = list(rel.parts[:-1])  # the file's package (components/x/__init__.py: components.x)
-    found: set[str] = set()
-    for node in ast.walk(tree):
-        if _type_checking_only(node, parents):
-            continue
-        if isinstance(node, ast.Import):
-            names = [alias.name for alias in node.names]
-        elif isinstance(node, ast.ImportFrom):
-            if node.level:  # relative: from the file's package, `level - 1` packages up
-                pkg = here[: len(here) - (node.level - 1)]
-                base = ".".join([*pkg, *([node.module] if node.module else [])])
-            else:
-                base = node.module or ""
-            names = [base] + [f"{base}.{alias.name}" for alias in node.names]
-        else:
-            continue
-        for name in names:
-            parts = name.split(".")
-            # importing components.a.b runs components/__init__.py and components/a/__init__.py too
-            for i in range(1, len(parts) + 1):
-                if module_file(".".join(parts[:i]), root) is not None:
-                    found.add(".".join(parts[:i]))
-    return found
-
-
-def import_closure(module: str, root: Path = ROOT) -> set[Path]:
-    """Files of `module` and of every project module it imports, transitively (relative to root)."""
-    seen: set[str] = set()
-    todo = [module]
-    while todo:
-        name = todo.pop()
-        if name in seen:
-            continue
-        seen.add(name)
-        path = module_file(name, root)
-        assert path is not None, name
-        todo.extend(imported_modules(path, root) - seen)
-    return {module_file(name, root).relative_to(root) for name in seen}  # type: ignore[union-attr]
-
-
 def covered(path: Path, deps: list[str]) -> bool:
     """Whether a dvc.yaml dep (a file, or a folder holding it) covers `path`."""
     return any(path == Path(d) or Path(d) in path.parents for d in deps)
@@ -99,7 +28,7 @@ def covered(path: Path, deps: list[str]) -> bool:
 def missing_code_deps(name: str, spec: dict) -> list[str]:
     """Project files that stage `name`'s entry module imports but its dvc.yaml deps miss."""
     deps = [next(iter(d)) if isinstance(d, dict) else d for d in spec.get("deps", [])]
-    files = import_closure(stage(name).module)
+    files = import_closure(stage(name).module, ROOT)
     init = Path(PACKAGE, "__init__.py")
     if not (ROOT / init).read_text(encoding="utf-8").strip():  # empty: nothing to depend on
         files.discard(init)
@@ -123,8 +52,9 @@ def test_flow_and_cli_are_built_from_the_table() -> None:
     assert commands[: len(STAGES)] == list(STAGE_NAMES)
     for s in STAGES:
         module, func = s.target.split(":")
-        assert module_file(s.module) is not None, s.name
-        assert func in (ROOT / module_file(s.module)).read_text(), s  # type: ignore[operator]
+        path = module_file(s.module, ROOT)
+        assert path is not None, s.name
+        assert func in path.read_text(), s
 
 
 @pytest.mark.parametrize("name", STAGE_NAMES)
