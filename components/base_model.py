@@ -421,10 +421,3 @@ def run(params: Params) -> dict[str, Any]:
     )
     return info
 
-
-def load_model_info(model_dir: str | Path) -> dict[str, Any] | None:
-    """The `rprm_model.json` of a model folder, if there is one."""
-    path = Path(model_dir) / MODEL_INFO_FILE
-    if not path.exists():
-        return None
-    return json.loads(path.read_text(encoding="utf-8"))
