@@ -16,7 +16,6 @@ description of what was built (kind, source, size, verdict token ids).
 from __future__ import annotations
 
 import importlib.util
-import json
 import shutil
 import tempfile
 import time
