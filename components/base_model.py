@@ -99,6 +99,21 @@ def template_texts() -> list[str]:
     return texts
 
 
+def fixed_phrases() -> list[str]:
+    """Fixed sentences of the R-PRM prompt and the offline teacher's analyses (phrase tokens).
+
+    Each line of the instruction block and its section headers, the first-step sentence, the closing request and every
+    fixed analysis sentence; the verdict line stays out, so ' Yes' and ' No' keep their own tokens.
+    """
+    from components import prompts
+    from components.teachers import ANALYSIS_PHRASES
+
+    lines = [ln for ln in prompts.RPRM_TEMPLATE.split("\n") if ln and "{}" not in ln and "Reply:" not in ln]
+    headers = [ln.split("**:")[0] + "**:" for ln in lines if ln.startswith("**")]  # "**Data Source Analysis**:"
+    phrases = [*lines, *headers, prompts.FIRST_STEP_SENTENCE, prompts.SYSTEM_PROMPT, *ANALYSIS_PHRASES]
+    return list(dict.fromkeys(p for p in phrases if len(p) >= 12))
+
+
 def tokenizer_corpus(corpus_files: Sequence[str | Path], extra_texts: Sequence[str] = ()) -> list[str]:
     """Training texts for the tiny tokenizer: bundled strings, domain texts, weighted template and verdicts."""
     from components import prompts
@@ -244,12 +259,19 @@ def build_tiny_model(
 
     if not corpus_files:
         raise BaseModelError("no tokenizer corpus files given (expected data/bundled/prm800k/*.jsonl)")
-    tk = train_tokenizer(tokenizer_corpus(corpus_files, extra_texts), tiny.vocab_size - tiny.number_tokens)
+    phrases = fixed_phrases() if tiny.phrase_tokens else []
+    tk = train_tokenizer(
+        tokenizer_corpus(corpus_files, extra_texts), tiny.vocab_size - tiny.number_tokens - len(phrases)
+    )
     tok = wrap_tokenizer(tk)
     if tiny.number_tokens:
         # Whole numbers as single tokens. Added tokens are matched (longest first) before the
         # pre-tokenizer, which Qwen2's tokenizer class fixes to one digit per token.
         tok.add_tokens([str(i) for i in range(tiny.number_tokens)])
+    if tiny.phrase_tokens:
+        # Each fixed sentence of the prompt and of the offline analyses becomes one token; the
+        # text is unchanged, a 530-token prompt costs about 60.
+        tok.add_tokens(phrases)
     yes, no = verdict_token_ids(tok)
     if len(yes) != 1 or len(no) != 1:
         raise BaseModelError(

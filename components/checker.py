@@ -476,6 +476,12 @@ def _claims_of(text: str) -> tuple[Claim, ...]:
     return tuple(find_claims(text))
 
 
+# Fixed sentences of the data-source line (single tokens of the tiny tokenizer; see teachers).
+DATA_SOURCED = "Every number it uses comes from the question or the Previous Steps:"
+DATA_UNSOURCED = ("A number it uses,", "appears nowhere in the question or the Previous Steps.")
+DATA_NONE = "It uses no number."
+
+
 def check_step(sample: StepSample) -> StepCheck:
     """Check the arithmetic of the Now Step and the Previous Steps, and trace its numbers.
 
@@ -492,11 +498,11 @@ def check_step(sample: StepSample) -> StepCheck:
         traced = list(dict.fromkeys(_NUMBER.findall(normalize_math(sample.now_step))))
     unsourced = tuple(x for x in traced if x not in known)
     if not traced:
-        data = "It uses no number."
+        data = DATA_NONE
     elif not unsourced:
-        data = f"Every number it uses comes from the question or the Previous Steps: {', '.join(traced[:3])}."
+        data = f"{DATA_SOURCED} {', '.join(traced[:3])}."
     else:
-        data = f"A number it uses, {unsourced[0]}, appears nowhere in the question or the Previous Steps."
+        data = f"{DATA_UNSOURCED[0]} {unsourced[0]}, {DATA_UNSOURCED[1]}"
     return StepCheck(
         claims=claims,
         previous_claims=len(previous),

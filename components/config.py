@@ -60,6 +60,12 @@ class TinyModelParams(Section):
         description="Make the numbers 0..N-1 single (added) tokens, taken out of vocab_size; 0 keeps Qwen2's one "
         "digit per token. Lets a tiny model copy and compare numbers as single symbols.",
     )
+    phrase_tokens: bool = Field(
+        True,
+        description="Make each fixed sentence of the R-PRM prompt and of the offline teacher's analyses one "
+        "(added) token, taken out of vocab_size: the text is unchanged, but a tiny model's steps go to what varies "
+        "between prompts.",
+    )
 
 
 class ModelParams(Section):

@@ -27,7 +27,14 @@ from collections.abc import Iterator, Sequence
 from typing import Protocol
 
 from components.backends.base import Generation, GenerationBackend, row_seed
-from components.checker import StepCheck, check_step, format_number
+from components.checker import (
+    DATA_NONE,
+    DATA_SOURCED,
+    DATA_UNSOURCED,
+    StepCheck,
+    check_step,
+    format_number,
+)
 from components.config import ParamsError, SamplingParams, TeacherParams
 from components.prompts import VERDICT_NO, VERDICT_YES, teacher_messages
 from components.records import StepSample
@@ -60,6 +67,29 @@ class Teacher(Protocol):
 # --------------------------------------------------------------------------------------
 # The offline teacher
 # --------------------------------------------------------------------------------------
+
+
+# Fixed sentences of the offline teacher's analyses. The tiny model's tokenizer makes each one a
+# single token (model.tiny.phrase_tokens), so a tiny model spends its steps on what varies.
+FIRST_STEP_PREVIOUS = "None; the Now Step is the first step."
+NOW_CALCULATES = ("It computes a new quantity from earlier ones.", "It carries out a calculation.")
+NOW_STATES = ("It states a fact or a plan; nothing to compute.", "It describes the next move; no calculation.")
+REPEATS = "It repeats a Previous Step."
+CONSISTENT = ("It follows from the Previous Steps.", "It is consistent with the Previous Steps.")
+CALC_WRONG = "The calculation is wrong:"
+CALC_ITSELF_CORRECT = "The calculation itself is correct:"
+CALC_CORRECT = ("The calculation is correct:", "The calculation is right:")
+NO_CALCULATION = "There is no calculation to check."
+CONCLUDE_CALC_ERROR = "The Now Step is wrong: it has a calculation error."
+CONCLUDE_NO_SOURCE = "The Now Step is wrong: it uses a number with no source."
+CONCLUDE_CORRECT = "The Now Step is correct."
+CONCLUDE_NO_ERROR = "I find no error."
+CONCLUDE_DOUBT = "I doubt the Now Step."
+ANALYSIS_PHRASES: tuple[str, ...] = (
+    FIRST_STEP_PREVIOUS, *NOW_CALCULATES, *NOW_STATES, REPEATS, *CONSISTENT, CALC_WRONG,
+    CALC_ITSELF_CORRECT, *CALC_CORRECT, NO_CALCULATION, CONCLUDE_CALC_ERROR, CONCLUDE_NO_SOURCE,
+    CONCLUDE_CORRECT, CONCLUDE_NO_ERROR, CONCLUDE_DOUBT, DATA_SOURCED, *DATA_UNSOURCED, DATA_NONE,
+)
 
 
 def _pick(rng: random.Random, options: Sequence[str]) -> str:
@@ -112,7 +142,7 @@ class OfflineTeacher:
         k = len(sample.previous_steps)
         claims, wrong = check.claims, [c for c in check.claims if not c.holds]
         if k == 0:
-            prev = "None; the Now Step is the first step."
+            prev = FIRST_STEP_PREVIOUS
         elif check.previous_claims:
             prev = f"Steps 1-{k}: {check.previous_claims} calculation(s) checked, " + (
                 f"{check.previous_wrong} wrong." if check.previous_wrong else "all hold."
@@ -121,38 +151,35 @@ class OfflineTeacher:
             prev = f"Steps 1-{k}: no calculation to check."
 
         if claims:
-            now = _pick(rng, ["It computes a new quantity from earlier ones.", "It carries out a calculation."])
+            now = _pick(rng, NOW_CALCULATES)
         else:
-            now = _pick(rng, ["It states a fact or a plan; nothing to compute.", "It describes the next move; no calculation."])
+            now = _pick(rng, NOW_STATES)
 
         data = check.data_source
-        consistency = "It repeats a Previous Step." if check.repeats else _pick(
-            rng, ["It follows from the Previous Steps.", "It is consistent with the Previous Steps."]
-        )
+        consistency = REPEATS if check.repeats else _pick(rng, CONSISTENT)
 
         # Each section leads with its judgement; the numbers that back it follow.
         meta: dict = {"claims": len(claims), "wrong_claims": len(wrong)}
         if wrong:
             c = wrong[0]
-            calc = f"The calculation is wrong: {c.lhs.strip()} is {format_number(c.lhs_value)}, not {format_number(c.rhs_value)}."
-            verdict, conclusion = "No", "The Now Step is wrong: it has a calculation error."
+            calc = f"{CALC_WRONG} {c.lhs.strip()} is {format_number(c.lhs_value)}, not {format_number(c.rhs_value)}."
+            verdict, conclusion = "No", CONCLUDE_CALC_ERROR
             meta["decided_by"] = "calculation"
         elif check.unsourced and self.trace_sources:
-            calc = (f"The calculation itself is correct: {claims[0].describe()}." if claims
-                    else "There is no calculation to check.")
-            verdict, conclusion = "No", "The Now Step is wrong: it uses a number with no source."
+            calc = f"{CALC_ITSELF_CORRECT} {claims[0].describe()}." if claims else NO_CALCULATION
+            verdict, conclusion = "No", CONCLUDE_NO_SOURCE
             meta["decided_by"] = "data_source"
         elif claims:
             what = claims[0].describe() if len(claims) == 1 else f"all {len(claims)} calculations hold"
-            calc = _pick(rng, ["The calculation is correct: {c}.", "The calculation is right: {c}."]).format(c=what)
-            verdict, conclusion = "Yes", "The Now Step is correct."
+            calc = f"{_pick(rng, CALC_CORRECT)} {what}."
+            verdict, conclusion = "Yes", CONCLUDE_CORRECT
             meta["decided_by"] = "calculation"
         else:
             p, why = check.prior
             yes = rng.random() < _tempered(p, temperature)
-            calc = f"There is no calculation to check. Weak rule: {why}."
+            calc = f"{NO_CALCULATION} Weak rule: {why}."
             verdict = "Yes" if yes else "No"
-            conclusion = "I find no error." if yes else "I doubt the Now Step."
+            conclusion = CONCLUDE_NO_ERROR if yes else CONCLUDE_DOUBT
             meta["decided_by"] = "heuristic"
             meta["heuristic_p_correct"] = p
 

@@ -144,6 +144,8 @@ def tiny_model_dir(tmp_path_factory: pytest.TempPathFactory, default_params: Par
     key = [
         (REPO_ROOT / "components" / "base_model.py").read_bytes(),
         (REPO_ROOT / "components" / "prompts.py").read_bytes(),
+        (REPO_ROOT / "components" / "teachers.py").read_bytes(),  # its fixed sentences are phrase tokens
+        (REPO_ROOT / "components" / "checker.py").read_bytes(),
         (REPO_ROOT / "components" / "resources" / "teacher_one_shot_official.json").read_bytes(),
         *(p.read_bytes() for p in corpus),
         tiny.model_dump_json().encode(),

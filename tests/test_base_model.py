@@ -38,8 +38,11 @@ def test_tiny_model_is_a_qwen2_of_the_configured_size(tiny_model_dir: Path, defa
         tiny.num_attention_heads,
         tiny.num_key_value_heads,
     )
-    # the BPE vocabulary plus the number tokens it did not already hold
-    assert tiny.vocab_size - tiny.number_tokens < config.vocab_size <= tiny.vocab_size
+    # the BPE vocabulary plus the number and phrase tokens it did not already hold
+    from components.base_model import fixed_phrases
+
+    added = tiny.number_tokens + (len(fixed_phrases()) if tiny.phrase_tokens else 0)
+    assert tiny.vocab_size - added < config.vocab_size <= tiny.vocab_size
     model = AutoModelForCausalLM.from_pretrained(tiny_model_dir)
     info = json.loads((tiny_model_dir / "rprm_model.json").read_text())
     assert info["kind"] == "tiny" and info["architecture"] == "Qwen2ForCausalLM"
@@ -220,3 +223,22 @@ def test_number_tokens_make_whole_numbers_single_tokens(tiny_model_dir: Path, de
     for i in (0, 7, 42, n - 1):
         assert tok.tokenize(f"x {i} y")[2] == str(i)
     assert tok.decode(tok("Taking away 13 cards: 147 - 13 = 134.")["input_ids"]) == "Taking away 13 cards: 147 - 13 = 134."
+
+
+def test_phrase_tokens_shorten_chats_and_keep_the_text(tiny_model_dir: Path, default_params: Params) -> None:
+    """`model.tiny.phrase_tokens`: each fixed prompt and analysis sentence is one token; decoding gives the text back."""
+    from transformers import AutoTokenizer
+
+    from components import prompts
+    from components.teachers import CALC_CORRECT, CONCLUDE_CORRECT, NOW_CALCULATES, REPEATS
+
+    assert default_params.model.tiny.phrase_tokens
+    tok = AutoTokenizer.from_pretrained(tiny_model_dir)
+    prompt = prompts.render_rprm_prompt("What is 3 + 4?", ["3 + 4 = 7."], "The answer is 7.")
+    ids = tok(prompt)["input_ids"]
+    assert tok.decode(ids) == prompt
+    assert len(ids) < len(prompt) / 10  # the fixed template is a few dozen tokens, not hundreds
+    for phrase in (*NOW_CALCULATES, *CALC_CORRECT, CONCLUDE_CORRECT, REPEATS):
+        assert len(tok(phrase)["input_ids"]) == 1, phrase
+    # the verdict line keeps its own tokens, so ' Yes' and ' No' stay the scored tokens
+    assert tok.convert_ids_to_tokens(tok(" Yes")["input_ids"]) == ["ĠYes"]
