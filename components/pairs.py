@@ -161,6 +161,21 @@ def split_by_problem(
     return train, val
 
 
+def balance_and_split(
+    candidates: Sequence[PreferencePair], balance: bool, val_size: int, seed: int
+) -> tuple[list[PreferencePair], list[PreferencePair], list[PreferencePair]]:
+    """(balanced, train, val): balance 1:1 by chosen verdict, split by problem, rebalance val.
+
+    Whole problems rarely split 1:1; when validation holds both verdicts it is balanced again, so
+    0.5 is the held-out accuracy of any constant verdict bias and more means real discrimination.
+    """
+    balanced = balance_pairs(candidates, seed) if balance else list(candidates)
+    train, val = split_by_problem(balanced, val_size, seed)
+    if balance and {p.chosen_verdict for p in val} == {"yes", "no"}:
+        val = balance_pairs(val, seed)
+    return balanced, train, val
+
+
 # --------------------------------------------------------------------------------------
 # Sampling with a journal
 # --------------------------------------------------------------------------------------
@@ -310,12 +325,7 @@ def assemble(params: Params, samples: Sequence[StepSample], records: dict[str, d
         pairs = build_pairs(s, crits, sp.max_pairs_per_step, sp.seed)
         steps_with_pairs += bool(pairs)
         candidates.extend(pairs)
-    balanced = balance_pairs(candidates, sp.seed) if sp.balance else list(candidates)
-    train, val = split_by_problem(balanced, sp.val_size, sp.seed)
-    if sp.balance and {p.chosen_verdict for p in val} == {"yes", "no"}:
-        # whole problems rarely split 1:1; a balanced validation set makes 0.5 the accuracy of any
-        # constant verdict bias, so held-out preference accuracy above 0.5 means real discrimination
-        val = balance_pairs(val, sp.seed)
+    balanced, train, val = balance_and_split(candidates, sp.balance, sp.val_size, sp.seed)
     used = {(p.sample_id, idx) for p in train + val
             for idx in (int(x) for x in p.id.rsplit("#", 1)[1].split("-"))}
     for c in critiques:

@@ -217,9 +217,10 @@ def test_greedy_search_keeps_the_prm_best_step(engines):
         assert "\n\n" not in "".join(result.steps)  # steps were cut at blank lines
 
     # the single-problem strategy (the common signature) gives that problem the same search
+    # (to float32 noise: a batch pads its sequences, a single problem does not)
     alone = search.run_strategy("greedy", probs[1], policy, ScorerRewarder(scorer), cfg)
     assert alone.steps == results[1].steps
-    assert alone.step_rewards == pytest.approx(results[1].step_rewards, abs=1e-6)
+    assert alone.step_rewards == pytest.approx(results[1].step_rewards, abs=1e-5)
 
 
 def test_beam_search_same_signature(engines):
@@ -266,7 +267,7 @@ def test_rewarder_equals_the_step_scorer(engines):
     for path, reward in zip(paths, got, strict=True):
         sol = Solution(id=ScorerRewarder.solution_id("p-eq", path), question=question, steps=path)
         (scored,) = scorer.score_detailed([sol])
-        assert reward == pytest.approx(scored.reward(len(path) - 1), abs=1e-6)
+        assert reward == pytest.approx(scored.reward(len(path) - 1), abs=1e-5)
         assert 0.0 <= reward <= 1.0
 
 
@@ -307,7 +308,7 @@ def test_each_candidate_step_is_scored_with_its_own_seeds(engines):
     assert len(ids) == len(candidates) and all(i.startswith("p-seeds#guided:") for i in ids)
     # a candidate's reward depends only on its own path, not on the candidates proposed with it
     for cand, reward in zip(candidates, together, strict=True):
-        assert rewarder([("p-seeds", question, cand)]) == [pytest.approx(reward, abs=1e-6)]
+        assert rewarder([("p-seeds", question, cand)]) == [pytest.approx(reward, abs=1e-5)]
     assert recording.seeds[1:] == [[s] for s in seeds]
     # the id (hence the seeds) is a function of the path: same path, same id; another problem, another id
     assert search.path_solution_id("p", ["a", "b"]) == search.path_solution_id("p", ("a", "b"))
