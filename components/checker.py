@@ -219,10 +219,11 @@ class Claim:
     def describe(self) -> str:
         """Short text of the claim, as written (normalised)."""
         sign = "≈" if self.approx else "="
-        return _clip(re.sub(r"\s+", " ", f"{self.lhs} {sign} {self.rhs}"), 36)
+        return clip_text(re.sub(r"\s+", " ", f"{self.lhs} {sign} {self.rhs}"), 36)
 
 
-def _clip(text: str, n: int) -> str:
+def clip_text(text: str, n: int) -> str:
+    """`text`, cut to at most `n` characters with "..." when longer."""
     return text if len(text) <= n else text[: n - 3].rstrip() + "..."
 
 
@@ -454,7 +455,7 @@ def _heuristic_p_correct(sample: StepSample) -> tuple[float, str]:
         return 0.85, "a first step usually restates the question"
     new = _unexplained_numbers(sample)
     if new:
-        return 0.45, f"it brings in {_clip(', '.join(new[:2]), 16)} without a source"
+        return 0.45, f"it brings in {clip_text(', '.join(new[:2]), 16)} without a source"
     return 0.6, "nothing in it looks wrong"
 
 
@@ -477,9 +478,26 @@ def _claims_of(text: str) -> tuple[Claim, ...]:
 
 
 # Fixed sentences of the data-source line (single tokens of the tiny tokenizer; see teachers).
-DATA_SOURCED = "Every number it uses comes from the question or the Previous Steps:"
-DATA_UNSOURCED = ("A number it uses,", "appears nowhere in the question or the Previous Steps.")
+# The line names each number and its source first and judges last, so a model that learns it
+# decides each number's source right after copying that number, not all at once beforehand.
+DATA_USES = "The numbers it uses:"
+FROM_QUESTION = "from the question"
+FROM_STEP = "from Step"
+FROM_NOWHERE = "from nowhere"
+DATA_SOURCED = "Each of them has a source."
+DATA_UNSOURCED = "has no source in the question or the Previous Steps."
 DATA_NONE = "It uses no number."
+MAX_TRACED_SHOWN = 3
+
+
+def number_source(x: str, sample: StepSample) -> str:
+    """Where a number of the Now Step comes from: the question if it holds it, else the latest Previous Step."""
+    if x in _NUMBER.findall(normalize_math(sample.question)):
+        return FROM_QUESTION
+    for j in range(len(sample.previous_steps), 0, -1):
+        if x in _NUMBER.findall(normalize_math(sample.previous_steps[j - 1])):
+            return f"{FROM_STEP} {j}"
+    return FROM_NOWHERE
 
 
 def check_step(sample: StepSample) -> StepCheck:
@@ -497,12 +515,14 @@ def check_step(sample: StepSample) -> StepCheck:
     else:
         traced = list(dict.fromkeys(_NUMBER.findall(normalize_math(sample.now_step))))
     unsourced = tuple(x for x in traced if x not in known)
+    shown = traced[:MAX_TRACED_SHOWN]
+    if unsourced and unsourced[0] not in shown:
+        shown = [*traced[: MAX_TRACED_SHOWN - 1], unsourced[0]]
     if not traced:
         data = DATA_NONE
-    elif not unsourced:
-        data = f"{DATA_SOURCED} {', '.join(traced[:3])}."
     else:
-        data = f"{DATA_UNSOURCED[0]} {unsourced[0]}, {DATA_UNSOURCED[1]}"
+        listed = ", ".join(f"{x} {FROM_NOWHERE if x in unsourced else number_source(x, sample)}" for x in shown)
+        data = f"{DATA_USES} {listed}. " + (f"{unsourced[0]} {DATA_UNSOURCED}" if unsourced else DATA_SOURCED)
     return StepCheck(
         claims=claims,
         previous_claims=len(previous),

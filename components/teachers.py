@@ -31,8 +31,13 @@ from components.checker import (
     DATA_NONE,
     DATA_SOURCED,
     DATA_UNSOURCED,
+    DATA_USES,
+    FROM_NOWHERE,
+    FROM_QUESTION,
+    Claim,
     StepCheck,
     check_step,
+    clip_text,
     format_number,
 )
 from components.config import ParamsError, SamplingParams, TeacherParams
@@ -76,9 +81,11 @@ NOW_CALCULATES = ("It computes a new quantity from earlier ones.", "It carries o
 NOW_STATES = ("It states a fact or a plan; nothing to compute.", "It describes the next move; no calculation.")
 REPEATS = "It repeats a Previous Step."
 CONSISTENT = ("It follows from the Previous Steps.", "It is consistent with the Previous Steps.")
-CALC_WRONG = "The calculation is wrong:"
-CALC_ITSELF_CORRECT = "The calculation itself is correct:"
-CALC_CORRECT = ("The calculation is correct:", "The calculation is right:")
+CALC_CLAIMS = "The Now Step claims"
+CALC_REDONE = "Redoing it:"
+CALC_WRONG = "So the calculation is wrong."
+CALC_ITSELF_CORRECT = "So the calculation itself is correct."
+CALC_CORRECT = ("So the calculation is correct.", "So the calculation is right.")
 NO_CALCULATION = "There is no calculation to check."
 CONCLUDE_CALC_ERROR = "The Now Step is wrong: it has a calculation error."
 CONCLUDE_NO_SOURCE = "The Now Step is wrong: it uses a number with no source."
@@ -86,11 +93,19 @@ CONCLUDE_CORRECT = "The Now Step is correct."
 CONCLUDE_NO_ERROR = "I find no error."
 CONCLUDE_DOUBT = "I doubt the Now Step."
 ANALYSIS_PHRASES: tuple[str, ...] = (
-    FIRST_STEP_PREVIOUS, *NOW_CALCULATES, *NOW_STATES, REPEATS, *CONSISTENT, CALC_WRONG,
+    FIRST_STEP_PREVIOUS, *NOW_CALCULATES, *NOW_STATES, REPEATS, *CONSISTENT, CALC_CLAIMS, CALC_WRONG,
     CALC_ITSELF_CORRECT, *CALC_CORRECT, NO_CALCULATION, CONCLUDE_CALC_ERROR, CONCLUDE_NO_SOURCE,
-    CONCLUDE_CORRECT, CONCLUDE_NO_ERROR, CONCLUDE_DOUBT, DATA_SOURCED, *DATA_UNSOURCED, DATA_NONE,
+    CONCLUDE_CORRECT, CONCLUDE_NO_ERROR, CONCLUDE_DOUBT, DATA_USES, FROM_QUESTION, FROM_NOWHERE,
+    DATA_SOURCED, DATA_UNSOURCED, DATA_NONE,
 )
+MAX_CLAIMS_SHOWN = 2
 
+
+def calculation_line(claims: Sequence[Claim], verdict_sentence: str) -> str:
+    """Evidence first: each claim as written, then as redone, then the judgement."""
+    parts = [f"{CALC_CLAIMS} {c.describe()}. {CALC_REDONE} {clip_text(c.lhs.strip(), 30)} "
+             f"{'≈' if c.approx else '='} {format_number(c.lhs_value)}." for c in claims[:MAX_CLAIMS_SHOWN]]
+    return " ".join([*parts, verdict_sentence])
 
 def _pick(rng: random.Random, options: Sequence[str]) -> str:
     return options[rng.randrange(len(options))]
@@ -158,20 +173,18 @@ class OfflineTeacher:
         data = check.data_source
         consistency = REPEATS if check.repeats else _pick(rng, CONSISTENT)
 
-        # Each section leads with its judgement; the numbers that back it follow.
+        # Each section states its evidence first and its judgement last.
         meta: dict = {"claims": len(claims), "wrong_claims": len(wrong)}
         if wrong:
-            c = wrong[0]
-            calc = f"{CALC_WRONG} {c.lhs.strip()} is {format_number(c.lhs_value)}, not {format_number(c.rhs_value)}."
+            calc = calculation_line(wrong[:1], CALC_WRONG)
             verdict, conclusion = "No", CONCLUDE_CALC_ERROR
             meta["decided_by"] = "calculation"
         elif check.unsourced and self.trace_sources:
-            calc = f"{CALC_ITSELF_CORRECT} {claims[0].describe()}." if claims else NO_CALCULATION
+            calc = calculation_line(claims, CALC_ITSELF_CORRECT) if claims else NO_CALCULATION
             verdict, conclusion = "No", CONCLUDE_NO_SOURCE
             meta["decided_by"] = "data_source"
         elif claims:
-            what = claims[0].describe() if len(claims) == 1 else f"all {len(claims)} calculations hold"
-            calc = f"{_pick(rng, CALC_CORRECT)} {what}."
+            calc = calculation_line(claims, _pick(rng, CALC_CORRECT))
             verdict, conclusion = "Yes", CONCLUDE_CORRECT
             meta["decided_by"] = "calculation"
         else:

@@ -204,7 +204,8 @@ def test_offline_analysis_structure_and_verdicts() -> None:
     wrong = step("There are 60 * 7 = 480 seconds in 7 minutes.", ["7.8 minutes is 7 minutes and 0.8 minutes."])
     traced = OfflineTeacher().analyze([right], sampling, [1])[0]  # tracing sources: 60 has none
     assert all(g.meta["decided_by"] == "data_source" and parse_verdict(g.text).verdict == "no" for g in traced)
-    assert all("A number it uses, 60, appears nowhere" in g.text for g in traced)
+    assert all("60 from nowhere" in g.text and "60 has no source" in g.text for g in traced)
+    assert all("7 from Step 1" in g.text for g in traced)  # the other operand, traced to its step
     out = t.analyze([right, wrong], sampling, [1, 2])
     for row, verdict in zip(out, ["yes", "no"], strict=True):
         assert len(row) == 4
