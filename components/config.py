@@ -201,7 +201,7 @@ class ArithmeticDomainParams(Section):
     max_operand: int = Field(20, ge=3, description="Start quantity and +/- operands are drawn from 2..this.")
     max_multiplier: int = Field(4, ge=2, description="Multipliers are drawn from 2..this.")
     max_value: int = Field(99, ge=10, description="Every intermediate quantity stays within 1..this.")
-    train_problems: int = Field(600, ge=1, description="Training problems (PRM800K format).")
+    train_problems: int = Field(3000, ge=1, description="Training problems (PRM800K format).")
     negative_rate: float = Field(
         0.6, ge=0, le=1, description="Chance that a training step also gets an erroneous alternative (rated -1)."
     )
@@ -303,7 +303,7 @@ class PrepareParams(Section):
 
 
 class SynthesizeParams(Section):
-    max_samples: int | None = Field(1500, ge=1, description="Step samples sent to the teacher (null: all).")
+    max_samples: int | None = Field(6000, ge=1, description="Step samples sent to the teacher (null: all).")
     max_prompt_tokens: int | None = Field(
         None,
         ge=16,
@@ -587,8 +587,9 @@ class Params(Section):
         default_factory=SynthesizeParams, description="Stage synthesize: teacher analyses to SFT chats."
     )
     sft: SFTParams = Field(
-        default_factory=lambda: SFTParams(learning_rate=0.003, num_train_epochs=3.0, max_steps=300, warmup_ratio=0.05,
-                                          logging_steps=10, eval_steps=100, save_steps=100),
+        default_factory=lambda: SFTParams(learning_rate=0.003, num_train_epochs=3.0, max_steps=1000, warmup_ratio=0.05,
+                                          per_device_train_batch_size=8, logging_steps=10, eval_steps=250,
+                                          save_steps=250),
         description="Stage sft: supervised fine-tuning on the teacher's analyses.",
     )
     sample_pairs: SamplePairsParams = Field(
