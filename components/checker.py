@@ -11,6 +11,7 @@ teacher (`teachers.OfflineTeacher`) turns into an analysis.
 from __future__ import annotations
 
 import re
+from collections.abc import Sequence
 from dataclasses import dataclass
 from fractions import Fraction
 from functools import lru_cache
@@ -490,14 +491,15 @@ DATA_NONE = "It uses no number."
 MAX_TRACED_SHOWN = 3
 
 
-def number_source(x: str, sample: StepSample) -> str:
-    """Where a number of the Now Step comes from: the question if it holds it, else the latest Previous Step."""
-    if x in _NUMBER.findall(normalize_math(sample.question)):
-        return FROM_QUESTION
-    for j in range(len(sample.previous_steps), 0, -1):
-        if x in _NUMBER.findall(normalize_math(sample.previous_steps[j - 1])):
-            return f"{FROM_STEP} {j}"
-    return FROM_NOWHERE
+def number_sources(numbers: Sequence[str], sample: StepSample) -> dict[str, str]:
+    """Where each number comes from: the question if it holds it, else the latest Previous Step, else nowhere."""
+    question = set(_NUMBER.findall(normalize_math(sample.question)))
+    steps = [set(_NUMBER.findall(normalize_math(p))) for p in sample.previous_steps]
+    out = {}
+    for x in numbers:
+        j = next((j for j in range(len(steps), 0, -1) if x in steps[j - 1]), None)
+        out[x] = FROM_QUESTION if x in question else f"{FROM_STEP} {j}" if j else FROM_NOWHERE
+    return out
 
 
 def check_step(sample: StepSample) -> StepCheck:
@@ -521,7 +523,8 @@ def check_step(sample: StepSample) -> StepCheck:
     if not traced:
         data = DATA_NONE
     else:
-        listed = ", ".join(f"{x} {FROM_NOWHERE if x in unsourced else number_source(x, sample)}" for x in shown)
+        sources = number_sources(shown, sample)
+        listed = ", ".join(f"{x} {sources[x]}" for x in shown)
         data = f"{DATA_USES} {listed}. " + (f"{unsourced[0]} {DATA_UNSOURCED}" if unsourced else DATA_SOURCED)
     return StepCheck(
         claims=claims,
