@@ -195,6 +195,8 @@ def wrong_step(problem: Problem, index: int, value: int, kind: str, rng: random.
         return Step(_step_text(problem, op, b, f"{value} {op} {b} + {c}", y2), False, y2, kind)
     if kind == "wrong_operation":
         others = [o for o in OPS if o != op and apply(o, value, b) >= 0 and apply(o, value, b) != y]
+        if not others:  # a carried wrong value can leave no other operation with a quantity >= 0
+            return wrong_step(problem, index, value, "wrong_result", rng, context)
         o = rng.choice(others)
         y2 = apply(o, value, b)
         return Step(_step_text(problem, op, b, f"{value} {o} {b}", y2), False, y2, kind)

@@ -123,3 +123,17 @@ def test_policy_proposes_next_steps_seeded_per_row_and_bon_pool_grades() -> None
     assert 0 < sum(c.correct for p in pools for c in p.candidates) < sum(len(p.candidates) for p in pools)
     with pytest.raises(arithmetic.BackendError, match="not a problem"):
         policy.generate([[{"role": "user", "content": "What is 2 + 2?"}]], sampling)
+
+
+def test_wrong_operation_with_no_other_operation_left_falls_back_to_a_wrong_result() -> None:
+    # After an error a solution carries the wrong value on; a negative one (-1 + 2) leaves no other
+    # operation whose quantity stays >= 0 (-1 - 2, -1 * 2): the generator once crashed here
+    # (small numbers, `max_value` 30).
+    params = small(max_operand=9, max_value=30, max_multiplier=3)
+    problem = arithmetic.Problem(id="p", name="Ana", item="pens", start=5, ops=(("-", 4), ("+", 2)),
+                                 question="Ana has 5 pens. Then Ana loses 4 pens. Then Ana buys 2 more pens. "
+                                          "How many pens does Ana have now?")
+    step = arithmetic.wrong_step(problem, 1, -1, "wrong_operation", random.Random(0), ["Step 1: ..."])
+    assert step.kind == "wrong_result" and not step.correct and step.value != 1
+    # and a whole corpus with small numbers generates without error
+    assert arithmetic.corpus_texts(params, count=400)
