@@ -482,6 +482,14 @@ def build_trainer(recipe: Recipe, params: Params) -> tuple[Any, dict[str, Any]]:
     if not train_rows:
         raise DataError(io_.train_file, None, None,
                         f"every example is longer than {stage}.max_length={section.max_length} tokens")
+    budget = analysis_budget(train_rows, tokenizer, params.scoring.sampling.max_new_tokens) \
+        if "completion" in recipe.columns else None
+    if budget and budget["over_limit"]:
+        log.warning("%s: %d of %d training analyses (%.0f%%) are longer than scoring.sampling.max_new_tokens=%d "
+                    "tokens (longest %d): a model trained on them is often cut off before its verdict; raise "
+                    "max_new_tokens (scoring.sampling, sample_pairs.sampling, the generation checks) or shorten "
+                    "the teacher's analyses", stage, budget["over_limit"], budget["analyses"],
+                    100 * budget["over_limit"] / budget["analyses"], budget["limit"], budget["max"])
     columns = recipe.columns
     train_ds = Dataset.from_list([{k: r[k] for k in columns} for r in train_rows])
     val_ds = Dataset.from_list([{k: r[k] for k in columns} for r in val_rows]) if val_rows else None
@@ -499,8 +507,17 @@ def build_trainer(recipe: Recipe, params: Params) -> tuple[Any, dict[str, Any]]:
         "verdicts": data.verdicts,
         "val_verdicts": [r["verdict"] for r in val_rows],
         "fingerprint": fp,
+        "analysis_tokens": budget,
     }
     return trainer, info
+
+
+def analysis_budget(rows: Sequence[dict[str, Any]], tokenizer: Any, limit: int) -> dict[str, Any]:
+    """Token lengths of the rows' completions (the analysis as the model will write it) against the
+    scoring limit `limit`: {analyses, mean, max, limit, over_limit}."""
+    lengths = [len(tokenizer(r["completion"][-1]["content"], add_special_tokens=False)["input_ids"]) for r in rows]
+    return {"analyses": len(lengths), "mean": round(sum(lengths) / max(1, len(lengths)), 1),
+            "max": max(lengths, default=0), "limit": limit, "over_limit": sum(n > limit for n in lengths)}
 
 
 def train(recipe: Recipe, params: Params) -> dict[str, Any]:
@@ -586,6 +603,7 @@ def _report(
         "val_examples": info["val_examples"],
         "dropped_too_long": info["dropped_too_long"],
         "verdicts": info["verdicts"],
+        **({"analysis_tokens": info["analysis_tokens"]} if info["analysis_tokens"] else {}),
         "global_step": state.global_step,
         "epochs": state.epoch,
         "world_size": args.world_size,

@@ -189,6 +189,37 @@ def test_sft_labels_mask_the_prompt(tmp_path: Path, tiny_model_dir: Path, defaul
     assert info["train_examples"] == 16 and info["val_examples"] == 4
 
 
+def test_sft_warns_when_analyses_outgrow_the_scoring_budget(tmp_path: Path, tiny_model_dir: Path,
+                                                            default_params: Params, monkeypatch: pytest.MonkeyPatch,
+                                                            caplog: pytest.LogCaptureFixture) -> None:
+    """Training analyses longer than scoring.sampling.max_new_tokens are counted and warned about before
+    training: a model that learns them is cut off before its verdict (the small profile's reach 0.82)."""
+    from transformers import AutoTokenizer
+
+    from components.sft import RECIPE
+    from components.training import build_trainer
+
+    project = make_project(tmp_path / "p", tiny_model_dir)
+    monkeypatch.chdir(project)
+    tok = AutoTokenizer.from_pretrained(paths.BASE_MODEL)
+    lengths = sorted(len(tok(json.loads(line)["messages"][-1]["content"], add_special_tokens=False)["input_ids"])
+                     for line in paths.SFT_TRAIN.read_text().splitlines())
+    params = train_params(default_params)
+    for limit, over in ((lengths[-1], 0), (lengths[-1] - 1, sum(n == lengths[-1] for n in lengths))):
+        scoring = params.scoring.model_copy(update={"sampling": params.scoring.sampling.model_copy(
+            update={"max_new_tokens": limit})})
+        caplog.clear()
+        with caplog.at_level("WARNING", logger="components.training"):
+            _, info = build_trainer(RECIPE, params.model_copy(update={"scoring": scoring}))
+        budget = info["analysis_tokens"]
+        assert budget["analyses"] == len(lengths) and budget["max"] == lengths[-1] and budget["limit"] == limit
+        assert budget["over_limit"] == over
+        warned = [r.getMessage() for r in caplog.records if "max_new_tokens" in r.getMessage()]
+        assert bool(warned) == bool(over), warned
+        if over:
+            assert f"{over} of {len(lengths)} training analyses" in warned[0]
+
+
 @pytest.fixture(scope="module")
 def sft_run(tmp_path_factory: pytest.TempPathFactory, tiny_model_dir: Path, default_params: Params,
             mlflow_uri: str) -> tuple[Path, dict]:
@@ -215,6 +246,8 @@ def test_sft_trains_saves_and_logs(sft_run: tuple[Path, dict], mlflow_uri: str) 
     written = json.loads((project / "reports/sft.json").read_text())
     assert written == {k: v for k, v in report.items() if k != "runtime_s"} and report["runtime_s"] > 0
     assert written["torch_threads"] >= 1
+    assert written["analysis_tokens"]["analyses"] == written["train_examples"]
+    assert written["analysis_tokens"]["limit"] > 0 and written["analysis_tokens"]["over_limit"] == 0
     assert report["global_step"] == 4 and report["world_size"] == 1
     assert report["global_batch_size"] == 2
     assert report["eval_loss"] is not None and report["train_loss"] > 0
