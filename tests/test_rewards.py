@@ -206,7 +206,8 @@ def test_rprm_score_scores_resumes_and_refuses_bad_input(tmp_path: Path, verdict
     proc = rprm(*args, "--threshold", "0.3", cwd=tmp_path)
     assert proc.returncode == 0, proc.stderr
     again = [json.loads(line) for line in out.read_text().splitlines()]
-    assert [a["step_rewards"] for a in again] == [g["step_rewards"] for g in got]
+    # the resumed run scores the remaining steps in another batch: float32 noise only (~1e-6)
+    assert [a["step_rewards"] for a in again] == [pytest.approx(g["step_rewards"], abs=1e-5) for g in got]
     assert again[0]["verdicts"] == ["yes" if r >= 0.3 else "no" for r in got[0]["step_rewards"]]
     assert first  # the earlier output was complete
     # other sampling settings refuse the journal, naming it
