@@ -7,6 +7,7 @@ on the completion only, and the report's token counts.
 
 from __future__ import annotations
 
+import logging
 from pathlib import Path
 from typing import Any
 
@@ -15,6 +16,8 @@ from components.io import DataError
 from components.prompts import parse_verdict
 from components.records import SFTExample
 from components.training import Recipe, StageIO, chat_ids, peft_config, run_stage
+
+log = logging.getLogger(__name__)
 
 
 def run(params: Params) -> dict[str, Any]:
@@ -62,6 +65,23 @@ def _report(report: dict[str, Any], trainer: Any, eval_metrics: dict[str, float]
     }
 
 
+def analysis_budget(rows: list[dict[str, Any]], tokenizer: Any, params: Params) -> dict[str, Any]:
+    """Token lengths of the training analyses against scoring.sampling.max_new_tokens: {analyses, mean,
+    max, limit, over_limit}; logs a warning when any is longer (a model trained on them is cut off
+    before its verdict)."""
+    limit = params.scoring.sampling.max_new_tokens
+    lengths = [len(tokenizer(r["completion"][-1]["content"], add_special_tokens=False)["input_ids"]) for r in rows]
+    budget = {"analyses": len(lengths), "mean": round(sum(lengths) / max(1, len(lengths)), 1),
+              "max": max(lengths, default=0), "limit": limit, "over_limit": sum(n > limit for n in lengths)}
+    if budget["over_limit"]:
+        log.warning("sft: %d of %d training analyses (%.0f%%) are longer than scoring.sampling.max_new_tokens=%d "
+                    "tokens (longest %d): a model trained on them is often cut off before its verdict; raise "
+                    "max_new_tokens (scoring.sampling, sample_pairs.sampling, the generation checks) or shorten "
+                    "the teacher's analyses", budget["over_limit"], budget["analyses"],
+                    100 * budget["over_limit"] / budget["analyses"], limit, budget["max"])
+    return budget
+
+
 RECIPE = Recipe(
     stage="sft",
     record=SFTExample,
@@ -71,4 +91,5 @@ RECIPE = Recipe(
     too_long=_too_long,
     make_trainer=_make_trainer,
     report=_report,
+    length_check=analysis_budget,
 )

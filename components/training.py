@@ -120,6 +120,8 @@ class Recipe:
     # (report, trainer, eval metrics, preparation info, held-out result): adds the stage's report keys
     report: Callable[[dict[str, Any], Any, dict[str, float], dict[str, Any], dict[str, Any] | None], None]
     held_out: Callable[[Any], dict[str, Any]] | None = None  # trainer -> held-out result (DPO: preference accuracy)
+    # (training rows, tokenizer, params) -> report entry, before training (SFT: analysis lengths)
+    length_check: Callable[[list[dict[str, Any]], Any, Params], dict[str, Any]] | None = None
 
 
 @dataclass(frozen=True)
@@ -482,14 +484,7 @@ def build_trainer(recipe: Recipe, params: Params) -> tuple[Any, dict[str, Any]]:
     if not train_rows:
         raise DataError(io_.train_file, None, None,
                         f"every example is longer than {stage}.max_length={section.max_length} tokens")
-    budget = analysis_budget(train_rows, tokenizer, params.scoring.sampling.max_new_tokens) \
-        if "completion" in recipe.columns else None
-    if budget and budget["over_limit"]:
-        log.warning("%s: %d of %d training analyses (%.0f%%) are longer than scoring.sampling.max_new_tokens=%d "
-                    "tokens (longest %d): a model trained on them is often cut off before its verdict; raise "
-                    "max_new_tokens (scoring.sampling, sample_pairs.sampling, the generation checks) or shorten "
-                    "the teacher's analyses", stage, budget["over_limit"], budget["analyses"],
-                    100 * budget["over_limit"] / budget["analyses"], budget["limit"], budget["max"])
+    budget = recipe.length_check(train_rows, tokenizer, params) if recipe.length_check is not None else None
     columns = recipe.columns
     train_ds = Dataset.from_list([{k: r[k] for k in columns} for r in train_rows])
     val_ds = Dataset.from_list([{k: r[k] for k in columns} for r in val_rows]) if val_rows else None
@@ -510,14 +505,6 @@ def build_trainer(recipe: Recipe, params: Params) -> tuple[Any, dict[str, Any]]:
         "analysis_tokens": budget,
     }
     return trainer, info
-
-
-def analysis_budget(rows: Sequence[dict[str, Any]], tokenizer: Any, limit: int) -> dict[str, Any]:
-    """Token lengths of the rows' completions (the analysis as the model will write it) against the
-    scoring limit `limit`: {analyses, mean, max, limit, over_limit}."""
-    lengths = [len(tokenizer(r["completion"][-1]["content"], add_special_tokens=False)["input_ids"]) for r in rows]
-    return {"analyses": len(lengths), "mean": round(sum(lengths) / max(1, len(lengths)), 1),
-            "max": max(lengths, default=0), "limit": limit, "over_limit": sum(n > limit for n in lengths)}
 
 
 def train(recipe: Recipe, params: Params) -> dict[str, Any]:

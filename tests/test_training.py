@@ -209,7 +209,7 @@ def test_sft_warns_when_analyses_outgrow_the_scoring_budget(tmp_path: Path, tiny
         scoring = params.scoring.model_copy(update={"sampling": params.scoring.sampling.model_copy(
             update={"max_new_tokens": limit})})
         caplog.clear()
-        with caplog.at_level("WARNING", logger="components.training"):
+        with caplog.at_level("WARNING", logger="components.sft"):
             _, info = build_trainer(RECIPE, params.model_copy(update={"scoring": scoring}))
         budget = info["analysis_tokens"]
         assert budget["analyses"] == len(lengths) and budget["max"] == lengths[-1] and budget["limit"] == limit
