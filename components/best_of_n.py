@@ -9,8 +9,9 @@ For each dataset in `best_of_n.datasets` (test sets in `bon/testsets/`, gold ans
    left out and counted: small profiles only); otherwise (and with `candidates: policy` always) `n`
    candidates per problem sampled from the policy model (`policy_model`, default the base
    model) with the Qwen2.5-Math chain-of-thought prompt, split into steps on blank lines. A
-   generated pool is journaled under `data/bon/pools/` as it is sampled (file name carries a
-   hash of the settings) and reused by a rerun with the same settings.
+   generated pool is journaled under `data/bon/pools/<dataset>.jsonl` as it is sampled
+   (`components.journal`: headed by the policy model's identity and the sampling settings) and
+   reused by a rerun with the same settings; other settings start it over.
 2. Grading (`components.grading`): last `\\boxed{}` (documented fallbacks), math-verify with a
    per-request deadline; outcomes correct / incorrect / no_answer / bad_reference / timeout /
    error are counted, only `correct` counts as solved.
@@ -18,8 +19,9 @@ For each dataset in `best_of_n.datasets` (test sets in `bon/testsets/`, gold ans
    pass@n (any correct). When a pool carries its publishers' `correct` flags, the same
    baselines from those flags and the per-candidate agreement of our grading with them.
 4. PRM: every step of every candidate scored by the step scorer (full scoring, no early exit;
-   `scoring` params; all datasets in one scorer call; journaled under `data/bon/scores/`,
-   named after the PRM and the scoring settings rewards depend on, not `scoring.threshold`),
+   `scoring` params; all datasets in one scorer call; journaled in
+   `data/bon/scores/candidates.jsonl`, headed by the PRM's identity (path and file stats, so a
+   retrained PRM rescores) and the scoring settings rewards depend on, not `scoring.threshold`),
    solution score = `aggregation` of the step rewards, best-of-n selection and PRM-weighted
    voting (`components.search`).
 5. Accuracy curves for n = 1, 2, 4, ..., N (`curve_repeats` random subsets per point, or the
@@ -37,7 +39,6 @@ gets both, the plots and tables of per-problem choices.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
 import time
@@ -54,7 +55,8 @@ from components.backends.base import GenerationBackend, problem_seed
 from components.config import BestOfNParams, Params, SamplingParams
 from components.data import CANDIDATE_POOLS, load_bon_testset, load_candidate_pool
 from components.grading import EXTRACTIONS, OUTCOMES, Grade, Grader, reference_answers
-from components.io import DataError, Journal, read_jsonl, write_json
+from components.io import DataError, read_jsonl, stat_digest, write_json
+from components.journal import finished, open_journal
 from components.records import (
     BonProblem,
     Candidate,
@@ -74,7 +76,6 @@ log = logging.getLogger(__name__)
 # Published figures of the real OlympiadBench pool (docs/method.md §11; data README).
 PUBLISHED = {"olympiadbench": {"pass@1": 0.380, "pass@8": 0.585}}
 CURVE_METHODS = ("pass@1", "maj", "prm", "prm_vote", "pass@n")
-_SETTINGS_KEY = "__settings__"
 
 
 # --------------------------------------------------------------------------------------
@@ -212,8 +213,9 @@ def published_agreement(problems: Sequence[GradedProblem], max_listed: int = 100
 # --------------------------------------------------------------------------------------
 
 
-def _settings_hash(settings: dict[str, Any]) -> str:
-    return hashlib.sha256(json.dumps(settings, sort_keys=True).encode()).hexdigest()[:12]
+def model_identity(path: Path | str) -> str:
+    """A model folder's path and `stat_digest` (so a retrained model starts its journals over); any other name as is."""
+    return f"{path}@{stat_digest(path)}" if Path(path).is_dir() else str(path)
 
 
 def generate_pools(
@@ -227,6 +229,7 @@ def generate_pools(
     """Sample n candidates per problem (journaled, reused with the same settings); steps split on blank lines.
 
     `policy` builds the backend; it is called only when some problem is not journaled yet.
+    `policy_name` identifies the policy in the journal's fingerprint (`model_identity`).
     """
     sampling = SamplingParams(
         n=bp.n,
@@ -237,9 +240,8 @@ def generate_pools(
     )
     settings = {"policy": policy_name, "sampling": sampling.model_dump(mode="json")}
     dataset = problems[0].dataset if problems else "none"
-    path = out_dir / f"{dataset}.{_settings_hash(settings)}.jsonl"
-    with Journal(path) as journal:
-        journal.append({"key": _SETTINGS_KEY, "settings": settings})
+    path = out_dir / f"{dataset}.jsonl"
+    with open_journal(path, settings) as journal:
         todo = [p for p in problems if p.id not in journal]
         bar = tqdm(total=len(problems), initial=len(problems) - len(todo), desc=f"policy {dataset}", unit="problem")
         for start in range(0, len(todo), batch_size):
@@ -260,7 +262,7 @@ def generate_pools(
                 )
             bar.update(len(batch))
         bar.close()
-        done = journal.done()
+        done = finished(journal)
     pools = []
     for prob in problems:
         rec = done[prob.id]
@@ -465,7 +467,7 @@ def _pool_for(
                 "left_out_long": len(in_pool) - len(fits)}
         return kept, [pools[p.id] for p in kept], info
     kept = problems[: bp.max_problems]
-    pools, path = generate_pools(kept, policy, bp, policy_name)
+    pools, path = generate_pools(kept, policy, bp, model_identity(policy_name))
     return kept, pools, {"pool": f"generated:{path.as_posix()}"}
 
 
@@ -491,11 +493,13 @@ def run_guided_search(
     grader: Grader,
     params: Params,
     journal_path: Path,
+    journal_settings: dict[str, Any],
 ) -> tuple[dict[str, Any], list[dict[str, Any]]]:
     """Every strategy on the first guided_search.max_problems problems per dataset; report + rows.
 
     Each strategy runs on all datasets' problems in lockstep (one policy and one PRM call per
-    iteration); results are journaled per (strategy, dataset, problem) and reused on a rerun.
+    iteration); results are journaled per (strategy, dataset, problem) and reused on a rerun
+    with the same `journal_settings` (the journal starts over when they change).
     `policy` builds the policy backend (called only when something is not journaled yet).
     """
     gs = params.best_of_n.guided_search
@@ -506,7 +510,7 @@ def run_guided_search(
     }
     rows: list[dict[str, Any]] = []
     chosen = [(d, prob) for d, probs in problems_by_dataset.items() for prob in probs[: gs.max_problems]]
-    with Journal(journal_path) as journal:
+    with open_journal(journal_path, journal_settings) as journal:
         for strategy in gs.strategies:
             todo = [(d, prob) for d, prob in chosen if f"{strategy}|{d}|{prob.id}" not in journal]
             if todo:
@@ -558,10 +562,11 @@ def without_timings(obj: Any) -> Any:
 
 
 def scoring_journal_settings(params: Params, prm_path: Path | str) -> dict[str, Any]:
-    """What the PRM-score and guided-search journals are named after (with a hash): the PRM and
-    the `scoring` fields step rewards depend on (`scoring.scoring_settings`), so a change of
-    `scoring.threshold`, which Best-of-N never reads, keeps them."""
-    return {"prm": str(prm_path), "scoring": scoring_settings(params.scoring)}
+    """What the guided-search journal's values depend on besides the policy and the search: the
+    PRM (`model_identity`) and the `scoring` fields step rewards depend on
+    (`scoring.scoring_settings`), so a change of `scoring.threshold`, which Best-of-N never reads,
+    keeps it."""
+    return {"prm": model_identity(prm_path), "scoring": scoring_settings(params.scoring)}
 
 
 def run(params: Params) -> dict[str, Any]:
@@ -595,12 +600,11 @@ def run(params: Params) -> dict[str, Any]:
         return get_backend(policy_path)
 
     journal_settings = scoring_journal_settings(params, prm_path)
-    scoring_hash = _settings_hash(journal_settings)
 
     def scorer_for(journal: Path, desc: str) -> StepScorer:
         return StepScorer(
-            get_backend(prm_path), params.scoring, early_exit=False,
-            journal=journal, journal_tag=f"best-of-n prm={prm_path}", desc=desc,
+            get_backend(prm_path), params.scoring, early_exit=False, journal=journal,
+            journal_tag=f"best-of-n prm={journal_settings['prm']}", on_stale="restart", desc=desc,
         )
 
     inputs = [Path(params.data.dir if params.data.source == "dir" else params.data.bundled_dir) / "bon", Path(prm_path)]
@@ -626,7 +630,7 @@ def run(params: Params) -> dict[str, Any]:
                     ]
                     seconds[dataset] = {"pool": t1 - t0, "grading": time.monotonic() - t1}
                 t0 = time.monotonic()
-                scorer = scorer_for(paths.BON_SCORES / f"candidates.{scoring_hash}.jsonl", "prm candidates")
+                scorer = scorer_for(paths.BON_SCORES / "candidates.jsonl", "prm candidates")
                 score_candidates([p for gs in graded_by.values() for p in gs], scorer, bp.aggregation)
                 report["seconds"] = {"prm_scoring": time.monotonic() - t0}
                 for dataset, graded in graded_by.items():
@@ -650,11 +654,11 @@ def run(params: Params) -> dict[str, Any]:
                 guided_rows: list[dict[str, Any]] = []
                 if bp.guided_search.enabled and bp.guided_search.strategies:
                     gs_scorer = StepScorer(get_backend(prm_path), params.scoring, early_exit=False, progress=False)
-                    gs_settings = {**journal_settings, "policy": str(policy_path), **search_config(params).__dict__}
+                    gs_settings = {**journal_settings, "policy": model_identity(policy_path), **search_config(params).__dict__}
                     t0 = time.monotonic()
                     g_report, guided_rows = run_guided_search(
                         guided_problems, policy, gs_scorer, grader, params,
-                        paths.BON_GUIDED / f"results.{_settings_hash(gs_settings)}.jsonl",
+                        paths.BON_GUIDED / "results.jsonl", gs_settings,
                     )
                     guided.update(g_report)
                     guided["seconds"] = time.monotonic() - t0

@@ -33,15 +33,14 @@ none (`evaluate.thresholds: []`), keeps the saving of the plain early exit; the 
 little extra. PRMBench needs a verdict for every step and is always scored fully.
 
 Resume: scoring journals live in `data/scores/journals/` (a DVC output kept across runs),
-named by the evaluated model and a hash of everything the values depend on (model files,
-backend, sampling, fallback), so a crashed or interrupted stage resumes where it stopped, a
-second requested model that falls back to the same base model reuses the first one's work,
-and a changed setting starts a fresh journal (stale ones are removed).
+one per evaluated model and benchmark, headed by everything the values depend on (model files,
+backend, sampling, fallback; `components.journal`), so a crashed or interrupted stage resumes
+where it stopped, a second requested model that falls back to the same base model reuses the
+first one's work, and a changed setting starts the journal over.
 """
 
 from __future__ import annotations
 
-import hashlib
 import json
 import warnings
 from collections import Counter
@@ -56,7 +55,7 @@ from components import benchmarks, paths, plots
 from components.config import Params, ScoringParams
 from components.io import DataError, read_jsonl, stat_digest, write_json, write_jsonl
 from components.records import PRMBenchItem, ProcessBenchItem, Solution, processbench_subset
-from components.scoring import ScoredSolution, StepScorer, scoring_fingerprint
+from components.scoring import ScoredSolution, StepScorer
 
 console = Console(stderr=True)
 
@@ -154,14 +153,9 @@ def prmbench_solutions(items: Sequence[PRMBenchItem]) -> list[Solution]:
     ]
 
 
-def journal_path(model: str, bench: str, fingerprint: dict[str, Any]) -> Path:
-    """Scoring journal of (evaluated model, benchmark, settings); stale ones are removed."""
-    digest = hashlib.sha256(json.dumps(fingerprint, sort_keys=True).encode()).hexdigest()[:12]
-    path = JOURNALS / f"{model}-{bench}-{digest}.jsonl"
-    for stale in JOURNALS.glob(f"{model}-{bench}-*.jsonl"):
-        if stale != path:
-            stale.unlink()
-    return path
+def journal_path(model: str, bench: str) -> Path:
+    """Scoring journal of (evaluated model, benchmark); started over when its settings change."""
+    return JOURNALS / f"{model}-{bench}.jsonl"
 
 
 # --------------------------------------------------------------------------------------
@@ -297,21 +291,19 @@ def _evaluate_model(params: Params, name: str, plan: SweepPlan, pb_items: list[P
     tag = f"{evaluated}:{stat_digest(path)}:{params.model.dtype}"
     backend = load_backend(params.backend, path, dtype=params.model.dtype)
     try:
-        fingerprint = scoring_fingerprint(backend, scoring, tag)
-        prmb_fingerprint = scoring_fingerprint(backend, prmb_scoring, tag)
         heldout_scored = StepScorer(
             backend, scoring, ev.early_exit, exit_points=plan.points,
-            journal=journal_path(evaluated, "heldout", fingerprint), journal_tag=tag,
+            journal=journal_path(evaluated, "heldout"), journal_tag=tag, on_stale="restart",
             desc=f"{name} held-out",
         ).score_detailed(processbench_solutions(heldout_items)) if heldout_items else []
         pb_scored = StepScorer(
             backend, scoring, ev.early_exit, exit_points=plan.points,
-            journal=journal_path(evaluated, "processbench", fingerprint), journal_tag=tag,
+            journal=journal_path(evaluated, "processbench"), journal_tag=tag, on_stale="restart",
             desc=f"{name} processbench",
         ).score_detailed(processbench_solutions(pb_items))
         prmb_scored = StepScorer(
-            backend, prmb_scoring, False, journal=journal_path(evaluated, "prmbench", prmb_fingerprint),
-            journal_tag=tag,
+            backend, prmb_scoring, False, journal=journal_path(evaluated, "prmbench"),
+            journal_tag=tag, on_stale="restart",
             desc=f"{name} prmbench",
         ).score_detailed(prmbench_solutions(prmb_items))
     finally:

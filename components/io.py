@@ -1,12 +1,11 @@
-"""Safe file I/O: validated JSON Lines reading, atomic writes, append-only journals.
+"""Safe file I/O: validated JSON Lines reading, atomic writes.
 
 Also the digests of files and folders that stages and tracking compare (one place for each kind).
 
 Every reader error names the file, the 1-based line and the field. Every writer goes through a
 temporary file in the same folder and an atomic rename, so a crash never leaves a half-written
-output that DVC or the next stage would trust. Journals are appended and fsynced record by
-record; a torn last line (a kill mid-write) is ignored on resume, and an unreadable line
-elsewhere is skipped with a warning naming the file and line (the records after it are kept).
+output that DVC or the next stage would trust. Append-only journals of finished work live in
+`components.journal`.
 """
 
 from __future__ import annotations
@@ -16,7 +15,6 @@ import json
 import os
 import stat
 import tempfile
-import warnings
 from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -31,10 +29,6 @@ _CHUNK = 1024 * 1024
 
 class StageRefused(RuntimeError):
     """A stage refuses to go on for a stated reason (a quality gate, say); nothing was written."""
-
-
-class JournalWarning(UserWarning):
-    """A journal line could not be read and was skipped."""
 
 
 class DataError(ValueError):
@@ -239,96 +233,6 @@ def write_text(path: str | Path, text: str) -> None:
     """Atomically write a text file."""
     with atomic_path(path) as fh:
         fh.write(text)
-
-
-class Journal:
-    """Append-only JSONL journal of finished work units, keyed by a string key.
-
-    `done()` returns what a previous (possibly killed) run finished; `append()` writes one
-    record and fsyncs it. A torn final line from a kill mid-write is dropped on load and
-    truncated away before new appends, so no record is ever lost or duplicated. A complete
-    line that is not a JSON object with the key (disk or copy damage, a hand edit) is skipped
-    with a warning naming the file and line; the records after it are kept, and the journal is
-    rewritten without the bad lines (their work is redone).
-    """
-
-    def __init__(self, path: str | Path, key: str = "key"):
-        self.path = Path(path)
-        self.key = key
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        self._records: dict[str, dict[str, Any]] = {}
-        self.skipped_lines: list[int] = []  # 1-based numbers of unreadable lines dropped on load
-        self._load()
-        self._fh = self.path.open("a", encoding="utf-8")
-
-    def _record(self, raw: bytes) -> dict[str, Any] | None:
-        """The journal record on one complete line, or None if it is not one."""
-        try:
-            obj = json.loads(raw.decode("utf-8"))
-        except (UnicodeDecodeError, json.JSONDecodeError):
-            return None
-        if not isinstance(obj, dict) or self.key not in obj:
-            return None
-        return obj
-
-    def _load(self) -> None:
-        if not self.path.exists():
-            return
-        kept: list[bytes] = []
-        torn = False
-        with self.path.open("rb") as fh:
-            for lineno, raw in enumerate(fh, start=1):
-                if not raw.endswith(b"\n"):
-                    torn = True  # torn tail from a kill mid-write
-                    break
-                if not raw.strip():
-                    self.skipped_lines.append(lineno)
-                    continue
-                obj = self._record(raw)
-                if obj is None:
-                    self.skipped_lines.append(lineno)
-                    message = (f"{self.path}:{lineno}: unreadable journal line skipped (not a JSON "
-                               f"object with '{self.key}'); the records after it are kept and its "
-                               "work is redone")
-                    warnings.warn(message, JournalWarning, stacklevel=3)
-                    continue
-                self._records[str(obj[self.key])] = obj
-                kept.append(raw)
-        if self.skipped_lines:
-            with atomic_path(self.path, "wb") as out:
-                out.writelines(kept)
-        elif torn:
-            with self.path.open("r+b") as fh:
-                fh.truncate(sum(len(r) for r in kept))
-
-    def done(self) -> dict[str, dict[str, Any]]:
-        """Finished records by key."""
-        return self._records
-
-    def __contains__(self, key: str) -> bool:
-        return key in self._records
-
-    def __len__(self) -> int:
-        return len(self._records)
-
-    def append(self, record: dict[str, Any]) -> None:
-        """Durably append one finished record (ignored if its key is already journaled)."""
-        k = str(record[self.key])
-        if k in self._records:
-            return
-        self._fh.write(json.dumps(record, ensure_ascii=False) + "\n")
-        self._fh.flush()
-        os.fsync(self._fh.fileno())
-        self._records[k] = record
-
-    def close(self) -> None:
-        self._fh.close()
-
-    def __enter__(self) -> Journal:
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.close()
 
 
 # --------------------------------------------------------------------------------------

@@ -20,20 +20,17 @@ soon as their batch finishes. Work is batched in fixed slices of the selected sa
 `backend.batch_size`), and a slice with any missing sample is regenerated whole (journaled
 samples keep their first result), so every generation is made in the same batch, with the
 same per-row seed derived from (sampling seed, sample id), as in an uninterrupted run: a
-resumed run writes the same outputs. Each journal record carries a fingerprint of what
-determines the generations (sampling and backend params, SFT model, step samples); a journal
-written under another fingerprint is discarded with a warning. Outputs are written atomically
+resumed run writes the same outputs. The journal's header (`components.journal`) holds a
+fingerprint of what determines the generations (sampling and backend params, SFT model, step
+samples); a journal written under another fingerprint is started over with a warning. Outputs are written atomically
 at the end; every sampled analysis is kept in `data/pairs/critiques.jsonl`.
 """
 
 from __future__ import annotations
 
-import hashlib
 import itertools
-import json
 import logging
 import random
-import warnings
 from collections import Counter, defaultdict
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -43,7 +40,8 @@ from typing import Any
 from components import paths
 from components.backends.base import sample_seed
 from components.config import Params
-from components.io import DataError, Journal, content_digest, read_jsonl, write_json, write_jsonl
+from components.io import DataError, content_digest, read_jsonl, write_json, write_jsonl
+from components.journal import Journal, finished, open_journal
 from components.prompts import (
     VERDICT_NO,
     VERDICT_YES,
@@ -181,7 +179,7 @@ def balance_and_split(
 # --------------------------------------------------------------------------------------
 
 
-def generation_fingerprint(params: Params, model_dir: Path, steps_file: Path) -> str:
+def generation_settings(params: Params, model_dir: Path, steps_file: Path) -> dict[str, Any]:
     """What determines the sampled analyses: sampling + backend params (and the hf sampler), model, step samples."""
     from components.backends.sampler import SAMPLER as hf_sampler
 
@@ -192,30 +190,11 @@ def generation_fingerprint(params: Params, model_dir: Path, steps_file: Path) ->
         "model": content_digest(model_dir),
         "steps": content_digest(steps_file),
     }
-    return hashlib.sha256(json.dumps(ident, sort_keys=True).encode()).hexdigest()[:16]
-
-
-def _open_journal(path: Path, fp: str) -> Journal:
-    """The journal, emptied first if it was written under another fingerprint."""
-    if path.exists():
-        stale = False
-        with path.open("rb") as fh:
-            for raw in fh:
-                try:
-                    stale = json.loads(raw).get("fingerprint") != fp
-                except (json.JSONDecodeError, UnicodeDecodeError, AttributeError):
-                    continue  # a torn line: Journal drops it
-                if stale:
-                    break
-        if stale:
-            warnings.warn(f"{path}: journal was written with other sampling params, model or data; "
-                          "discarded, sampling starts over", stacklevel=2)
-            path.unlink()
-    return Journal(path, key="sample_id")
+    return ident
 
 
 def sample_analyses(
-    params: Params, samples: Sequence[StepSample], model_dir: Path, journal: Journal, fp: str
+    params: Params, samples: Sequence[StepSample], model_dir: Path, journal: Journal
 ) -> dict[str, dict[str, Any]]:
     """Sample K analyses for every sample not yet journaled; return journal records by sample id."""
     from tqdm import tqdm
@@ -240,7 +219,6 @@ def sample_analyses(
                             continue  # finished before an interruption: keep the first result
                         journal.append({
                             "sample_id": s.id,
-                            "fingerprint": fp,
                             "seed": seed,
                             "generator": backend.name,
                             "generations": [
@@ -252,7 +230,7 @@ def sample_analyses(
                         bar.update(1)
         finally:
             backend.close()
-    return journal.done()
+    return finished(journal)
 
 
 def critiques_of(sample: StepSample, record: dict[str, Any], params: Params) -> list[Critique]:
@@ -401,11 +379,11 @@ def run(params: Params) -> dict[str, Any]:
     model_dir = paths.SFT_MODEL
     check_model_dir(model_dir, "SFT")
     samples, too_long = load_step_samples(params, model_dir)
-    fp = generation_fingerprint(params, model_dir, paths.STEPS_TRAIN)
+    settings = generation_settings(params, model_dir, paths.STEPS_TRAIN)
     with tracking.stage_run("sample-pairs", params, sections=["backend", "sample_pairs"],
                             inputs=[model_dir, paths.STEPS_TRAIN]):
-        with _open_journal(paths.PAIRS_JOURNAL, fp) as journal:
-            records = sample_analyses(params, samples, model_dir, journal, fp)
+        with open_journal(paths.PAIRS_JOURNAL, settings, key="sample_id") as journal:
+            records = sample_analyses(params, samples, model_dir, journal)
         result = assemble(params, samples, records)
         report = {**result.report, "skipped_long_prompts": too_long}
         tracking.log_report(report, "pairs.json")

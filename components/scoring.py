@@ -44,9 +44,11 @@ not depend on batching, on `max_active`, on early exit, or on resuming; the firs
 analyses are exactly those a run with K = k draws. With a journal, every scored step is
 appended (fsynced) as soon as its wave ends; a rerun reuses journaled steps (keyed by solution
 id, step, a hash of the prompt and K; a record with more analyses serves a smaller K) and
-scores only the rest, with results identical to an uninterrupted run. The journal's first
-record holds the settings it was written with (backend, sampling except n, fallback, caller
-tag); reopening it with other settings is an error rather than a silent mix.
+scores only the rest, with results identical to an uninterrupted run. The journal
+(`components.journal`) holds the settings it was written with (backend, sampling except n,
+fallback, caller tag); reopened with other settings it is refused (`on_stale="refuse"`, the
+default: a user-named journal) or started over (`"restart"`: the stages' own journals), never
+silently mixed.
 """
 
 from __future__ import annotations
@@ -64,11 +66,10 @@ from tqdm.auto import tqdm
 from components import prompts
 from components.backends.base import BackendError, Conversation, GenerationBackend, step_seed
 from components.config import SamplingParams, ScoringParams
-from components.io import DataError, Journal
+from components.journal import Journal, OnStale, finished, open_journal
 from components.records import Solution, StepScores
 
 NEUTRAL_REWARD = 0.5
-_CONFIG_KEY = "__config__"
 _SEP = "\x1f"
 
 
@@ -235,6 +236,7 @@ class StepScorer:
         exit_points: Sequence[tuple[int, float]] | None = None,
         journal: str | Path | None = None,
         journal_tag: str = "",
+        on_stale: OnStale = "refuse",
         max_active: int = 256,
         progress: bool = True,
         desc: str = "scoring",
@@ -251,6 +253,7 @@ class StepScorer:
         self.exit_points = {k: min(t for kk, t in points if kk == k) for k, _ in points}
         self.journal_path = Path(journal) if journal is not None else None
         self.journal_tag = journal_tag
+        self.on_stale: OnStale = on_stale
         self.max_active = max(1, max_active)
         self.progress = progress
         self.desc = desc
@@ -264,32 +267,12 @@ class StepScorer:
     def _open_journal(self) -> Journal | None:
         if self.journal_path is None:
             return None
-        journal = Journal(self.journal_path)
-        fp = self.fingerprint()
-        header = journal.done().get(_CONFIG_KEY)
-        if header is None and len(journal):  # its settings line was unreadable: cannot trust it
-            journal.close()
-            raise DataError(
-                self.journal_path, 1, "fingerprint",
-                "journal holds scored steps but no readable settings line; delete it to rescore",
-            )
-        if header is None:
-            journal.append({"key": _CONFIG_KEY, "fingerprint": fp})
-        elif header["fingerprint"] != fp:
-            journal.close()
-            raise DataError(
-                self.journal_path, 1, "fingerprint",
-                f"journal was written with other settings ({header['fingerprint']}); now {fp}. "
-                "Delete it to rescore, or restore the settings to resume.",
-            )
-        return journal
+        return open_journal(self.journal_path, self.fingerprint(), on_stale=self.on_stale)
 
     @staticmethod
     def _journal_index(journal: Journal) -> dict[tuple[str, int, str], dict[str, Any]]:
         index: dict[tuple[str, int, str], dict[str, Any]] = {}
-        for key, rec in journal.done().items():
-            if key == _CONFIG_KEY:
-                continue
+        for rec in finished(journal).values():
             k = (rec["id"], rec["step"], rec["h"])
             if k not in index or len(rec["v"]) > len(index[k]["v"]):
                 index[k] = rec

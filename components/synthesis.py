@@ -24,16 +24,14 @@ Resumable: each step sample's K analyses are appended to `data/synth/journal.jso
 as soon as they finish; a rerun after a crash or `kill -9` skips them. Sampling is seeded per
 row from `synthesize.seed` and the sample id, never from batch position, so a resumed run ends
 with exactly the outputs of an uninterrupted one. Samples whose generation hit a teacher error
-are not journaled, so a rerun retries them. The journal records the teacher settings it was
-written with and is discarded if they change. Final outputs are written atomically at the end;
+are not journaled, so a rerun retries them. The journal (`components.journal`) records the
+teacher settings it was written with and is started over if they change. Final outputs are written atomically at the end;
 if teacher errors exceed `synthesize.max_error_rate` of the planned analyses the stage stops
 with a clear message and writes no final output.
 """
 
 from __future__ import annotations
 
-import hashlib
-import json
 import logging
 import random
 from collections import Counter, defaultdict
@@ -47,7 +45,8 @@ from tqdm.auto import tqdm
 from components import paths
 from components.backends.base import BackendError, Generation, row_seed, sample_seed
 from components.config import Params, TeacherParams
-from components.io import DataError, Journal, read_jsonl, write_json, write_jsonl
+from components.io import DataError, read_jsonl, write_json, write_jsonl
+from components.journal import finished, open_journal
 from components.prompts import (
     parse_verdict,
     postprocess_response,
@@ -77,8 +76,8 @@ class _Item:
     split: str  # "train" | "val": the prepared file it came from
 
 
-def teacher_fingerprint(teacher: TeacherParams, seed: int) -> str:
-    """Hash of every setting that changes what the teacher writes (not speed knobs)."""
+def teacher_settings(teacher: TeacherParams, seed: int) -> dict[str, Any]:
+    """Every setting that changes what the teacher writes (not speed knobs): the journal's fingerprint."""
     b = teacher.backend
     relevant = {
         "kind": teacher.kind,
@@ -89,7 +88,7 @@ def teacher_fingerprint(teacher: TeacherParams, seed: int) -> str:
     }
     if teacher.kind == "backend":
         relevant["backend"] = {"kind": b.kind, "openai_model": b.openai.model, "use_chat": b.openai.use_chat}
-    return hashlib.sha256(json.dumps(relevant, sort_keys=True).encode()).hexdigest()[:16]
+    return relevant
 
 
 # --------------------------------------------------------------------------------------
@@ -149,18 +148,6 @@ def _gen_to_dict(g: Generation, seed: int) -> dict[str, Any]:
     }
 
 
-def _open_journal(path: Path, fingerprint: str) -> Journal:
-    journal = Journal(path, key="key")
-    stale = [k for k, r in journal.done().items() if r.get("fingerprint") != fingerprint]
-    if stale:
-        log.warning("%s was written with other teacher settings; starting it over", path)
-        print(f"synthesize: {path} holds analyses from other teacher settings; starting over")
-        journal.close()
-        path.unlink()
-        journal = Journal(path, key="key")
-    return journal
-
-
 def generate_analyses(
     items: Sequence[_Item],
     teacher: Teacher,
@@ -173,12 +160,11 @@ def generate_analyses(
     k = sampling.n
     planned = len(items) * k
     budget = params.synthesize.max_error_rate * planned
-    fingerprint = teacher_fingerprint(params.teacher, seed)
     results: dict[str, list[dict[str, Any]]] = {}
     errors = 0
     first_errors: list[str] = []
-    with _open_journal(journal_path, fingerprint) as journal:
-        done = journal.done()
+    with open_journal(journal_path, teacher_settings(params.teacher, seed)) as journal:
+        done = finished(journal)
         for it in items:
             rec = done.get(it.sample.id)
             if rec is not None and len(rec["generations"]) == k:
@@ -206,7 +192,7 @@ def generate_analyses(
                         first_errors.extend(str(g.error) for g in gens if g.error)
                         first_errors = list(dict.fromkeys(first_errors))[:3]
                     else:
-                        journal.append({"key": it.sample.id, "fingerprint": fingerprint, "generations": recs})
+                        journal.append({"key": it.sample.id, "generations": recs})
                     bar.update(1)
                     if n_err:
                         bar.set_postfix(errors=errors)

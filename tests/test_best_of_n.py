@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import json
+import os
+import shutil
 from pathlib import Path
 
 import pytest
@@ -12,6 +14,7 @@ from components.config import DataParams
 from components.data import load_bon_testset, load_candidate_pool
 from components.grading import Grader
 from components.io import DataError
+from components.journal import JournalWarning
 from components.records import BonProblem, Candidate, CandidatePool
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
@@ -215,7 +218,7 @@ def test_stage_end_to_end_on_tiny_models(tmp_path, monkeypatch, default_params, 
     assert {r.split(",")[0] for r in rows} == {"1", "2"}
     assert {r.split(",")[2] for r in rows} == {"olympiadbench", "amc23"}
     assert paths.BON_CURVE_PNG.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
-    pool_files = sorted(paths.BON_POOLS.glob("amc23.*.jsonl"))
+    pool_files = sorted(paths.BON_POOLS.glob("amc23.jsonl"))
     assert len(pool_files) == 1
     pool_text = pool_files[0].read_text()
 
@@ -305,11 +308,13 @@ def test_arithmetic_pool_and_simulated_policy_end_to_end(tmp_path, monkeypatch, 
 
     monkeypatch.chdir(tmp_path)
     monkeypatch.delenv("RPRM_PARENT_RUN_ID", raising=False)
+    prm = tmp_path / "prm"  # a copy: this test retrains it (new file stats) at the end
+    shutil.copytree(verdict_model_dir, prm)
     p = default_params.model_dump()
     p["tracking"]["tracking_uri"] = f"sqlite:///{tmp_path / 'mlruns.db'}"
     p["scoring"]["sampling"].update(n=1, max_new_tokens=48)
     p["domain"]["arithmetic"].update(bon_problems=3, bon_candidates=4)
-    p["best_of_n"].update(datasets=["arithmetic"], n=4, prm_model=str(verdict_model_dir), curve_repeats=1,
+    p["best_of_n"].update(datasets=["arithmetic"], n=4, prm_model=str(prm), curve_repeats=1,
                           policy_model=arithmetic.POLICY_NAME)
     p["best_of_n"]["guided_search"].update(strategies=["greedy"], max_problems=2, candidates_per_step=2)
     params = Params.model_validate(p)
@@ -338,6 +343,15 @@ def test_arithmetic_pool_and_simulated_policy_end_to_end(tmp_path, monkeypatch, 
     assert _without_seconds(again) == _without_seconds(entry)
     assert {f: f.read_bytes() for d in (paths.BON_SCORES, paths.BON_GUIDED) for f in d.glob("*.jsonl")} == journals
     assert Path("reports/bon.json").read_bytes() == report_bytes
+    # a retrained PRM in the same folder (other file stats) starts the score and guided-search
+    # journals over instead of reusing the old model's rewards
+    weights = next(prm.glob("*.safetensors"))
+    os.utime(weights, ns=(weights.stat().st_atime_ns, weights.stat().st_mtime_ns + 10**9))
+    with pytest.warns(JournalWarning, match="written with other settings"):
+        best_of_n.run(Params.model_validate(p))
+    for journal in journals:
+        header = json.loads(journal.read_text().splitlines()[0])
+        assert header["fingerprint"] != json.loads(journals[journal].decode().splitlines()[0])["fingerprint"]
 
 
 def test_scoring_journals_are_named_after_the_scoring_fields_best_of_n_uses(default_params):

@@ -88,7 +88,8 @@ def test_evaluate_stage_end_to_end(workdir: Path, default_params: Params, tmp_pa
     model = pb["models"]["dpo"]
     assert model["substituted"] and model["evaluated_model"] == "base"  # dpo not built: base evaluated, and said
     assert pb["models"]["sft"]["subsets"] == model["subsets"]  # both fell back to the same base model
-    assert len(list((paths.SCORES / "journals").glob("base-processbench-*.jsonl"))) == 1  # scored once
+    journals = sorted(f.name for f in (paths.SCORES / "journals").glob("*.jsonl"))
+    assert journals == ["base-prmbench.jsonl", "base-processbench.jsonl"]  # scored once (no held-out items here)
     assert pb["headline_model"] == "dpo"
     assert pb["processbench_avg_f1"] == model["avg_f1"] == out["processbench"]["processbench_avg_f1"]
     assert set(model["subsets"]) == {"gsm8k", "math"} and pb["k"] == 2 and pb["threshold"] == 0.5
@@ -142,7 +143,7 @@ def test_evaluate_stage_end_to_end(workdir: Path, default_params: Params, tmp_pa
     cost_f = full["processbench"]["models"]["dpo"]["cost"]
     assert cost_f["steps_scored"] == cost_f["steps_total"] and cost_f["saved_fraction"] == 0
     assert cost_e["steps_headline_early_exit"] <= cost_e["steps_scored"] <= cost_f["steps_scored"]
-    assert len(list((paths.SCORES / "journals").glob("base-processbench-*.jsonl"))) == 1
+    assert sorted(f.name for f in (paths.SCORES / "journals").glob("*.jsonl")) == journals
 
 
 def test_missing_benchmark_fails_and_writes_nothing(workdir: Path, default_params: Params, tmp_path: Path) -> None:

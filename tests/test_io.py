@@ -6,7 +6,6 @@ from __future__ import annotations
 import json
 import os
 import stat
-import warnings
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -15,8 +14,6 @@ import pytest
 
 from components.io import (
     DataError,
-    Journal,
-    JournalWarning,
     atomic_path,
     current_umask,
     read_jsonl,
@@ -68,41 +65,6 @@ def test_rewriting_an_existing_file_keeps_its_mode(tmp_path: Path) -> None:
         write_json(path, {"v": 2})
     assert mode(path) == 0o640
     assert path.read_text() == '{\n  "v": 2\n}\n'
-
-
-def test_journal_skips_a_garbage_line_with_a_warning_and_keeps_the_rest(tmp_path: Path) -> None:
-    """A damaged line in the middle costs that line only, and says which one; a torn tail is silent."""
-    path = tmp_path / "journal.jsonl"
-    lines = [json.dumps({"key": "a", "v": 1}), "{garbage", json.dumps({"key": "b", "v": 2}),
-             json.dumps(["no", "key"]), json.dumps({"key": "c", "v": 3})]
-    path.write_text("\n".join(lines) + "\n" + '{"key": "torn", "v"', encoding="utf-8")
-    with pytest.warns(JournalWarning) as caught:
-        journal = Journal(path)
-    messages = [str(w.message) for w in caught]
-    assert any(m.startswith(f"{path}:2: unreadable journal line skipped") for m in messages), messages
-    assert any(m.startswith(f"{path}:4: ") for m in messages), messages
-    assert len(messages) == 2  # the torn last line is a kill mid-write, not damage
-    with journal:
-        assert set(journal.done()) == {"a", "b", "c"} and journal.skipped_lines == [2, 4]
-        journal.append({"key": "d", "v": 4})
-    # rewritten without the bad lines: the next load is clean and sees every record
-    with warnings.catch_warnings():
-        warnings.simplefilter("error", JournalWarning)
-        again = Journal(path)
-    with again:
-        assert set(again.done()) == {"a", "b", "c", "d"}
-    assert path.read_text(encoding="utf-8").count("\n") == 4
-
-
-def test_journal_torn_tail_only_is_truncated_silently(tmp_path: Path) -> None:
-    path = tmp_path / "journal.jsonl"
-    path.write_text(json.dumps({"key": "a"}) + "\n" + '{"key": "b"', encoding="utf-8")
-    with warnings.catch_warnings():
-        warnings.simplefilter("error", JournalWarning)
-        journal = Journal(path)
-    with journal:
-        assert set(journal.done()) == {"a"}
-    assert path.read_text(encoding="utf-8") == json.dumps({"key": "a"}) + "\n"
 
 
 @pytest.mark.parametrize("label", ["yes", "true", 1, 0, "no"])

@@ -39,6 +39,7 @@ from fault_server import FaultServer
 
 from components import paths
 from components.io import write_jsonl
+from components.journal import HEADER_KEY
 
 REPO = Path(__file__).resolve().parents[1]
 BUNDLED = REPO / "data" / "bundled"
@@ -275,7 +276,7 @@ def test_evaluate_killed_at_a_random_point_resumes_to_identical_outputs(
         journals=lambda d: sorted((d / paths.SCORES / "journals").glob("*.jsonl")),
         # an early-exit wave (ProcessBench) journals one step per solution; a full-scoring wave
         # (PRMBench) every step of its active solutions (here all three items)
-        skip_keys=frozenset({"__config__"}),
+        skip_keys=frozenset({HEADER_KEY}),
         burst=max(len(pb), sum(len(item.modified_process) for item in prmb)),
         outputs=lambda d: files_bytes(d, EVALUATE_OUTPUTS),
         work=lambda: len(engine.requests),

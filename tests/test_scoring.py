@@ -16,7 +16,8 @@ import pytest
 from components import prompts
 from components.backends.base import Generation
 from components.config import BackendParams, SamplingParams, ScoringParams
-from components.io import DataError, JournalWarning
+from components.io import DataError
+from components.journal import JournalWarning
 from components.records import Solution
 from components.scoring import (
     NEUTRAL_REWARD,
