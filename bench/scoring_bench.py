@@ -113,7 +113,7 @@ def all_steps_at_once(backend: Any, solutions: Sequence[Solution], scoring: Scor
     pairs = [(sol, i) for sol in solutions for i in range(len(sol.steps))]
     convs = [step_conversation(sol, i) for sol, i in pairs]
     seeds = [step_seed(scoring.sampling.seed, sol.id, i) for sol, i in pairs]
-    extra = {"teacher_forced": _fallback_prefix} if getattr(backend, "forced_in_generation", False) else {}
+    extra = {"teacher_forced": _fallback_prefix} if backend.forced_in_generation else {}
     outputs = backend.generate(convs, scoring.sampling, seeds=seeds, **extra)
     values = [[g.p_yes if g.p_yes is not None else g.forced_p_yes for g in gens] for gens in outputs]
     forced = [(r, j, g.text) for r, gens in enumerate(outputs) for j, g in enumerate(gens) if values[r][j] is None]

@@ -349,6 +349,8 @@ class ArithmeticPolicy:
     """
 
     name = POLICY_NAME
+    sampler: str | None = None  # its own draw (below)
+    forced_in_generation = False
 
     def __init__(self, params: ArithmeticDomainParams, known: Sequence[Problem]):
         self.params = params

@@ -138,12 +138,12 @@ def scoring_fingerprint(backend: GenerationBackend, scoring_params: ScoringParam
     sampling.pop("n")
     fp = {
         "backend": getattr(backend, "name", type(backend).__name__),
-        "sampler": getattr(backend, "sampler", None),
+        "sampler": backend.sampler,
         "sampling": sampling,
         "fallback": settings["fallback"],
         "tag": tag,
     }
-    if scoring_params.fallback == "teacher_forced" and getattr(backend, "forced_in_generation", False):
+    if scoring_params.fallback == "teacher_forced" and backend.forced_in_generation:
         fp["fallback_pass"] = "decoding-kv"  # fallback values differ from the separate pass by float rounding
     return fp
 
@@ -356,7 +356,7 @@ class StepScorer:
         convs = list(conversations) if conversations is not None else [step_conversation(s, i) for s, i in requests]
         seeds = [step_seed(self.sampling.seed, sol.id, i) for sol, i in requests]
         extra: dict[str, Any] = {}
-        if self.params.fallback == "teacher_forced" and getattr(self.backend, "forced_in_generation", False):
+        if self.params.fallback == "teacher_forced" and self.backend.forced_in_generation:
             extra["teacher_forced"] = _fallback_prefix  # the backend reads it from its decoding KV
         outputs = self.backend.generate(convs, self.sampling, seeds=seeds, progress=progress, **extra)
         if len(outputs) != len(convs):

@@ -26,7 +26,7 @@ import time
 from collections.abc import Iterator, Sequence
 from typing import Protocol
 
-from components.backends.base import Generation, GenerationBackend, row_seed
+from components.backends.base import Generation, GenerationBackend, StreamingBackend, row_seed
 from components.checker import (
     DATA_NONE,
     DATA_SOURCED,
@@ -247,9 +247,8 @@ class BackendTeacher:
         """Yield (i, analyses of sample i) as the backend finishes them."""
         conversations = [teacher_conversation(s) for s in samples]
         seeds = list(seeds)
-        stream = getattr(self.backend, "generate_iter", None)
-        if stream is not None:
-            yield from stream(conversations, sampling, seeds=seeds)
+        if isinstance(self.backend, StreamingBackend):
+            yield from self.backend.generate_iter(conversations, sampling, seeds=seeds)
             return
         for start in range(0, len(conversations), self.chunk_size):
             end = start + self.chunk_size

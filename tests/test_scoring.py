@@ -62,6 +62,7 @@ class CountingBackend:
     def __init__(self, inner: object):
         self.inner = inner
         self.name = inner.name
+        self.sampler, self.forced_in_generation = inner.sampler, inner.forced_in_generation
         self.rows = 0
         self.calls = 0
 

@@ -277,6 +277,7 @@ class SeedRecordingBackend:
     def __init__(self, inner):
         self.inner = inner
         self.name = inner.name
+        self.sampler, self.forced_in_generation = inner.sampler, inner.forced_in_generation
         self.seeds: list[list[int]] = []
 
     def generate(self, conversations, sampling, *, seeds=None, **kw):

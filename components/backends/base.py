@@ -48,23 +48,24 @@ class BackendError(RuntimeError):
 
 @runtime_checkable
 class GenerationBackend(Protocol):
-    """What every engine implements.
+    """What every engine implements, and every member its callers use.
 
-    Callers also use these optional members, looked up with `getattr` (an engine without them is
-    still a backend, and the callers fall back):
-    - `sampler: str`: the sampler's fingerprint, how a row seed becomes tokens (hf:
-      `sampler.SAMPLER`); journal fingerprints record it (scoring, pairs), so samples drawn by
-      another sampler are never mixed in. None or absent: the engine's own.
-    - `forced_in_generation: bool`: True when `generate` also takes `teacher_forced`, a
-      function of a sample's text giving the assistant prefix of its teacher-forced fallback,
-      and fills `Generation.forced_p_yes` in the same pass (hf); the scorer then runs no
-      second pass.
-    - `generate_iter(...)`: see `StreamingBackend` (openai); the teachers stream with it.
-    - `reset_prefix_cache()`: forget engine-side cached prompt KV (benchmarks time every run
-      from nothing); `peak_batch`: the largest (prompts, KV tokens) batch so far (hf, bench).
+    - `name`: recorded as Critique.generator and in journal fingerprints.
+    - `sampler`: the sampler's fingerprint, how a row seed becomes tokens (hf:
+      `sampler.SAMPLER`); journal fingerprints record it (scoring), so samples drawn by another
+      sampler are never mixed in. None: the engine's own (vllm, openai).
+    - `forced_in_generation`: True when `generate` also takes `teacher_forced`, a function of a
+      sample's text giving the assistant prefix of its teacher-forced fallback, and fills
+      `Generation.forced_p_yes` in the same pass (hf); the scorer then runs no second pass.
+    - `generate_iter(...)`: engines that stream implement `StreamingBackend` (openai); the
+      teachers check for it with `isinstance`.
+    - Engine-specific extras, not part of the protocol: `reset_prefix_cache()` and `peak_batch`
+      (hf; the benchmarks use them).
     """
 
-    name: str  # recorded as Critique.generator
+    name: str
+    sampler: str | None
+    forced_in_generation: bool
 
     def generate(
         self,

@@ -177,6 +177,9 @@ def _completion_tokens(logprobs: Any) -> tuple[list[str], list[dict[str, float]]
 class OpenAIBackend:
     """Generation backend for an OpenAI-compatible endpoint (see the module docstring)."""
 
+    sampler: str | None = None  # the server's own sampler
+    forced_in_generation = False
+
     def __init__(self, openai_params: OpenAIParams, model: str | None = None):
         self.params = openai_params
         self.model = model or openai_params.model

@@ -43,6 +43,8 @@ class VLLMBackend:
     """Generation backend on an in-process `vllm.LLM` (see module docstring)."""
 
     name = "vllm"
+    sampler: str | None = None  # vLLM's own sampler
+    forced_in_generation = False
 
     def __init__(self, model_path: str | Path, params: BackendParams, dtype: str = "float32"):
         from components.model_folder import check_tokenizer_folder
