@@ -23,10 +23,10 @@ from collections.abc import Iterable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
-from components import paths
 from components.config import ModelParams, Params, TinyModelParams
 from components.io import iter_json_lines, write_json
 from components.model_folder import BaseModelError, check_tokenizer_folder, torch_dtype
+from components.paths import Layout
 
 IM_START = "<|im_start|>"
 IM_END = "<|im_end|>"
@@ -406,7 +406,7 @@ def materialise_pretrained(model_params: ModelParams, out_dir: str | Path) -> di
     )
 
 
-def build_base_model(params: Params, out_dir: str | Path = paths.BASE_MODEL) -> dict[str, Any]:
+def build_base_model(params: Params, out_dir: str | Path) -> dict[str, Any]:
     """Build/materialise the base model of `params.model` into `out_dir`; return its info."""
     m = params.model
     if m.kind == "tiny":
@@ -426,19 +426,19 @@ def build_base_model(params: Params, out_dir: str | Path = paths.BASE_MODEL) -> 
     return materialise_pretrained(m, out_dir)
 
 
-def run(params: Params) -> dict[str, Any]:
-    """The `rprm base-model` stage: build models/base/ and log what was built to MLflow."""
+def run(params: Params, layout: Layout = Layout()) -> dict[str, Any]:
+    """The `rprm base-model` stage: build the layout's models/base/ and log what was built to MLflow."""
     from components.tracking import log_report, stage_run
 
     with stage_run("base-model", params, sections=["model"]):
         start = time.perf_counter()
-        info = build_base_model(params, paths.BASE_MODEL)
+        info = build_base_model(params, layout.base_model)
         seconds = time.perf_counter() - start
         log_report({**info, "build_seconds": seconds}, "base_model.json")
     print(
         f"base model ({info['kind']}): {info['architecture']}, {info['num_parameters']:,} parameters, "
         f"vocab {info['vocab_size']}, ' Yes'={info['yes_token_ids']} ' No'={info['no_token_ids']}, "
-        f"{seconds:.1f}s -> {paths.BASE_MODEL}"
+        f"{seconds:.1f}s -> {layout.base_model}"
     )
     return info
 

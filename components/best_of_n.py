@@ -57,6 +57,7 @@ from components.data import CANDIDATE_POOLS, load_bon_testset, load_candidate_po
 from components.grading import EXTRACTIONS, OUTCOMES, Grade, Grader, reference_answers
 from components.io import DataError, read_jsonl, stat_digest, write_json
 from components.journal import finished, open_journal
+from components.paths import Layout
 from components.records import (
     BonProblem,
     Candidate,
@@ -223,10 +224,11 @@ def generate_pools(
     policy: Callable[[], GenerationBackend],
     bp: BestOfNParams,
     policy_name: str,
-    out_dir: Path = paths.BON_POOLS,
+    out_dir: Path,
     batch_size: int = 8,
 ) -> tuple[list[CandidatePool], Path]:
-    """Sample n candidates per problem (journaled, reused with the same settings); steps split on blank lines.
+    """Sample n candidates per problem into the journal `out_dir/<dataset>.jsonl` (reused with the
+    same settings); steps split on blank lines.
 
     `policy` builds the backend; it is called only when some problem is not journaled yet.
     `policy_name` identifies the policy in the journal's fingerprint (`model_identity`).
@@ -397,24 +399,25 @@ def _without(obj: Any, key: str) -> Any:
     return obj
 
 
-def _model_path(name: str) -> Path | str:
-    if name in ("base", "sft", "dpo"):
-        return paths.model_dir(name)
+def _model_path(name: str, layout: Layout) -> Path | str:
+    if name in paths.MODEL_STAGES:
+        return layout.model_dir(name)
     return name
 
 
-def arithmetic_pools() -> list[CandidatePool]:
+def arithmetic_pools(pool_file: Path) -> list[CandidatePool]:
     """The in-domain Best-of-N pool `prepare` staged for the arithmetic domain (dataset `arithmetic`)."""
-    if not paths.BON_ARITHMETIC.exists() or paths.BON_ARITHMETIC.stat().st_size == 0:
-        raise DataError(paths.BON_ARITHMETIC, None, None, "no arithmetic Best-of-N pool: set domain.kind: arithmetic "
+    if not pool_file.exists() or pool_file.stat().st_size == 0:
+        raise DataError(pool_file, None, None, "no arithmetic Best-of-N pool: set domain.kind: arithmetic "
                         "and run `rprm prepare`, or drop `arithmetic` from best_of_n.datasets")
-    return read_jsonl(paths.BON_ARITHMETIC, CandidatePool, key=lambda r: r.id)
+    return read_jsonl(pool_file, CandidatePool, key=lambda r: r.id)
 
 
-def load_testset(params: Params, dataset: str) -> list[BonProblem]:
+def load_testset(params: Params, dataset: str, layout: Layout) -> list[BonProblem]:
     """A dataset's problems with reference answers: a bundled test set, or the arithmetic pool's problems."""
     if dataset == arithmetic.SUBSET:
-        return [BonProblem(id=p.id, dataset=dataset, problem=p.problem, answer=p.answer or "") for p in arithmetic_pools()]
+        return [BonProblem(id=p.id, dataset=dataset, problem=p.problem, answer=p.answer or "")
+                for p in arithmetic_pools(layout.bon_arithmetic)]
     return load_bon_testset(params.data, dataset)
 
 
@@ -429,7 +432,7 @@ def required_models(params: Params) -> dict[str, str]:
     return needed
 
 
-def check_models(params: Params) -> None:
+def check_models(params: Params, layout: Layout) -> None:
     """DataError naming the folder and the stage that builds it when a needed pipeline model is missing.
 
     Only pipeline models (base, sft, dpo) with a local-weights backend (hf, vllm) are checked:
@@ -439,7 +442,7 @@ def check_models(params: Params) -> None:
         return
     for key, name in required_models(params).items():
         if name in paths.MODEL_STAGES:
-            paths.require_model(name, key)
+            layout.require_model(name, key)
 
 
 def _pool_for(
@@ -448,10 +451,11 @@ def _pool_for(
     params: Params,
     policy: Callable[[], GenerationBackend],
     policy_name: str,
+    layout: Layout,
 ) -> tuple[list[BonProblem], list[CandidatePool], dict[str, Any]]:
     bp = params.best_of_n
     if bp.candidates == "pool" and dataset == arithmetic.SUBSET:
-        pools = {p.id: p for p in arithmetic_pools()}
+        pools = {p.id: p for p in arithmetic_pools(layout.bon_arithmetic)}
         kept = [p for p in problems if p.id in pools][: bp.max_problems]
         return kept, [pools[p.id] for p in kept], {"pool": f"generated:{paths.BON_ARITHMETIC.as_posix()} ({arithmetic.POLICY_NAME})"}
     if bp.candidates == "pool" and dataset in CANDIDATE_POOLS:
@@ -467,7 +471,7 @@ def _pool_for(
                 "left_out_long": len(in_pool) - len(fits)}
         return kept, [pools[p.id] for p in kept], info
     kept = problems[: bp.max_problems]
-    pools, path = generate_pools(kept, policy, bp, model_identity(policy_name))
+    pools, path = generate_pools(kept, policy, bp, model_identity(policy_name), layout.bon_pools)
     return kept, pools, {"pool": f"generated:{path.as_posix()}"}
 
 
@@ -569,8 +573,8 @@ def scoring_journal_settings(params: Params, prm_path: Path | str) -> dict[str, 
     return {"prm": model_identity(prm_path), "scoring": scoring_settings(params.scoring)}
 
 
-def run(params: Params) -> dict[str, Any]:
-    """The `rprm best-of-n` stage (see the module docstring); returns the bon report."""
+def run(params: Params, layout: Layout = Layout()) -> dict[str, Any]:
+    """The `rprm best-of-n` stage (see the module docstring) on `layout`'s files; returns the bon report."""
     from components import tracking
     from components.backends import load_backend
     from components.plots import bon_curve_plot, write_csv
@@ -578,13 +582,13 @@ def run(params: Params) -> dict[str, Any]:
     bp = params.best_of_n
     # Every input file and model folder is checked before any model, MLflow run or journal: bad
     # data or a missing model fails here (file, line, field) and nothing is written.
-    testsets = {d: load_testset(params, d) for d in bp.datasets}
+    testsets = {d: load_testset(params, d, layout) for d in bp.datasets}
     for d in bp.datasets:
         if bp.candidates == "pool" and d in CANDIDATE_POOLS:
             load_candidate_pool(params.data, d)
-    check_models(params)
-    prm_path = _model_path(bp.prm_model)
-    policy_path = _model_path(bp.policy_model or "base")
+    check_models(params, layout)
+    prm_path = _model_path(bp.prm_model, layout)
+    policy_path = _model_path(bp.policy_model or "base", layout)
     backends: dict[str, GenerationBackend] = {}
 
     def get_backend(path: Path | str) -> GenerationBackend:
@@ -612,7 +616,7 @@ def run(params: Params) -> dict[str, Any]:
     curve_rows: list[dict[str, Any]] = []
     choice_table: list[dict[str, Any]] = []
     guided_problems: dict[str, list[BonProblem]] = {}
-    with tracking.stage_run("best-of-n", params, sections=["backend", "scoring", "best_of_n"], inputs=[p for p in inputs if Path(p).exists()]):
+    with tracking.stage_run("best-of-n", params, sections=["backend", "scoring", "best_of_n"], inputs=[p for p in inputs if Path(p).exists()], root=layout.root):
         with Grader(bp.grading_timeout_s) as grader:
             try:
                 graded_by: dict[str, list[GradedProblem]] = {}
@@ -622,7 +626,7 @@ def run(params: Params) -> dict[str, Any]:
                     t0 = time.monotonic()
                     testset = testsets[dataset]
                     guided_problems[dataset] = testset
-                    problems, pools, origins[dataset] = _pool_for(dataset, testset, params, policy, str(policy_path))
+                    problems, pools, origins[dataset] = _pool_for(dataset, testset, params, policy, str(policy_path), layout)
                     t1 = time.monotonic()
                     graded_by[dataset] = [
                         grade_pool(prob, pool, grader, bp.n)
@@ -630,7 +634,7 @@ def run(params: Params) -> dict[str, Any]:
                     ]
                     seconds[dataset] = {"pool": t1 - t0, "grading": time.monotonic() - t1}
                 t0 = time.monotonic()
-                scorer = scorer_for(paths.BON_SCORES / "candidates.jsonl", "prm candidates")
+                scorer = scorer_for(layout.bon_scores / "candidates.jsonl", "prm candidates")
                 score_candidates([p for gs in graded_by.values() for p in gs], scorer, bp.aggregation)
                 report["seconds"] = {"prm_scoring": time.monotonic() - t0}
                 for dataset, graded in graded_by.items():
@@ -658,7 +662,7 @@ def run(params: Params) -> dict[str, Any]:
                     t0 = time.monotonic()
                     g_report, guided_rows = run_guided_search(
                         guided_problems, policy, gs_scorer, grader, params,
-                        paths.BON_GUIDED / "results.jsonl", gs_settings,
+                        layout.bon_guided / "results.jsonl", gs_settings,
                     )
                     guided.update(g_report)
                     guided["seconds"] = time.monotonic() - t0
@@ -668,13 +672,13 @@ def run(params: Params) -> dict[str, Any]:
             finally:
                 for b in backends.values():
                     b.close()
-        write_csv(paths.BON_CURVE_CSV, curve_rows, ["n", "accuracy", "dataset", "method"])
-        png = bon_curve_plot(curve_rows, paths.BON_CURVE_PNG, methods=CURVE_METHODS,
+        write_csv(layout.bon_curve_csv, curve_rows, ["n", "accuracy", "dataset", "method"])
+        png = bon_curve_plot(curve_rows, layout.bon_curve_png, methods=CURVE_METHODS,
                              problems={d: len(g) for d, g in graded_by.items()}, prm_model=bp.prm_model,
                              aggregation=bp.aggregation, repeats=bp.curve_repeats)
         # wall-clock `seconds` go to MLflow only: the report files are a function of params and data
-        write_json(paths.BON_REPORT, without_timings(report))
-        write_json(paths.GUIDED_SEARCH_REPORT, without_timings(guided))
+        write_json(layout.bon_report, without_timings(report))
+        write_json(layout.guided_search_report, without_timings(guided))
         tracking.log_report(_without(report, "mismatches"))  # metrics (lists stay in the JSON)
         tracking.log_report(_without(guided, "config"))
         tracking.log_json(report, "bon.json")
@@ -682,5 +686,5 @@ def run(params: Params) -> dict[str, Any]:
         tracking.log_table(choice_table, "bon_choices.json")
         tracking.log_table(guided_rows, "guided_search_choices.json")
         tracking.log_artifact(png, "plots")
-        tracking.log_artifact(paths.BON_CURVE_CSV, "plots")
+        tracking.log_artifact(layout.bon_curve_csv, "plots")
     return report

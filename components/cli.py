@@ -89,13 +89,14 @@ def _call(target: str, *args: Any, **kwargs: Any) -> Any:
 
 
 def _stage(target: str, params_file: Path) -> Any:
-    """Load the params, check that the tracking store answers, then run `target` with them."""
+    """Load the params, check that the tracking store answers, then run `target` with them and the
+    project layout of the current directory (where dvc.yaml runs its commands)."""
     params = _load(params_file)
     try:
         check_store(tracking_uri(params))
     except TrackingStoreError as err:
         _fail(str(err))
-    return _call(target, params)
+    return _call(target, params, paths.Layout())
 
 
 def _stage_command(stage: Stage) -> Any:
@@ -105,7 +106,7 @@ def _stage_command(stage: Stage) -> Any:
         if stage.tracked:
             _stage(stage.target, params)
         else:  # no MLflow run: no tracking store to check
-            _call(stage.target, _load(params))
+            _call(stage.target, _load(params), paths.Layout())
 
     run_stage.__name__ = run_stage.__qualname__ = stage.name.replace("-", "_")
     run_stage.__doc__ = stage.help

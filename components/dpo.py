@@ -13,6 +13,7 @@ from typing import Any
 
 from components.config import DPOParams, Params, TrainParams
 from components.io import DataError
+from components.paths import Layout
 from components.prompts import VERDICT_NO, VERDICT_YES, parse_verdict
 from components.records import PreferencePair
 from components.training import (
@@ -26,9 +27,9 @@ from components.training import (
 )
 
 
-def run(params: Params) -> dict[str, Any]:
-    """`rprm dpo`: DPO of models/sft (also the reference) on data/pairs into models/dpo."""
-    return run_stage(RECIPE, params)
+def run(params: Params, layout: Layout = Layout()) -> dict[str, Any]:
+    """`rprm dpo`: DPO of models/sft (also the reference) on data/pairs into models/dpo (under `layout`)."""
+    return run_stage(RECIPE, params, layout)
 
 
 def _dpo_row(rec: PreferencePair, path: Path, line: int) -> dict[str, Any]:

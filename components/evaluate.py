@@ -51,25 +51,15 @@ from typing import Any
 
 from rich.console import Console
 
-from components import benchmarks, paths, plots
+from components import benchmarks, plots
 from components.config import Params, ScoringParams
 from components.io import DataError, read_jsonl, stat_digest, write_json, write_jsonl
+from components.paths import Layout
 from components.records import PRMBenchItem, ProcessBenchItem, Solution, processbench_subset
 from components.scoring import ScoredSolution, StepScorer
 
 console = Console(stderr=True)
 
-PROCESSBENCH_REPORT = paths.REPORTS / "processbench.json"
-PRMBENCH_REPORT = paths.REPORTS / "prmbench.json"
-SCALING_REPORT = paths.REPORTS / "scaling.json"
-SCALING_CSV = paths.PLOTS / "scaling.csv"
-THRESHOLD_CSV = paths.PLOTS / "threshold.csv"
-SCALING_PNG = paths.PLOTS / "scaling.png"
-THRESHOLD_PNG = paths.PLOTS / "threshold.png"
-PRMBENCH_PNG = paths.PLOTS / "prmbench.png"
-HELDOUT_REPORT = paths.REPORTS / "heldout.json"
-HELDOUT_SCALING_PNG = paths.PLOTS / "heldout_scaling.png"
-JOURNALS = paths.SCORES / "journals"
 
 
 @dataclass(frozen=True)
@@ -113,13 +103,13 @@ def sampling_scoring(params: Params, plan: SweepPlan, benchmark: str = "processb
     return params.scoring.model_copy(update={"sampling": sampling})
 
 
-def resolve_model(name: str) -> tuple[Path, str]:
+def resolve_model(name: str, layout: Layout) -> tuple[Path, str]:
     """(model folder, name of the model actually evaluated): the base model if `name` is not built."""
-    path = paths.model_dir(name)
+    path = layout.model_dir(name)
     if (path / "config.json").exists():
         return path, name
-    if name != "base" and (paths.BASE_MODEL / "config.json").exists():
-        return paths.BASE_MODEL, "base"
+    if name != "base" and (layout.base_model / "config.json").exists():
+        return layout.base_model, "base"
     raise DataError(path, None, None, f"model {name!r} not found (and no base model): run the pipeline first")
 
 
@@ -153,9 +143,10 @@ def prmbench_solutions(items: Sequence[PRMBenchItem]) -> list[Solution]:
     ]
 
 
-def journal_path(model: str, bench: str) -> Path:
-    """Scoring journal of (evaluated model, benchmark); started over when its settings change."""
-    return JOURNALS / f"{model}-{bench}.jsonl"
+def journal_path(scores: Path, model: str, bench: str) -> Path:
+    """Scoring journal of (evaluated model, benchmark) under the scores folder; started over when
+    its settings change."""
+    return scores / "journals" / f"{model}-{bench}.jsonl"
 
 
 # --------------------------------------------------------------------------------------
@@ -233,19 +224,19 @@ def trivial_predictors(items: Sequence[ProcessBenchItem]) -> dict[str, Any]:
     return out
 
 
-def _load_heldout() -> list[ProcessBenchItem]:
+def _load_heldout(layout: Layout) -> list[ProcessBenchItem]:
     """The in-domain held-out benchmark staged by `prepare` (empty outside the arithmetic domain)."""
-    if not paths.HELDOUT.exists():
+    if not layout.heldout.exists():
         return []
-    return read_jsonl(paths.HELDOUT, ProcessBenchItem, key=lambda r: r.id, allow_empty=True)
+    return read_jsonl(layout.heldout, ProcessBenchItem, key=lambda r: r.id, allow_empty=True)
 
 
-def _load_benchmarks() -> tuple[list[ProcessBenchItem], list[PRMBenchItem]]:
-    for p in (paths.PROCESSBENCH, paths.PRMBENCH):
+def _load_benchmarks(layout: Layout) -> tuple[list[ProcessBenchItem], list[PRMBenchItem]]:
+    for p in (layout.processbench, layout.prmbench):
         if not p.exists():
             raise DataError(p, None, None, "benchmark file not found: run `rprm prepare` first")
-    pb = read_jsonl(paths.PROCESSBENCH, ProcessBenchItem, key=lambda r: r.id)
-    prmb = read_jsonl(paths.PRMBENCH, PRMBenchItem)
+    pb = read_jsonl(layout.processbench, ProcessBenchItem, key=lambda r: r.id)
+    prmb = read_jsonl(layout.prmbench, PRMBenchItem)
     return pb, prmb
 
 
@@ -278,13 +269,13 @@ def _prediction_rows(model: str, pb_items: Sequence[ProcessBenchItem], pb_scored
 
 def _evaluate_model(params: Params, name: str, plan: SweepPlan, pb_items: list[ProcessBenchItem],
                     prmb_items: list[PRMBenchItem], subsets: list[str],
-                    heldout_items: list[ProcessBenchItem]) -> dict[str, Any]:
+                    heldout_items: list[ProcessBenchItem], layout: Layout) -> dict[str, Any]:
     from components.backends import load_backend
 
     ev = params.evaluate
-    path, evaluated = resolve_model(name)
+    path, evaluated = resolve_model(name, layout)
     if evaluated != name:
-        console.print(f"[yellow]model {name!r} not found at {paths.model_dir(name)}: evaluating the base model "
+        console.print(f"[yellow]model {name!r} not found at {layout.model_dir(name)}: evaluating the base model "
                       f"({path}) in its place[/yellow]")
     scoring = sampling_scoring(params, plan)
     prmb_scoring = sampling_scoring(params, plan, "prmbench")
@@ -293,16 +284,16 @@ def _evaluate_model(params: Params, name: str, plan: SweepPlan, pb_items: list[P
     try:
         heldout_scored = StepScorer(
             backend, scoring, ev.early_exit, exit_points=plan.points,
-            journal=journal_path(evaluated, "heldout"), journal_tag=tag, on_stale="restart",
+            journal=journal_path(layout.scores, evaluated, "heldout"), journal_tag=tag, on_stale="restart",
             desc=f"{name} held-out",
         ).score_detailed(processbench_solutions(heldout_items)) if heldout_items else []
         pb_scored = StepScorer(
             backend, scoring, ev.early_exit, exit_points=plan.points,
-            journal=journal_path(evaluated, "processbench"), journal_tag=tag, on_stale="restart",
+            journal=journal_path(layout.scores, evaluated, "processbench"), journal_tag=tag, on_stale="restart",
             desc=f"{name} processbench",
         ).score_detailed(processbench_solutions(pb_items))
         prmb_scored = StepScorer(
-            backend, prmb_scoring, False, journal=journal_path(evaluated, "prmbench"),
+            backend, prmb_scoring, False, journal=journal_path(layout.scores, evaluated, "prmbench"),
             journal_tag=tag, on_stale="restart",
             desc=f"{name} prmbench",
         ).score_detailed(prmbench_solutions(prmb_items))
@@ -340,7 +331,7 @@ def _evaluate_model(params: Params, name: str, plan: SweepPlan, pb_items: list[P
                                for t in plan.thresholds},
     }
 
-    out = paths.SCORES / name
+    out = layout.scores / name
     write_jsonl(out / "processbench.jsonl", (s.to_step_scores(plan.threshold, plan.k) for s in pb_scored))
     write_jsonl(out / "heldout.jsonl", (s.to_step_scores(plan.threshold, plan.k) for s in heldout_scored))
     write_jsonl(out / "prmbench.jsonl", (s.to_step_scores(thr, plan.k) for s in prmb_scored))
@@ -374,8 +365,8 @@ def _curve_point(report: dict[str, Any]) -> dict[str, Any]:
 
 
 def _write_plots(models: list[str], scaling: dict[str, Any], prmb: dict[str, Any], subsets: list[str],
-                 plan: SweepPlan, pb_counts: dict[str, int], thr: float, cmp_: str) -> list[Path]:
-    """The CSV tables (plain outputs) and PNG figures (the DVC plots) of the evaluate stage."""
+                 plan: SweepPlan, pb_counts: dict[str, int], thr: float, cmp_: str, folder: Path) -> list[Path]:
+    """The CSV tables (plain outputs) and PNG figures (the DVC plots) of the evaluate stage, in `folder`."""
     head = models[-1]
     k_rows, t_rows = [], []
     for k in plan.ks:
@@ -393,8 +384,8 @@ def _write_plots(models: list[str], scaling: dict[str, Any], prmb: dict[str, Any
         t_rows.append(row)
     extra = [f"f1_{s}" for s in subsets] + [f"f1_avg_{m}" for m in models] + [f"prmscore_{m}" for m in models]
     out = [
-        plots.write_csv(SCALING_CSV, k_rows, ["k", "f1_avg", "model", *extra]),
-        plots.write_csv(THRESHOLD_CSV, t_rows, ["threshold", "f1_avg", "model", *extra]),
+        plots.write_csv(folder / "scaling.csv", k_rows, ["k", "f1_avg", "model", *extra]),
+        plots.write_csv(folder / "threshold.csv", t_rows, ["threshold", "f1_avg", "model", *extra]),
     ]
     n_pb = sum(pb_counts.values())
     per_subset = ", ".join(f"{s} {pb_counts.get(s, 0)}" for s in subsets)
@@ -407,7 +398,7 @@ def _write_plots(models: list[str], scaling: dict[str, Any], prmb: dict[str, Any
     k_series.update({f"{head} {s} (n={pb_counts.get(s, 0)})": {k: scaling[head]["processbench_k"][str(k)]["subsets"][s]
                                                                for k in plan.ks} for s in subsets})
     dashed = [f"{head} {s} (n={pb_counts.get(s, 0)})" for s in subsets]
-    out.append(plots.line_plot(k_series, SCALING_PNG,
+    out.append(plots.line_plot(k_series, folder / "scaling.png",
                                title=f"ProcessBench first-error F1 vs sampled analyses K — models {', '.join(models)}",
                                x_label="K (analyses per step)", y_label="F1 (0-100)", log2_x=True,
                                dashed=dashed, note=k_note, y_bounds=(0.0, 100.0)))
@@ -419,7 +410,7 @@ def _write_plots(models: list[str], scaling: dict[str, Any], prmb: dict[str, Any
         t: scaling[head]["processbench_threshold"][f"{t:g}"]["subsets"][s] for t in plan.thresholds} for s in subsets})
     t_note = (f"n = {n_pb} ProcessBench solutions ({per_subset})\nstep reward = mean P(Yes) over K={plan.k} "
               f"analyses; first error = first step below the threshold\ndashed: per-subset F1 of {head}")
-    out.append(plots.line_plot(t_series, THRESHOLD_PNG,
+    out.append(plots.line_plot(t_series, folder / "threshold.png",
                                title=f"ProcessBench first-error F1 vs threshold (K={plan.k}) — models {', '.join(models)}",
                                x_label="threshold", y_label="F1 (0-100)", dashed=dashed, note=t_note,
                                y_bounds=(0.0, 100.0)))
@@ -432,28 +423,29 @@ def _write_plots(models: list[str], scaling: dict[str, Any], prmb: dict[str, Any
     }
     prm_note = (f"n = {some.get('n_items')} PRMBench items, {some.get('n_steps')} steps; step label = "
                 f"mean P(Yes) over K={plan.k} analyses {cmp_} {thr:g}\ngroups average their classes")
-    out.append(plots.bar_plot(bars, PRMBENCH_PNG,
+    out.append(plots.bar_plot(bars, folder / "prmbench.png",
                               title=f"PRMBench PRMScore per class (K={plan.k}) — models {', '.join(prmb)}",
                               y_label="PRMScore (0-1)", note=prm_note, y_bounds=(0.0, 1.0)))
     return out
 
 
-def run(params: Params) -> dict[str, Any]:
-    """Evaluate every model of evaluate.models; write reports, plots and scores; log to MLflow."""
+def run(params: Params, layout: Layout = Layout()) -> dict[str, Any]:
+    """Evaluate every model of evaluate.models; write reports, plots and scores (in `layout`); log to MLflow."""
     from components import tracking
 
     ev = params.evaluate
     if not ev.models:
         raise DataError("params", None, "evaluate.models", "no model to evaluate")
     plan = sweep_plan(params)
-    pb_items, prmb_items = _load_benchmarks()
-    heldout_items = _load_heldout()
+    pb_items, prmb_items = _load_benchmarks(layout)
+    heldout_items = _load_heldout(layout)
     seen = {processbench_subset(it) for it in pb_items}
     subsets = [s for s in ev.processbench.subsets if s in seen] + sorted(seen - set(ev.processbench.subsets))
-    inputs = [paths.PROCESSBENCH, paths.PRMBENCH, *([paths.HELDOUT] if heldout_items else []),
-              *dict.fromkeys(resolve_model(m)[0] for m in ev.models)]
-    with tracking.stage_run("evaluate", params, sections=["backend", "scoring", "evaluate"], inputs=inputs):
-        results = {m: _evaluate_model(params, m, plan, pb_items, prmb_items, subsets, heldout_items)
+    inputs = [layout.processbench, layout.prmbench, *([layout.heldout] if heldout_items else []),
+              *dict.fromkeys(resolve_model(m, layout)[0] for m in ev.models)]
+    with tracking.stage_run("evaluate", params, sections=["backend", "scoring", "evaluate"], inputs=inputs,
+                            root=layout.root):
+        results = {m: _evaluate_model(params, m, plan, pb_items, prmb_items, subsets, heldout_items, layout)
                    for m in dict.fromkeys(ev.models)}
         models = list(results)
         head = models[-1]
@@ -475,9 +467,9 @@ def run(params: Params) -> dict[str, Any]:
         scaling = {m: r["scaling"] for m, r in results.items()}
         scaling_report = {"ks": plan.ks, "thresholds": plan.thresholds, "k": plan.k, "threshold": plan.threshold,
                           "models": scaling}
-        write_json(PROCESSBENCH_REPORT, pb_report)
-        write_json(PRMBENCH_REPORT, prmb_report)
-        write_json(SCALING_REPORT, scaling_report)
+        write_json(layout.report("processbench.json"), pb_report)
+        write_json(layout.report("prmbench.json"), prmb_report)
+        write_json(layout.report("scaling.json"), scaling_report)
         heldout_report: dict[str, Any] = {"domain": params.domain.kind, "items": len(heldout_items)}
         if heldout_items:
             heldout_report.update({
@@ -485,19 +477,19 @@ def run(params: Params) -> dict[str, Any]:
                 "threshold": plan.threshold, "trivial_predictors": trivial_predictors(heldout_items),
                 "models": {m: r["heldout"] for m, r in results.items()},
             })
-        write_json(HELDOUT_REPORT, heldout_report)
+        write_json(layout.report("heldout.json"), heldout_report)
         pb_counts = Counter(processbench_subset(it) for it in pb_items)
         figures = _write_plots(models, scaling, {m: r["prmbench"] for m, r in results.items()}, subsets, plan,
-                               dict(pb_counts), ev.prmbench.threshold, ev.prmbench.comparison)
+                               dict(pb_counts), ev.prmbench.threshold, ev.prmbench.comparison, layout.plots)
         if not heldout_items:  # a DVC output on every domain: say there is nothing to show
-            figures.append(plots.line_plot({}, HELDOUT_SCALING_PNG, x_label="K (analyses per step)", y_label="F1",
+            figures.append(plots.line_plot({}, layout.plot("heldout_scaling.png"), x_label="K (analyses per step)", y_label="F1",
                                            title=f"No in-domain held-out benchmark on domain {params.domain.kind!r}",
                                            note="n = 0 solutions: nothing to plot"))
         else:
             figures.append(plots.line_plot(
                 {f"{m} ({results[m]['heldout']['evaluated_model']})" if results[m]["heldout"]["substituted"] else m:
                  {k: results[m]["heldout"]["f1_vs_k"][str(k)] for k in plan.ks} for m in models},
-                HELDOUT_SCALING_PNG,
+                layout.plot("heldout_scaling.png"),
                 title=f"Held-out {params.domain.kind} first-error F1 vs K — models {', '.join(models)}",
                 x_label="K (analyses per step)", y_label="F1 (0-100)", log2_x=True, y_bounds=(0.0, 100.0),
                 note=(f"n = {len(heldout_items)} solutions ({sum(1 for it in heldout_items if it.label >= 0)} with "

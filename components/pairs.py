@@ -37,11 +37,11 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from components import paths
 from components.backends.base import sample_seed
 from components.config import Params
 from components.io import DataError, content_digest, read_jsonl, write_json, write_jsonl
 from components.journal import Journal, finished, open_journal
+from components.paths import Layout
 from components.prompts import (
     VERDICT_NO,
     VERDICT_YES,
@@ -352,9 +352,10 @@ def prompt_tokens(tokenizer: Any, sample: StepSample) -> int:
     return student_prompt_tokens(tokenizer, sample.question, sample.previous_steps, sample.now_step)
 
 
-def load_step_samples(params: Params, model_dir: Path) -> tuple[list[StepSample], int]:
-    """The labelled training step samples the SFT model will analyse, and how many were too long."""
-    samples = read_jsonl(paths.STEPS_TRAIN, StepSample, key=lambda s: s.id)
+def load_step_samples(params: Params, model_dir: Path, steps_file: Path) -> tuple[list[StepSample], int]:
+    """The labelled training step samples of `steps_file` the SFT model will analyse, and how many
+    were too long."""
+    samples = read_jsonl(steps_file, StepSample, key=lambda s: s.id)
     limit = params.sample_pairs.max_prompt_tokens
     too_long = 0
     if limit is not None:
@@ -367,22 +368,23 @@ def load_step_samples(params: Params, model_dir: Path) -> tuple[list[StepSample]
     selected = select_samples(samples, params.sample_pairs.max_samples, params.sample_pairs.seed)
     if not selected:
         why = f" within sample_pairs.max_prompt_tokens={limit}" if limit is not None else ""
-        raise DataError(paths.STEPS_TRAIN, None, "label", f"no labelled step samples{why} to build pairs from")
+        raise DataError(steps_file, None, "label", f"no labelled step samples{why} to build pairs from")
     return selected, too_long
 
 
-def run(params: Params) -> dict[str, Any]:
-    """`rprm sample-pairs`: sample, pair, balance and split; write data/pairs and reports/pairs.json."""
+def run(params: Params, layout: Layout = Layout()) -> dict[str, Any]:
+    """`rprm sample-pairs`: sample, pair, balance and split; write the layout's data/pairs and
+    reports/pairs.json."""
     from components import tracking
     from components.model_folder import check_model_dir
 
-    model_dir = paths.SFT_MODEL
+    model_dir, steps_file = layout.sft_model, layout.steps_train
     check_model_dir(model_dir, "SFT")
-    samples, too_long = load_step_samples(params, model_dir)
-    settings = generation_settings(params, model_dir, paths.STEPS_TRAIN)
+    samples, too_long = load_step_samples(params, model_dir, steps_file)
+    settings = generation_settings(params, model_dir, steps_file)
     with tracking.stage_run("sample-pairs", params, sections=["backend", "sample_pairs"],
-                            inputs=[model_dir, paths.STEPS_TRAIN]):
-        with open_journal(paths.PAIRS_JOURNAL, settings, key="sample_id") as journal:
+                            inputs=[model_dir, steps_file], root=layout.root):
+        with open_journal(layout.pairs_journal, settings, key="sample_id") as journal:
             records = sample_analyses(params, samples, model_dir, journal)
         result = assemble(params, samples, records)
         report = {**result.report, "skipped_long_prompts": too_long}
@@ -393,14 +395,14 @@ def run(params: Params) -> dict[str, Any]:
             "pairs_sample.json",
         )
         if not result.train:
-            raise DataError(paths.PAIRS_CRITIQUES, None, None,
+            raise DataError(layout.pairs_critiques, None, None,
                             "no preference pairs: the SFT model never produced both an agreeing and an "
                             f"opposite valid analysis for a step (valid rate {report['valid_rate']}, "
                             f"verdicts {report['verdicts']}); train SFT longer or raise sampling.n/temperature")
-        write_jsonl(paths.PAIRS_CRITIQUES, result.critiques)
-        write_jsonl(paths.DPO_TRAIN, result.train)
-        write_jsonl(paths.DPO_VAL, result.val)
-        write_json(paths.REPORTS / "pairs.json", report)
+        write_jsonl(layout.pairs_critiques, result.critiques)
+        write_jsonl(layout.dpo_train, result.train)
+        write_jsonl(layout.dpo_val, result.val)
+        write_json(layout.report("pairs.json"), report)
     log.info("sample-pairs: %d train / %d val pairs, valid rate %s",
              len(result.train), len(result.val), report["valid_rate"])
     return report

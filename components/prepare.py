@@ -41,6 +41,7 @@ from components.data import (
     source_root,
 )
 from components.io import DataError, write_json, write_jsonl
+from components.paths import Layout
 from components.records import (
     PROCESSBENCH_SUBSETS,
     CandidatePool,
@@ -297,14 +298,15 @@ def stage_benchmarks(params: Params) -> tuple[list[ProcessBenchItem], list[PRMBe
     return pb, prmb, info
 
 
-def build(params: Params) -> Prepared:
-    """Load, flatten, decontaminate, cap, split and stage benchmarks; nothing is written."""
+def build(params: Params, labelled: Path = paths.LABELLED) -> Prepared:
+    """Load, flatten, decontaminate, cap, split and stage benchmarks (plus the labelled solutions of
+    folder `labelled`); nothing is written."""
     pp = params.prepare
     arith = params.domain.kind == "arithmetic"
     splits = arithmetic.problem_splits(params.domain.arithmetic) if arith else {}
     generated = (arithmetic.training_solutions(params.domain.arithmetic, splits["train"]) if arith
                  else load_prm800k(params.data))
-    solutions = with_labelled(params.data, generated)
+    solutions = with_labelled(params.data, generated, labelled)
     samples, fc = flatten(solutions, pp.neutral_rating)
     all_problems = {problem_id(s.problem) for s in solutions}
     decon: dict[str, Any] = {"enabled": bool(pp.decontaminate) and not arith,
@@ -318,7 +320,7 @@ def build(params: Params) -> Prepared:
         bon_pool = arithmetic.bon_pools(params.domain.arithmetic, splits["bon"])
         trained = {s.problem for s in solutions}
         if any(it.problem in trained for it in heldout) or any(p.problem in trained for p in bon_pool):
-            raise DataError("data/labelled", None, "problem", "a labelled training problem is also a held-out "
+            raise DataError(labelled, None, "problem", "a labelled training problem is also a held-out "
                             "or Best-of-N problem of the arithmetic domain")
         decon["note"] = "generated domain: held-out and Best-of-N problems are disjoint from training by construction"
         contamination = generated_contamination_report()
@@ -421,15 +423,15 @@ def _print_counts(report: dict[str, Any]) -> None:
     )
 
 
-def input_paths(params: Params) -> list[str]:
+def input_paths(params: Params, labelled: Path = paths.LABELLED) -> list[str]:
     """Local files and folders the stage reads (MLflow dataset inputs); hub datasets are not."""
     out: list[Path] = []
     local = params.data.source != "hub"
     root = source_root(params.data)
     if local and params.domain.kind != "arithmetic":
         out += [root / f for f in params.data.prm800k_files]
-    if any(paths.LABELLED.glob("*.jsonl")):
-        out.append(paths.LABELLED)
+    if any(labelled.glob("*.jsonl")):
+        out.append(labelled)
     if params.domain.kind != "arithmetic":  # the overlap with every evaluated benchmark is measured
         bon = source_root(params.data, "bundled" if not local else None) / "bon/testsets"
         out += [bon / BON_TESTSETS[name] for name in BON_EVALUATED]
@@ -447,7 +449,7 @@ def input_paths(params: Params) -> list[str]:
 # --------------------------------------------------------------------------------------
 
 
-def load_labelled(data: DataParams, folder: str | Path = paths.LABELLED) -> list[PRM800KSolution]:
+def load_labelled(data: DataParams, folder: str | Path) -> list[PRM800KSolution]:
     """PRM800K-format solutions of every `*.jsonl` in `folder` (either PRM800K line format)."""
     files = sorted(p.name for p in Path(folder).glob("*.jsonl"))
     if not files:
@@ -456,7 +458,7 @@ def load_labelled(data: DataParams, folder: str | Path = paths.LABELLED) -> list
 
 
 def with_labelled(
-    data: DataParams, solutions: list[PRM800KSolution], folder: str | Path = paths.LABELLED
+    data: DataParams, solutions: list[PRM800KSolution], folder: str | Path
 ) -> list[PRM800KSolution]:
     """`solutions` plus those of `folder`; DataError on an id that is already used."""
     seen = {s.id for s in solutions}
@@ -468,19 +470,20 @@ def with_labelled(
     return solutions + added
 
 
-def run(params: Params) -> dict[str, Any]:
-    """`rprm prepare`: build everything, then write the outputs atomically and log to MLflow."""
+def run(params: Params, layout: Layout = Layout()) -> dict[str, Any]:
+    """`rprm prepare`: build everything, then write the layout's outputs atomically and log to MLflow."""
     from components import tracking
 
-    prepared = build(params)  # every input validated before anything is written
-    with tracking.stage_run("prepare", params, sections=["domain", "data", "prepare"], inputs=input_paths(params)):
-        write_jsonl(paths.STEPS_TRAIN, prepared.train)
-        write_jsonl(paths.STEPS_VAL, prepared.val)
-        write_jsonl(paths.PROCESSBENCH, prepared.processbench)
-        write_jsonl(paths.PRMBENCH, prepared.prmbench)
-        write_jsonl(paths.HELDOUT, prepared.heldout)
-        write_jsonl(paths.BON_ARITHMETIC, prepared.bon_pool)
-        write_json(paths.PREPARE_COUNTS, prepared.report)
+    prepared = build(params, layout.labelled)  # every input validated before anything is written
+    with tracking.stage_run("prepare", params, sections=["domain", "data", "prepare"],
+                            inputs=input_paths(params, layout.labelled), root=layout.root):
+        write_jsonl(layout.steps_train, prepared.train)
+        write_jsonl(layout.steps_val, prepared.val)
+        write_jsonl(layout.processbench, prepared.processbench)
+        write_jsonl(layout.prmbench, prepared.prmbench)
+        write_jsonl(layout.heldout, prepared.heldout)
+        write_jsonl(layout.bon_arithmetic, prepared.bon_pool)
+        write_json(layout.prepare_counts, prepared.report)
         tracking.log_report(prepared.report, "prepare.json")
     _print_counts(prepared.report)
     return prepared.report

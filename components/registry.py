@@ -41,17 +41,14 @@ from pathlib import Path
 from typing import Any
 
 import components
-from components import modules, paths, serving, tracking
+from components import modules, serving, tracking
 from components.config import Params
 from components.io import DataError, StageRefused, data_hash, read_json_object, write_json
+from components.paths import Layout
 
 log = logging.getLogger(__name__)
 
 CHAMPION = "champion"
-PROCESSBENCH_REPORT = paths.REPORTS / "processbench.json"
-PRMBENCH_REPORT = paths.REPORTS / "prmbench.json"
-HELDOUT_REPORT = paths.REPORTS / "heldout.json"
-REGISTRATION_REPORT = paths.REPORTS / "registration.json"
 LOGGED_MODEL_NAME = "prm"  # the pyfunc's name inside the register run
 REGISTERED_MODEL_DESCRIPTION = (
     "R-PRM generative process reward model: question + steps -> per-step "
@@ -94,8 +91,8 @@ def _model_section(report: dict[str, Any], path: Path, model: str) -> dict[str, 
     return section
 
 
-def headline_metrics(model: str, reports: Path = paths.REPORTS) -> dict[str, float]:
-    """The model's headline metrics from the evaluate reports (ProcessBench F1s, PRMScore).
+def headline_metrics(model: str, reports: Path) -> dict[str, float]:
+    """The model's headline metrics from the evaluate reports in folder `reports` (ProcessBench F1s, PRMScore).
 
     Keys: `processbench_avg_f1`, `processbench_<subset>_f1`, `processbench_verdict_reach_rate`,
     `heldout_f1`, `heldout_acc_erroneous`, `heldout_acc_correct`, `heldout_verdict_reach_rate`,
@@ -104,7 +101,7 @@ def headline_metrics(model: str, reports: Path = paths.REPORTS) -> dict[str, flo
     without erroneous solutions has no F1) are left out.
     """
     out: dict[str, float] = {}
-    pb_path = reports / PROCESSBENCH_REPORT.name
+    pb_path = reports / "processbench.json"
     pb = _model_section(_read_report(pb_path), pb_path, model)
     if (v := _number(pb.get("avg_f1"))) is not None:
         out["processbench_avg_f1"] = v
@@ -113,7 +110,7 @@ def headline_metrics(model: str, reports: Path = paths.REPORTS) -> dict[str, flo
             out[f"processbench_{subset}_f1"] = v
     if (v := _number(pb.get("verdict_reach_rate"))) is not None:
         out["processbench_verdict_reach_rate"] = v
-    held_path = reports / HELDOUT_REPORT.name
+    held_path = reports / "heldout.json"
     if held_path.exists() and _read_report(held_path).get("items"):
         held = _read_report(held_path)
         section = _model_section(held, held_path, model)
@@ -122,7 +119,7 @@ def headline_metrics(model: str, reports: Path = paths.REPORTS) -> dict[str, flo
                 out[f"heldout_{key}"] = v
         floors = [_number(t.get("f1")) for t in (held.get("trivial_predictors") or {}).values() if isinstance(t, dict)]
         out["heldout_trivial_f1"] = max([f for f in floors if f is not None], default=0.0)
-    prm_path = reports / PRMBENCH_REPORT.name
+    prm_path = reports / "prmbench.json"
     prm = _model_section(_read_report(prm_path), prm_path, model)
     if (v := _number(prm.get("prmscore"))) is not None:
         out["prmbench_prmscore"] = v
@@ -161,10 +158,10 @@ def quality_gate(params: Params, metrics: dict[str, float]) -> list[str]:
     return failures
 
 
-def benchmark_digests() -> dict[str, str]:
+def benchmark_digests(layout: Layout) -> dict[str, str]:
     """Content digests of the prepared benchmark files a version was judged on (promote compares like with like)."""
     out = {}
-    for name, path in (("heldout", paths.HELDOUT), ("processbench", paths.PROCESSBENCH), ("prmbench", paths.PRMBENCH)):
+    for name, path in (("heldout", layout.heldout), ("processbench", layout.processbench), ("prmbench", layout.prmbench)):
         if path.exists():
             out[name] = data_hash(path)
     return out
@@ -226,26 +223,26 @@ def _log_pyfunc(params: Params, model_dir: Path, model_hash: str) -> Any:
         return tracking.log_pyfunc(LOGGED_MODEL_NAME, spec)
 
 
-def _check_model_dir(name: str) -> Path:
+def _check_model_dir(name: str, layout: Layout) -> Path:
     """The folder of pipeline model `name` (register.model); DataError naming it and its stage if unusable."""
-    model_dir = paths.require_model(name, "register.model")
+    model_dir = layout.require_model(name, "register.model")
     if not any(model_dir.glob("tokenizer*")):
         raise DataError(model_dir, None, None, "model folder has no tokenizer")
     return model_dir
 
 
-def run_register(params: Params) -> dict[str, Any]:
-    """`rprm register`: log the PRM as a pyfunc, register a version with alias challenger."""
-    model_dir = _check_model_dir(params.register.model)
-    metrics = headline_metrics(params.register.model)
+def run_register(params: Params, layout: Layout = Layout()) -> dict[str, Any]:
+    """`rprm register`: log the layout's PRM as a pyfunc, register a version with alias challenger."""
+    model_dir = _check_model_dir(params.register.model, layout)
+    metrics = headline_metrics(params.register.model, layout.reports)
     failures = quality_gate(params, metrics)
     if failures:
         raise StageRefused(f"quality gate: models/{params.register.model} is not registered: " + "; ".join(failures))
-    digests = benchmark_digests()
+    digests = benchmark_digests(layout)
     name = params.tracking.registered_model
-    inputs = [model_dir, PROCESSBENCH_REPORT, PRMBENCH_REPORT]
+    inputs = [model_dir, layout.report("processbench.json"), layout.report("prmbench.json")]
     sections = ["backend", "scoring", "tracking", "register"]
-    with tracking.stage_run("register", params, sections, inputs=inputs) as run:
+    with tracking.stage_run("register", params, sections, inputs=inputs, root=layout.root) as run:
         model_hash = data_hash(model_dir)
         with warnings.catch_warnings():
             # No input example on purpose (validating one would load the model and sample K
@@ -281,7 +278,7 @@ def run_register(params: Params) -> dict[str, Any]:
             "metrics": metrics,
         }
         tracking.log_json(report, "reports/registration.json")
-    write_json(REGISTRATION_REPORT, report)
+    write_json(layout.report("registration.json"), report)
     gate_metric = metrics.get(params.promote.metric)
     print(f"registered {name} version {version.version} as @{params.register.alias} "
           + (f"({params.promote.metric}={gate_metric:.4g})" if gate_metric is not None else

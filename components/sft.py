@@ -13,6 +13,7 @@ from typing import Any
 
 from components.config import Params, TrainParams
 from components.io import DataError
+from components.paths import Layout
 from components.prompts import parse_verdict
 from components.records import SFTExample
 from components.training import Recipe, StageIO, chat_ids, peft_config, run_stage
@@ -20,9 +21,9 @@ from components.training import Recipe, StageIO, chat_ids, peft_config, run_stag
 log = logging.getLogger(__name__)
 
 
-def run(params: Params) -> dict[str, Any]:
-    """`rprm sft`: fine-tune models/base on data/synth into models/sft; return reports/sft.json."""
-    return run_stage(RECIPE, params)
+def run(params: Params, layout: Layout = Layout()) -> dict[str, Any]:
+    """`rprm sft`: fine-tune models/base on data/synth into models/sft (under `layout`); return reports/sft.json."""
+    return run_stage(RECIPE, params, layout)
 
 
 def _sft_row(rec: SFTExample, path: Path, line: int) -> dict[str, Any]:

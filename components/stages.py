@@ -18,7 +18,8 @@ class Stage:
     """One pipeline stage.
 
     name: the `rprm` command, the dvc.yaml stage and the flow task's name.
-    target: `module:function` in components/ that runs it (called with the loaded Params).
+    target: `module:function` in components/ that runs it, `run(params, layout)`: the loaded Params
+        and the project layout (`components.paths.Layout`) whose files it reads and writes.
     help: the command's `--help` text; its first line says what the stage does, then what it
         reads, writes and how it resumes.
     remote: it calls generation engines, which may be remote: the flow retries it with backoff

@@ -25,11 +25,10 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from components import paths
 from components.config import Params
 from components.io import DataError, read_json_object, write_json
+from components.paths import Layout
 
-HEADLINE_REPORT = paths.REPORTS / "headline.json"
 DIGITS = 4
 
 # registry.headline_metrics key -> headline key prefix (the model name is appended)
@@ -54,15 +53,15 @@ def _num(value: Any) -> float | None:
     return round(float(value), DIGITS)
 
 
-def evaluated_models(reports: Path = paths.REPORTS) -> list[str]:
-    """The models of reports/processbench.json, in the order evaluate ran them."""
+def evaluated_models(reports: Path) -> list[str]:
+    """The models of `reports`/processbench.json, in the order evaluate ran them."""
     pb = _read(reports / "processbench.json") or {}
     models = pb.get("models")
     return list(models) if isinstance(models, dict) else []
 
 
-def headline(reports: Path = paths.REPORTS) -> tuple[dict[str, float], list[str]]:
-    """(the flat headline numbers, the reports that were missing)."""
+def headline(reports: Path) -> tuple[dict[str, float], list[str]]:
+    """(the flat headline numbers of the reports in folder `reports`, the reports that were missing)."""
     from components.registry import headline_metrics
 
     out: dict[str, float] = {}
@@ -95,14 +94,14 @@ def table(numbers: dict[str, float]) -> str:
     return "\n".join(f"{k:<{width}}  {v:g}" for k, v in numbers.items())
 
 
-def run(params: Params) -> dict[str, float]:
-    """`rprm summarize`: write reports/headline.json from the stage reports; print it."""
+def run(params: Params, layout: Layout = Layout()) -> dict[str, float]:
+    """`rprm summarize`: write the layout's reports/headline.json from the stage reports; print it."""
     del params  # the reports say what was evaluated; the stage reads no params
-    numbers, missing = headline()
+    numbers, missing = headline(layout.reports)
     if not numbers:
-        raise DataError(paths.REPORTS, None, None,
+        raise DataError(layout.reports, None, None,
                         "no headline number found: run the evaluate, dpo and best-of-n stages first")
-    write_json(HEADLINE_REPORT, numbers)
+    write_json(layout.report("headline.json"), numbers)
     print(table(numbers))
     if missing:
         print(f"(no {', '.join(f'reports/{m}.json' for m in missing)}: their numbers are left out)")

@@ -47,6 +47,7 @@ from components.backends.base import BackendError, Generation, row_seed, sample_
 from components.config import Params, TeacherParams
 from components.io import DataError, read_jsonl, write_json, write_jsonl
 from components.journal import finished, open_journal
+from components.paths import Layout
 from components.prompts import (
     parse_verdict,
     postprocess_response,
@@ -451,38 +452,41 @@ def _remove(paths_: Iterable[Path]) -> None:
         p.unlink(missing_ok=True)
 
 
-def run(params: Params, teacher: Teacher | None = None) -> dict[str, Any]:
-    """`rprm synthesize`: K teacher analyses per labelled step, filter, balance, split; the report.
+def run(params: Params, layout: Layout = Layout(), teacher: Teacher | None = None) -> dict[str, Any]:
+    """`rprm synthesize`: K teacher analyses per labelled step, filter, balance, split; the report
+    (inputs and outputs in `layout`).
 
     `teacher` overrides the one params name (programmatic use); it is closed at the end.
     """
     from components import tracking
 
-    train, val = _read_inputs(paths.STEPS_TRAIN, paths.STEPS_VAL)
+    train, val = _read_inputs(layout.steps_train, layout.steps_val)
     limit = params.synthesize.max_prompt_tokens
     too_long = 0
     if limit is not None:
-        train, val, too_long = fitting_samples(train, val, limit, paths.BASE_MODEL)
+        train, val, too_long = fitting_samples(train, val, limit, layout.base_model)
     items = select_samples(train, val, params.synthesize.max_samples, params.synthesize.seed)
     if not items:
         why = f" within synthesize.max_prompt_tokens={limit}" if limit is not None else ""
-        raise DataError(paths.STEPS_TRAIN, None, "label", f"no labelled step samples{why} to synthesize from")
-    outputs = (paths.SYNTH_CRITIQUES, paths.SFT_TRAIN, paths.SFT_VAL, REPORT)
+        raise DataError(layout.steps_train, None, "label", f"no labelled step samples{why} to synthesize from")
+    report_path = layout.root / REPORT
+    outputs = (layout.synth_critiques, layout.sft_train, layout.sft_val, report_path)
     _remove(outputs)  # a failed run must not leave an older run's outputs looking current
     with tracking.stage_run(
-        "synthesize", params, sections=["teacher", "synthesize"], inputs=[paths.STEPS_TRAIN, paths.STEPS_VAL]
+        "synthesize", params, sections=["teacher", "synthesize"], inputs=[layout.steps_train, layout.steps_val],
+        root=layout.root,
     ):
         teacher = teacher if teacher is not None else load_teacher(params.teacher)
         try:
-            analyses, resumed = generate_analyses(items, teacher, params, paths.SYNTH_JOURNAL)
+            analyses, resumed = generate_analyses(items, teacher, params, layout.synth_journal)
         finally:
             teacher.close()
         critiques, sft_train, sft_val, report, table = build_outputs(items, analyses, params, teacher.name)
         report["skipped_long_prompts"] = too_long
-        write_jsonl(paths.SYNTH_CRITIQUES, critiques)
-        write_jsonl(paths.SFT_TRAIN, sft_train)
-        write_jsonl(paths.SFT_VAL, sft_val)
-        write_json(REPORT, report)
+        write_jsonl(layout.synth_critiques, critiques)
+        write_jsonl(layout.sft_train, sft_train)
+        write_jsonl(layout.sft_val, sft_val)
+        write_json(report_path, report)
         tracking.log_report({**report, "resumed_steps": resumed}, "synthesis.json")
         tracking.log_table(table, "synthesis_samples.json")
     b = report["balance"]["sft_train"]

@@ -313,22 +313,22 @@ def git_dirty() -> bool | None:
     return bool(out.strip())
 
 
-def _tag_path(path: Path) -> str:
-    """A path as written in tag keys: relative to the cwd when inside it, posix separators."""
+def _tag_path(path: Path, root: str | Path | None = None) -> str:
+    """A path as written in tag keys: relative to `root` (default: the cwd) when inside it, posix separators."""
     try:
-        rel = path.resolve().relative_to(Path.cwd().resolve())
+        rel = path.resolve().relative_to(Path(root or Path.cwd()).resolve())
     except ValueError:
         rel = path
     return rel.as_posix()
 
 
-def _dataset(path: Path, digest: str) -> Any:
+def _dataset(path: Path, digest: str, root: str | Path | None = None) -> Any:
     """The MLflow dataset describing one input (pandas for small JSONL, else metadata only)."""
     import mlflow
     from mlflow.data.dataset_source_registry import resolve_dataset_source
     from mlflow.data.meta_dataset import MetaDataset
 
-    name = _tag_path(path)
+    name = _tag_path(path, root)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # "can be interpreted in multiple ways": both are local
         source = resolve_dataset_source(str(path.resolve()))
@@ -343,8 +343,9 @@ def _dataset(path: Path, digest: str) -> Any:
     return MetaDataset(source=source, name=name, digest=digest)
 
 
-def log_inputs(inputs: Sequence[str | Path], context: str = "input") -> dict[str, str]:
-    """Hash each existing input, tag it `data.md5.<path>` and log it as a dataset input."""
+def log_inputs(inputs: Sequence[str | Path], context: str = "input", root: str | Path | None = None) -> dict[str, str]:
+    """Hash each existing input, tag it `data.md5.<path>` (relative to `root`, default the cwd) and
+    log it as a dataset input."""
     import mlflow
 
     hashes: dict[str, str] = {}
@@ -354,13 +355,13 @@ def log_inputs(inputs: Sequence[str | Path], context: str = "input") -> dict[str
             log.warning("input %s does not exist; not logged", p)
             continue
         digest = data_hash(p)
-        key = _tag_path(p)
+        key = _tag_path(p, root)
         hashes[key] = digest
         mlflow.set_tag(f"data.md5.{key}", digest)
         kind = "model" if (p / "config.json").exists() else ("folder" if p.is_dir() else "file")
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")  # schema hints about integer columns
-            mlflow.log_input(_dataset(p, digest), context=context, tags={"kind": kind})
+            mlflow.log_input(_dataset(p, digest, root), context=context, tags={"kind": kind})
     return hashes
 
 
@@ -403,8 +404,10 @@ def stage_run(
     sections: Sequence[str],
     *,
     inputs: Sequence[str | Path] = (),
+    root: str | Path | None = None,
 ) -> Iterator[Any]:
-    """Open the MLflow run of one stage; logs its params sections, dataset inputs and provenance tags.
+    """Open the MLflow run of one stage; logs its params sections, dataset inputs (named relative
+    to `root`, the stage's layout root; default the cwd) and provenance tags.
 
     Nested under the run in `RPRM_PARENT_RUN_ID` when set (the pipeline's parent run), else a
     top-level run. The run ends FINISHED, or FAILED when the block raises.
@@ -428,7 +431,7 @@ def stage_run(
         items = list(flat.items())
         for i in range(0, len(items), 100):
             mlflow.log_params({k: str(v)[:6000] for k, v in items[i : i + 100]})
-        log_inputs(inputs)
+        log_inputs(inputs, root=root)
         yield run
 
 

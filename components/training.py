@@ -71,7 +71,6 @@ from typing import Any
 
 import yaml
 
-from components import paths
 from components.config import Params, TrainParams, dump_params, load_params
 from components.io import (
     DataError,
@@ -82,6 +81,7 @@ from components.io import (
     write_json,
 )
 from components.model_folder import check_model_dir, torch_dtype
+from components.paths import Layout
 from components.prompts import VERDICT_PHRASE, parse_verdict
 from components.records import Record
 
@@ -137,14 +137,14 @@ class StageIO:
     report: Path
 
 
-def stage_io(stage: str) -> StageIO:
-    """Input/output paths of the `sft` or `dpo` stage (see components.paths)."""
+def stage_io(stage: str, layout: Layout = Layout()) -> StageIO:
+    """Input/output paths of the `sft` or `dpo` stage in `layout` (see components.paths)."""
     if stage == "sft":
-        return StageIO("sft", paths.BASE_MODEL, paths.SFT_TRAIN, paths.SFT_VAL, paths.SFT_MODEL,
-                       paths.CHECKPOINTS / "sft", paths.REPORTS / "sft.json")
+        return StageIO("sft", layout.base_model, layout.sft_train, layout.sft_val, layout.sft_model,
+                       layout.checkpoints / "sft", layout.report("sft.json"))
     if stage == "dpo":
-        return StageIO("dpo", paths.SFT_MODEL, paths.DPO_TRAIN, paths.DPO_VAL, paths.DPO_MODEL,
-                       paths.CHECKPOINTS / "dpo", paths.REPORTS / "dpo.json")
+        return StageIO("dpo", layout.sft_model, layout.dpo_train, layout.dpo_val, layout.dpo_model,
+                       layout.checkpoints / "dpo", layout.report("dpo.json"))
     raise ValueError(f"unknown training stage {stage!r} (expected one of {STAGES})")
 
 
@@ -152,26 +152,27 @@ def _section(stage: str, params: Params) -> TrainParams:
     return params.sft if stage == "sft" else params.dpo
 
 
-def run_stage(recipe: Recipe, params: Params) -> dict[str, Any]:
-    """Run one training stage: preflight, then train in this process or launch the workers; return its report."""
+def run_stage(recipe: Recipe, params: Params, layout: Layout = Layout()) -> dict[str, Any]:
+    """Run one training stage on `layout`'s files: preflight, then train in this process or launch
+    the workers; return its report."""
     from components import tracking
 
     stage = recipe.stage
-    io_ = stage_io(stage)
+    io_ = stage_io(stage, layout)
     section = _section(stage, params)
-    data = load_stage_data(recipe, params)  # bad data fails here, before MLflow or training
+    data = load_stage_data(recipe, params, io_)  # bad data fails here, before MLflow or training
     check_model_dir(io_.model_in, "SFT" if stage == "dpo" else "base")
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # only a corrupt checkpoint matters here; train() warns
-        inspect_checkpoints(io_.checkpoints, fingerprint(stage, params), clean=False)
+        inspect_checkpoints(io_.checkpoints, fingerprint(stage, params, io_), clean=False)
     log.info("%s: %d training / %d validation examples", stage, len(data.train), len(data.val))
     with tracking.stage_run(
-        stage, params, sections=[stage], inputs=[io_.model_in, io_.train_file, io_.val_file]
+        stage, params, sections=[stage], inputs=[io_.model_in, io_.train_file, io_.val_file], root=layout.root,
     ) as run:
         if section.num_processes > 1 and not os.environ.get(WORKER_ENV):
-            report = _launch(stage, params, run.info.run_id)
+            report = _launch(stage, params, run.info.run_id, layout)
         else:
-            report = train(recipe, params)
+            report = train(recipe, params, io_)
         tracking.log_report(report, f"{stage}.json")
     return report
 
@@ -218,9 +219,10 @@ def check_balance(path: Path, rows: Sequence[dict[str, Any]], min_share: float, 
     return {"yes": n_yes, "no": n_no}
 
 
-def load_stage_data(recipe: Recipe, params: Params) -> StageData:
-    """Read, validate and balance-check the stage's train/val files (no tokenizer needed)."""
-    io_ = stage_io(recipe.stage)
+def load_stage_data(recipe: Recipe, params: Params, io_: StageIO | None = None) -> StageData:
+    """Read, validate and balance-check the stage's train/val files (no tokenizer needed); `io_`
+    defaults to the stage's files under the current directory."""
+    io_ = io_ or stage_io(recipe.stage)
     section = _section(recipe.stage, params)
     train = read_stage_file(recipe, io_.train_file, allow_empty=False)
     val = read_stage_file(recipe, io_.val_file, allow_empty=True) if io_.val_file.exists() else []
@@ -252,9 +254,9 @@ def filter_by_length(
 # --------------------------------------------------------------------------------------
 
 
-def fingerprint(stage: str, params: Params) -> str:
+def fingerprint(stage: str, params: Params, io_: StageIO | None = None) -> str:
     """Identity of a training trajectory: its params, its data and its input model."""
-    io_ = stage_io(stage)
+    io_ = io_ or stage_io(stage)
     section = _section(stage, params).model_dump(mode="json")
     for key in _NON_TRAJECTORY_KEYS:
         section.pop(key, None)
@@ -468,15 +470,15 @@ def load_model(path: Path, params: Params) -> Any:
     return AutoModelForCausalLM.from_pretrained(str(path), dtype=torch_dtype(params.model.dtype))
 
 
-def build_trainer(recipe: Recipe, params: Params) -> tuple[Any, dict[str, Any]]:
+def build_trainer(recipe: Recipe, params: Params, io_: StageIO | None = None) -> tuple[Any, dict[str, Any]]:
     """Validate inputs and build the TRL trainer of a stage; returns (trainer, preparation info)."""
     from datasets import Dataset
     from transformers import AutoTokenizer
 
     stage = recipe.stage
-    io_ = stage_io(stage)
+    io_ = io_ or stage_io(stage)
     section = _section(stage, params)
-    data = load_stage_data(recipe, params)
+    data = load_stage_data(recipe, params, io_)
     check_model_dir(io_.model_in, "SFT" if stage == "dpo" else "base")
     tokenizer = AutoTokenizer.from_pretrained(str(io_.model_in))
     train_rows, dropped_train = filter_by_length(recipe, data.train, tokenizer, section)
@@ -489,7 +491,7 @@ def build_trainer(recipe: Recipe, params: Params) -> tuple[Any, dict[str, Any]]:
     train_ds = Dataset.from_list([{k: r[k] for k in columns} for r in train_rows])
     val_ds = Dataset.from_list([{k: r[k] for k in columns} for r in val_rows]) if val_rows else None
     args_kw = _common_args(stage, section, io_, val_ds is not None)
-    fp = fingerprint(stage, params)
+    fp = fingerprint(stage, params, io_)
     callbacks = [_marker_callback(fp)]
     model = load_model(io_.model_in, params)
     trainer = recipe.make_trainer(model, args_kw, train_ds=train_ds, val_ds=val_ds, tokenizer=tokenizer,
@@ -507,12 +509,12 @@ def build_trainer(recipe: Recipe, params: Params) -> tuple[Any, dict[str, Any]]:
     return trainer, info
 
 
-def train(recipe: Recipe, params: Params) -> dict[str, Any]:
+def train(recipe: Recipe, params: Params, io_: StageIO | None = None) -> dict[str, Any]:
     """Train one stage in this process (or as one rank of a launch); write model and report."""
     stage = recipe.stage
-    io_ = stage_io(stage)
+    io_ = io_ or stage_io(stage)
     section = _section(stage, params)
-    trainer, info = build_trainer(recipe, params)
+    trainer, info = build_trainer(recipe, params, io_)
     args = trainer.args
     with args.main_process_first(desc="checkpoint inspection"):
         plan = inspect_checkpoints(io_.checkpoints, info["fingerprint"], clean=args.process_index == 0)
@@ -695,8 +697,8 @@ def _free_port() -> int:
         return int(s.getsockname()[1])
 
 
-def launch_command(stage: str, section: TrainParams, params_file: Path) -> list[str]:
-    """`accelerate launch ... -m components.training <stage> --params <file>` for this stage."""
+def launch_command(stage: str, section: TrainParams, params_file: Path, root: Path = Path(".")) -> list[str]:
+    """`accelerate launch ... -m components.training <stage> --params <file> --root <root>` for this stage."""
     config = resolve_accelerate_config(section)
     accel = Path(sys.executable).parent / "accelerate"
     cmd = [str(accel), "launch"] if accel.exists() else [sys.executable, "-m", "accelerate.commands.launch"]
@@ -705,19 +707,19 @@ def launch_command(stage: str, section: TrainParams, params_file: Path) -> list[
     single_node = int(cfg.get("num_machines", 1) or 1) == 1
     if single_node and not cfg.get("main_process_port") and not os.environ.get("MASTER_PORT"):
         cmd += ["--main_process_port", str(_free_port())]  # never collide with another local run
-    cmd += ["-m", "components.training", stage, "--params", str(params_file)]
+    cmd += ["-m", "components.training", stage, "--params", str(params_file), "--root", str(root)]
     return cmd
 
 
-def _launch(stage: str, params: Params, run_id: str) -> dict[str, Any]:
+def _launch(stage: str, params: Params, run_id: str, layout: Layout) -> dict[str, Any]:
     from components import tracking
 
     section = _section(stage, params)
-    io_ = stage_io(stage)
+    io_ = stage_io(stage, layout)
     with tempfile.TemporaryDirectory(prefix=f"rprm-{stage}-") as tmp:
         params_file = Path(tmp) / "params.yaml"
         params_file.write_text(dump_params(params), encoding="utf-8")
-        cmd = launch_command(stage, section, params_file)
+        cmd = launch_command(stage, section, params_file, layout.root)
         env = dict(os.environ)
         env[WORKER_ENV] = "1"
         env[RUN_ID_ENV] = run_id
@@ -732,10 +734,11 @@ def _launch(stage: str, params: Params, run_id: str) -> dict[str, Any]:
 
 
 def main(argv: Sequence[str] | None = None) -> None:
-    """Worker entry point for `accelerate launch -m components.training <stage> --params <file>`."""
+    """Worker entry point for `accelerate launch -m components.training <stage> --params <file> --root <dir>`."""
     parser = argparse.ArgumentParser(prog="components.training", description=main.__doc__)
     parser.add_argument("stage", choices=STAGES)
     parser.add_argument("--params", required=True, type=Path)
+    parser.add_argument("--root", default=Path("."), type=Path, help="the project layout's root")
     ns = parser.parse_args(argv)
     os.environ[WORKER_ENV] = "1"
     logging.basicConfig(level=logging.INFO)
@@ -743,15 +746,16 @@ def main(argv: Sequence[str] | None = None) -> None:
     # The recipe of the stage's own module (components.sft or components.dpo: the one that launched
     # this worker), imported by name so that a stage's code is its module and this one only.
     recipe = importlib.import_module(f"components.{ns.stage}").RECIPE
+    io_ = stage_io(ns.stage, Layout(ns.root))
     run_id = os.environ.get(RUN_ID_ENV)
     if run_id and os.environ.get("RANK", "0") == "0":
         from components import tracking
 
         # Rank 0 reopens the launcher's run, so the trainer's MLflow callback logs into it.
         with tracking.resume_run(run_id):
-            train(recipe, params)
+            train(recipe, params, io_)
     else:
-        train(recipe, params)
+        train(recipe, params, io_)
 
 
 if __name__ == "__main__":

@@ -55,7 +55,8 @@ def intake(project_dir: str) -> dict[str, Any]:
     log = get_run_logger()
     root = Path(project_dir)
     params = load_params(root / "params.yaml")
-    incoming, labelled = root / paths.INCOMING, root / paths.LABELLED
+    layout = paths.Layout(root)
+    incoming, labelled = layout.incoming, layout.labelled
     files = sorted(incoming.glob("*.jsonl"))
     result: dict[str, Any] = {"accepted": [], "rejected": {}, "duplicates": []}
     if not files:

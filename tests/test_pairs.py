@@ -33,6 +33,7 @@ from components.pairs import (
     select_samples,
     split_by_problem,
 )
+from components.paths import Layout
 from components.prompts import VERDICT_NO, VERDICT_YES, student_messages
 from components.records import Critique, PreferencePair, StepSample
 
@@ -211,13 +212,8 @@ def straight_run(tmp_path_factory: pytest.TempPathFactory, project_template: Pat
     from components.pairs import run
 
     project = _copy(project_template, tmp_path_factory.mktemp("straight") / "p", pairs_params(default_params))
-    old = Path.cwd()
     os.environ["MLFLOW_TRACKING_URI"] = mlflow_uri
-    os.chdir(project)
-    try:
-        report = run(pairs_params(default_params))
-    finally:
-        os.chdir(old)
+    report = run(pairs_params(default_params), Layout(project))
     return project, report
 
 
@@ -325,7 +321,7 @@ def test_bad_inputs(tmp_path: Path, project_template: Path, default_params: Para
     lengths = sorted(prompt_tokens(tok, s) for s in read_jsonl(paths.STEPS_TRAIN, StepSample))
     assert lengths[0] < lengths[-1]
     params.sample_pairs.max_prompt_tokens = lengths[-1] - 1
-    picked, too_long = load_step_samples(params, paths.SFT_MODEL)
+    picked, too_long = load_step_samples(params, paths.SFT_MODEL, paths.STEPS_TRAIN)
     assert too_long == lengths.count(lengths[-1]) and len(picked) + too_long == 4
     (paths.SFT_MODEL / "tokenizer.json").unlink()
     with pytest.raises(DataError, match="no tokenizer"):

@@ -263,18 +263,22 @@ def test_bad_data_fails_cleanly_and_writes_nothing(in_tmp: Path) -> None:
 
 def test_arithmetic_domain_stages_training_heldout_and_bon_pool(in_tmp: Path) -> None:
     """domain.kind arithmetic: generated training steps, the held-out benchmark and the Best-of-N pool,
-    disjoint by problem; the real benchmarks are still staged (out-of-domain)."""
+    disjoint by problem; the real benchmarks are still staged (out-of-domain). The stage is handed
+    a layout rooted outside the working directory: it writes there and nowhere else."""
     params = params_for(**{"domain": {"kind": "arithmetic"},
                            "domain.arithmetic": {"train_problems": 40, "heldout_problems": 20, "bon_problems": 6}})
-    report = P.run(params)
+    layout = paths.Layout(in_tmp / "elsewhere")
+    report = P.run(params, layout)
+    assert not (in_tmp / paths.PREPARED).exists() and not (in_tmp / paths.REPORTS).exists()
+    assert json.loads(layout.prepare_counts.read_text()) == report
     assert report["domain"] == "arithmetic" and report["source"] == "generated"
     assert report["problems"] == 40 and report["negatives"] > 0 and report["positives"] > 0
     assert report["benchmarks"]["out_of_domain"] is True and report["benchmarks"]["processbench"]["items"] > 0
-    heldout = read_jsonl(paths.HELDOUT, ProcessBenchItem)
-    pools = read_jsonl(paths.BON_ARITHMETIC, CandidatePool)
+    heldout = read_jsonl(layout.heldout, ProcessBenchItem)
+    pools = read_jsonl(layout.bon_arithmetic, CandidatePool)
     assert len(heldout) == 20 and report["heldout"]["items"] == 20 and len(pools) == 6
     assert {it.label == -1 for it in heldout} == {True, False}
-    train_q = {s.question for s in read_jsonl(paths.STEPS_TRAIN, StepSample) + read_jsonl(paths.STEPS_VAL, StepSample)}
+    train_q = {s.question for s in read_jsonl(layout.steps_train, StepSample) + read_jsonl(layout.steps_val, StepSample)}
     assert not train_q & {it.problem for it in heldout} and not train_q & {p.problem for p in pools}
     assert 0 < report["bon_pool"]["policy_correct_rate"] < 1
     contamination = report["contamination"]  # generated problems: nothing to measure, nothing loaded

@@ -23,6 +23,7 @@ import yaml
 from components import paths
 from components.config import Params, dump_params
 from components.io import DataError, write_jsonl
+from components.paths import Layout
 from components.prompts import VERDICT_NO, VERDICT_YES, parse_verdict, student_messages
 
 REPO = Path(__file__).resolve().parents[1]
@@ -227,13 +228,8 @@ def sft_run(tmp_path_factory: pytest.TempPathFactory, tiny_model_dir: Path, defa
     from components.sft import run as run_sft
 
     project = make_project(tmp_path_factory.mktemp("sft-run") / "p", tiny_model_dir)
-    old = Path.cwd()
     os.environ["MLFLOW_TRACKING_URI"] = mlflow_uri
-    os.chdir(project)
-    try:
-        report = run_sft(train_params(default_params))
-    finally:
-        os.chdir(old)
+    report = run_sft(train_params(default_params), Layout(project))
     return project, report
 
 
@@ -309,12 +305,7 @@ def test_sft_selects_the_checkpoint_with_the_lowest_validation_loss(
 
     project = make_project(tmp_path / "p", tiny_model_dir)
     params = train_params(default_params, select_by="eval_loss", max_steps=6, learning_rate=5e-2)
-    old = Path.cwd()
-    os.chdir(project)
-    try:
-        report = run_sft(params)
-    finally:
-        os.chdir(old)
+    report = run_sft(params, Layout(project))
     sel = report["selection"]
     assert sel["select_by"] == "eval_loss" and sel["metric"] == "eval_loss" and sel["greater_is_better"] is False
     assert set(sel["evaluated"]) == {"2", "4", "6"} and sel["last_step"] == report["global_step"] == 6
@@ -514,7 +505,7 @@ def test_sft_two_cpu_processes(tmp_path: Path, tiny_model_dir: Path, default_par
     cmd = launch_command("sft", params.sft, Path("p.yaml"))
     assert cmd[1:6] == ["launch", "--config_file", str(REPO / "configs/accelerate/ddp_cpu.yaml"),
                         "--num_processes", "2"]
-    assert cmd[-5:] == ["-m", "components.training", "sft", "--params", "p.yaml"]
+    assert cmd[-7:] == ["-m", "components.training", "sft", "--params", "p.yaml", "--root", "."]
     n_runs = len(mlflow_runs(mlflow_uri, "sft"))
     report = run_sft(params)
     assert report["world_size"] == 2 and report["global_step"] == 2
@@ -555,12 +546,7 @@ def dpo_project(tmp_path_factory: pytest.TempPathFactory, verdict_model_dir: Pat
 def _run_dpo_in(project: Path, params: Params) -> dict:
     from components.dpo import run as run_dpo
 
-    old = Path.cwd()
-    os.chdir(project)
-    try:
-        return run_dpo(params)
-    finally:
-        os.chdir(old)
+    return run_dpo(params, Layout(project))
 
 
 def test_dpo_learns_a_held_out_preference(tmp_path: Path, dpo_project: Path, default_params: Params,
