@@ -423,7 +423,7 @@ def _print_counts(report: dict[str, Any]) -> None:
     )
 
 
-def input_paths(params: Params, labelled: Path = paths.LABELLED) -> list[str]:
+def input_paths(params: Params, labelled: Path) -> list[str]:
     """Local files and folders the stage reads (MLflow dataset inputs); hub datasets are not."""
     out: list[Path] = []
     local = params.data.source != "hub"
