@@ -113,9 +113,16 @@ class VLLMParams(Section):
 
 class BackendParams(Section):
     kind: Literal["hf", "vllm", "openai"] = Field("hf", description="Generation engine.")
-    batch_size: int = Field(16, ge=1, description="Prompts per generation batch (hf).")
+    batch_size: int = Field(
+        64, ge=1,
+        description="Prompts per generation batch (hf). 64 holds a whole ProcessBench scoring wave of the tiny "
+        "default model (fewer decoding steps); profiles for real models set their own.",
+    )
     token_budget: int = Field(
-        32768, ge=256, description="Cap on prompt+new tokens x sequences per hf batch (memory)."
+        131072, ge=256,
+        description="Cap on KV tokens held per hf batch, prompts padded to the longest plus max_new_tokens per "
+        "sample (memory), and on the prefix cache. 131,072 is 128 MiB for the tiny default model (1 KiB of KV per "
+        "token); SmolLM2-135M takes 46 KiB per token, so profiles/small.yaml sets 32,768.",
     )
     device: str = Field("cpu", description="torch device for hf (cpu, cuda, auto).")
     openai: OpenAIParams = Field(default_factory=OpenAIParams, description="Settings of kind=openai.")

@@ -55,21 +55,39 @@ def new_rows(
 
 def nucleus(probs: Any, top_p: float, widths: Sequence[int] = (16, 128)) -> tuple[Any, Any]:
     """(kept probabilities in descending order, their token ids) of each row's top-p nucleus;
-    tokens outside it get probability 0 (the best token always stays). Looks at the best
-    `widths[0]` tokens first, then `widths[1]`, and sorts the whole vocabulary only when some
-    row's nucleus is larger still (the result is the same whichever width holds it)."""
+    tokens outside it get probability 0 (the best token always stays). Looks at each row's best
+    `widths[0]` tokens first; only the rows whose nucleus is larger look at `widths[1]`, and only
+    those still not held sort the whole vocabulary (the result is the same whichever width
+    holds a row; rows are padded with probability 0 to the widest one used)."""
+    import torch
+
     vocab = probs.shape[-1]
-    for k in [w for w in widths if w < vocab]:
-        best, idx = probs.topk(k, dim=-1)  # descending
+    parts: list[tuple[Any, Any, Any]] = []  # (rows, kept, ids) per width tried
+    rows = None  # rows not yet held (None: all)
+    for k in [*[w for w in widths if w < vocab], vocab]:
+        sub = probs if rows is None else probs.index_select(0, rows)
+        best, idx = sub.sort(dim=-1, descending=True) if k == vocab else sub.topk(k, dim=-1)  # descending
         before = best.cumsum(dim=-1) - best  # mass of the better tokens
-        if bool((before[:, -1] >= top_p).all()):
+        drop = before >= top_p
+        drop[:, 0] = False
+        held = drop[:, -1] if k < vocab else torch.ones(len(best), dtype=torch.bool, device=best.device)
+        kept = best.masked_fill(drop, 0.0)
+        if bool(held.all()):
+            parts.append((rows, kept, idx))
             break
-    else:
-        best, idx = probs.sort(dim=-1, descending=True)
-        before = best.cumsum(dim=-1) - best
-    drop = before >= top_p
-    drop[:, 0] = False
-    return best.masked_fill(drop, 0.0), idx
+        done = held.nonzero()[:, 0]
+        parts.append((done if rows is None else rows[done], kept[done], idx[done]))
+        rest = (~held).nonzero()[:, 0]
+        rows = rest if rows is None else rows[rest]
+    if len(parts) == 1:
+        return parts[0][1], parts[0][2]
+    width = parts[-1][1].shape[-1]
+    kept_all = probs.new_zeros((probs.shape[0], width))
+    ids_all = torch.zeros((probs.shape[0], width), dtype=torch.long, device=probs.device)
+    for at, kept, idx in parts:
+        kept_all[at, : kept.shape[-1]] = kept
+        ids_all[at, : idx.shape[-1]] = idx
+    return kept_all, ids_all
 
 
 def sample_tokens(logits: Any, rows: Sequence[Row], sampling: SamplingParams) -> Any:
