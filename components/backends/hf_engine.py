@@ -181,6 +181,7 @@ class SharedPromptLM:
         self.scaling = float(attn.scaling)
         # torch's fused CPU attention that also returns the log-sum-exp (`_attend`)
         self.fused = hasattr(torch.ops.aten, "_scaled_dot_product_flash_attention_for_cpu")
+        self._bands: dict[tuple[Any, str], Any] = {}  # causal mask bands of `_causal_mask`
 
     @staticmethod
     def _rope(x: Any, cos: Any, sin: Any) -> Any:
@@ -210,8 +211,7 @@ class SharedPromptLM:
         # from the cache (cut at a multiple of the chunk, as PrefixCache cuts) or was encoded
         # with it. One causal call over the whole sequence would split its queries by length.
         bounds = [start, *range((start // ATTENTION_CHUNK + 1) * ATTENTION_CHUNK, start + n, ATTENTION_CHUNK), start + n]
-        chunks = [(lo, hi, torch.full((hi - lo, hi), float("-inf"), dtype=x.dtype, device=device).triu_(lo + 1))
-                  for lo, hi in zip(bounds[:-1], bounds[1:], strict=True)]
+        chunks = [(lo, hi, self._causal_mask(lo, hi, x.dtype, device)) for lo, hi in zip(bounds[:-1], bounds[1:], strict=True)]
         kvs = []
         for layer in self.layers:
             a = layer.self_attn
@@ -233,6 +233,21 @@ class SharedPromptLM:
             x = x + a.o_proj(o.transpose(1, 2).reshape(1, n, self.heads * self.head_dim))
             x = x + layer.mlp(layer.post_attention_layernorm(x))
         return kvs, self.lm_head(self.norm(x[0, -1:]))[0].float()
+
+    def _causal_mask(self, lo: int, hi: int, dtype: Any, device: Any) -> Any:
+        """Additive causal mask [hi - lo, hi] of the queries at positions lo .. hi - 1 over the keys
+        0 .. hi - 1 (-inf on a key after its query): a view of one band kept per dtype and device,
+        `band[i, j] = -inf iff j > i + offset`, grown when a chunk starts past its offset."""
+        import torch
+
+        band = self._bands.get((dtype, str(device)))
+        if band is None or band.shape[1] - ATTENTION_CHUNK < lo:
+            offset = max(4096, 2 * lo)
+            band = torch.full((ATTENTION_CHUNK, offset + ATTENTION_CHUNK), float("-inf"), dtype=dtype, device=device)
+            band.triu_(offset + 1)
+            self._bands[(dtype, str(device))] = band
+        offset = band.shape[1] - ATTENTION_CHUNK
+        return band[: hi - lo, offset - lo : offset - lo + hi]
 
     def empty_state(
         self, slots: int, max_tokens: int, dtype: Any, device: str, *, max_prompts: int = 1, budget: int = 0
