@@ -282,25 +282,47 @@ class SharedPromptLM:
         groups.append((start, len(lengths), width))
         return groups
 
-    def _attend(self, q: Any, pk: Any, pv: Any, bias: Any, gk: Any, gv: Any, gen_bias: Any) -> Any:
+    def _attend(
+        self, q: Any, pk: Any, pv: Any, bias: Any, gk: Any, gv: Any, gen_bias: Any,
+        groups: Sequence[tuple[int, int, int]] | None = None,
+    ) -> Any:
         """Attention of queries q [C, kvh, S, g, d] (pre-scaled) over prompt KV [C, kvh, W, d]
         (+ bias [C, 1, 1, W]) and generated KV [C, kvh, S, span, d] (+ gen_bias [C, 1, S, 1, span]):
-        one softmax over both parts. On CPU each part runs torch's fused flash kernel, which also
-        returns its log-sum-exp, and the two are merged by those weights (`_attend_fused`);
-        elsewhere the scores are materialized (`_attend_dense`)."""
+        one softmax over both parts. The prompt part runs per range of prompts (start, end, padded
+        width) in `groups` (default: all prompts at width W). On CPU each part runs torch's fused
+        flash kernel, which also returns its log-sum-exp, and the two are merged by those weights
+        (`_attend_fused`: the generated part in one call for all prompts); elsewhere the scores
+        are materialized (`_attend_dense`, per range)."""
+        import torch
+
+        groups = groups or [(0, q.shape[0], pk.shape[2])]
         if self.fused and q.device.type == "cpu":
-            return self._attend_fused(q, pk, pv, bias, gk, gv, gen_bias)
-        return self._attend_dense(q, pk, pv, bias, gk, gv, gen_bias)
+            return self._attend_fused(q, pk, pv, bias, gk, gv, gen_bias, groups)
+        parts = [
+            self._attend_dense(q[lo:hi], pk[lo:hi, :, :w], pv[lo:hi, :, :w], bias[lo:hi, ..., :w],
+                               gk[lo:hi], gv[lo:hi], gen_bias[lo:hi])
+            for lo, hi, w in groups
+        ]
+        return parts[0] if len(parts) == 1 else torch.cat(parts)
 
     @staticmethod
-    def _attend_fused(q: Any, pk: Any, pv: Any, bias: Any, gk: Any, gv: Any, gen_bias: Any) -> Any:
-        """`_attend` through `aten._scaled_dot_product_flash_attention_for_cpu`, one call per part."""
+    def _attend_fused(
+        q: Any, pk: Any, pv: Any, bias: Any, gk: Any, gv: Any, gen_bias: Any,
+        groups: Sequence[tuple[int, int, int]] | None = None,
+    ) -> Any:
+        """`_attend` through `aten._scaled_dot_product_flash_attention_for_cpu`: one call per range
+        of prompts for the prompt part, one for the generated part of every row."""
         import torch
 
         flash = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu
         n, kvh, s, g, d = q.shape
         span = gk.shape[3]
-        o_p, lse_p = flash(q.reshape(n, kvh, s * g, d), pk, pv, 0.0, False, attn_mask=bias, scale=1.0)
+        prompt = [
+            flash(q[lo:hi].reshape(hi - lo, kvh, s * g, d), pk[lo:hi, :, :w], pv[lo:hi, :, :w], 0.0, False,
+                  attn_mask=bias[lo:hi, ..., :w], scale=1.0)
+            for lo, hi, w in (groups or [(0, n, pk.shape[2])])
+        ]
+        o_p, lse_p = prompt[0] if len(prompt) == 1 else (torch.cat([o for o, _ in prompt]), torch.cat([x for _, x in prompt]))
         rows = n * kvh * s
         o_g, lse_g = flash(
             q.reshape(rows, 1, g, d), gk.reshape(rows, 1, span, d), gv.reshape(rows, 1, span, d), 0.0, False,
@@ -332,9 +354,9 @@ class SharedPromptLM:
         """Logits [rows, vocab] after feeding each row's token as its generated token `index[r]`.
 
         Attention stays in prompt-major layout ([C, kv heads, S x g queries, keys]): one matmul
-        against each prompt's KV for its S rows, one against each row's own generated KV
-        (`_attend`), per range of similar prompt lengths (`_width_groups`), so that a long
-        prompt does not pad every other one to its length.
+        against each prompt's KV for its S rows, per range of similar prompt lengths
+        (`_width_groups`, so that a long prompt does not pad every other one to its length), and
+        one against each row's own generated KV, for all rows at once (`_attend`).
 
         `compute`, when given, lists the rows (increasing) that need logits: only those run the
         per-row work (embedding, projections, MLP, head) and write generated KV; the others
@@ -382,14 +404,9 @@ class SharedPromptLM:
             gv[conv_of, :, slot_of, at] = a.v_proj(h).view(m, kvh, d)
             qc = q.view(n_conv, s, kvh, g, d).transpose(1, 2).contiguous()  # [C, kvh, S, g, d]
             pk, pv = state.prompt_k[layer], state.prompt_v[layer]
-            parts = [
-                self._attend(
-                    qc[lo:hi], pk[lo:hi, :, :w], pv[lo:hi, :, :w], state.prompt_bias[lo:hi, ..., :w],
-                    gk[lo:hi, :, :, :span], gv[lo:hi, :, :, :span], gen_bias[lo:hi],
-                )
-                for lo, hi, w in groups
-            ]
-            o = parts[0] if len(parts) == 1 else torch.cat(parts)
+            o = self._attend(
+                qc, pk, pv, state.prompt_bias, gk[:n_conv, :, :, :span], gv[:n_conv, :, :, :span], gen_bias, groups
+            )
             o = o.transpose(1, 2).reshape(rows, self.heads * d)
             x = x + a.o_proj(o if sel is None else o[sel])
             x = x + block.mlp(block.post_attention_layernorm(x))
