@@ -27,8 +27,8 @@ Stores behind a server (`http(s)://`) are probed first (:func:`check_store`): an
 server is a one-line error within seconds instead of minutes of MLflow retries.
 
 Every MLflow call of the stages (runs, metrics, artifacts, the model registry) goes through this
-module; only components/serving.py, the pyfunc MLflow loads at serving time, imports MLflow too
-(besides the training worker's `mlflow.start_run` in components/training.py, not moved yet).
+module (DDP training workers too: `resume_run`); only components/serving.py, the pyfunc MLflow
+loads at serving time, imports MLflow too.
 
 Secrets never reach MLflow: only params sections are logged, and API keys live in the
 environment (params hold only the *name* of the variable).
