@@ -1,15 +1,17 @@
 """Model registry: the `register` stage (challenger) and the promotion gate (champion).
 
 `rprm register` logs the trained PRM folder (`models/<register.model>`, normally the DPO
-model) as an MLflow pyfunc model from code (`components/serving.py`), with its signature
+model) as an MLflow pyfunc model from code (the code file is `components/tracking.py`, whose
+pyfunc class wraps the reward service of `components/serving.py`), with its signature
 (question + steps in; step rewards, first error and verdicts out) and the scoring and backend
 parameters as the model config; registers it as a new version of `tracking.registered_model`,
 points the alias `register.alias` (`challenger`) at it, and tags the version with the
 headline metrics of `reports/processbench.json` and `reports/prmbench.json`, the run, the git
 commit and the model folder's hash. It writes `reports/registration.json`. The code shipped with
 the model (its `code/components/` folder) is what serving imports: the static import closure of
-`components/serving.py` (components/modules.py; lazy imports included, so all three backends)
-and the package data (`components/resources/`), nothing else of components/.
+the code file `components/tracking.py` (components/modules.py; lazy imports included, so the
+reward service and all three backends) and the package data (`components/resources/`), nothing
+else of components/.
 
 Quality gate (`register.gate`): before anything is logged, the model's verdict-reach rate and
 first-error F1 on the gate's benchmark (the in-domain held-out benchmark by default) must clear
@@ -182,8 +184,9 @@ def serving_requirements() -> list[str]:
 
 
 def serving_code_files() -> list[Path]:
-    """The served model's code, relative to CODE_ROOT: serving's static import closure and the package data."""
-    return sorted(modules.import_closure(serving.__name__, CODE_ROOT)
+    """The served model's code, relative to CODE_ROOT: the static import closure of its code file
+    (`tracking`, which wraps `serving`) and the package data."""
+    return sorted(modules.import_closure(tracking.__name__, CODE_ROOT)
                   | modules.package_data(components.__name__, CODE_ROOT))
 
 
@@ -206,11 +209,11 @@ def pyfunc_spec(params: Params, model_dir: Path, model_hash: str) -> Iterator[di
     """
     with staged_serving_code() as code:
         yield {
-            "python_model": Path(serving.__file__),
+            "python_model": Path(tracking.__file__),
             "artifacts": {serving.MODEL_ARTIFACT: str(model_dir)},
             "code_paths": [str(code)],
             "model_config": model_config(params),
-            "signature": serving.signature(),
+            "signature": tracking.serving_signature(),
             "pip_requirements": serving_requirements(),
             "metadata": {"rprm": {"model": params.register.model, "model_md5": model_hash,
                                   "scoring": params.scoring.model_dump(mode="json")}},

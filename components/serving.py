@@ -14,8 +14,8 @@ model reads that warning on its own thread and refuses the request instead.)
 The model folder travels as the artifact `model`; the scoring parameters (`params.scoring`,
 which hold the request limits), the backend parameters (`params.backend`) and the weights
 dtype (`model.dtype`) are the model config recorded at registration. Malformed rows (empty question, blank or non-text steps, more than
-`scoring.max_steps` steps, more than `scoring.max_chars` characters) are rejected with an
-MlflowException INVALID_PARAMETER_VALUE naming the row and field (an oversized question names
+`scoring.max_steps` steps, more than `scoring.max_chars` characters) are rejected with a
+`RequestError` naming the row and field (an oversized question names
 `question`, oversized steps `steps`), which the scoring server
 answers with HTTP 400; the server keeps serving. Type errors the signature catches (a number
 as question, steps that are not a list of text) are answered 400 by MLflow's schema
@@ -27,10 +27,12 @@ wait, and the next scorer call takes all of them at once (one batched generation
 many small ones). Rewards do not depend on this batching because sampling is seeded per
 solution and step.
 
-Besides components/tracking.py, this is the one module that imports MLflow, on purpose: it is the
-file MLflow loads at serving time (models from code), and what it uses is serving-side API: the
-PythonModel base class, the signature's schema types, MlflowException (answered as HTTP 400) and
-`mlflow.models.set_model`. Logging and the registry go through components/tracking.py.
+This module knows no MLflow: it is the reward service (`StepRewardService`: request in, rows
+out, `RequestError` for a malformed request) and the description of its columns and request
+params. The MLflow side, the pyfunc class that wraps the service (a `RequestError` becomes an
+MlflowException INVALID_PARAMETER_VALUE, which the scoring server answers with HTTP 400), the
+signature built from the columns below and `mlflow.models.set_model`, lives in
+components/tracking.py, the file MLflow loads as the model's code (models from code).
 """
 
 from __future__ import annotations
@@ -45,36 +47,25 @@ from collections.abc import Callable, Sequence
 from concurrent.futures import Future
 from typing import Any
 
-import mlflow
-import pandas as pd
-from mlflow.exceptions import MlflowException
-from mlflow.models import ModelSignature
-from mlflow.pyfunc import PythonModel, PythonModelContext
-from mlflow.types.schema import Array, ColSpec, DataType, ParamSchema, ParamSpec, Schema
-
 from components.records import Solution, StepScores
 from components.scoring import step_verdicts
 
 MODEL_ARTIFACT = "model"  # key of the HF model folder among the pyfunc's artifacts
 MAX_COMBINED_SOLUTIONS = 64  # most solutions one combined scorer call takes from waiting requests
 
-INPUT_SCHEMA = Schema(
-    [
-        ColSpec(DataType.string, "question"),
-        ColSpec(Array(DataType.string), "steps"),
-        ColSpec(DataType.string, "id", required=False),
-    ]
-)
-OUTPUT_SCHEMA = Schema(
-    [
-        ColSpec(DataType.string, "id"),
-        ColSpec(Array(DataType.double), "step_rewards"),
-        ColSpec(DataType.long, "first_error"),
-        ColSpec(Array(DataType.string), "verdicts"),
-    ]
-)
-PARAMS_SCHEMA = ParamSchema([ParamSpec("early_exit", DataType.boolean, False)])
-REQUEST_PARAMS = tuple(p.name for p in PARAMS_SCHEMA.params)
+# The request and response columns (name, type, required) and the request params with their
+# defaults; `tracking.serving_signature` turns them into the model's MLflow signature. A type is
+# "string", "double", "long" or "boolean", with "[]" for a list of them.
+INPUT_COLUMNS = (("question", "string", True), ("steps", "string[]", True), ("id", "string", False))
+OUTPUT_COLUMNS = (("id", "string", True), ("step_rewards", "double[]", True), ("first_error", "long", True),
+                  ("verdicts", "string[]", True))
+REQUEST_PARAM_DEFAULTS: dict[str, bool] = {"early_exit": False}
+REQUEST_PARAMS = tuple(REQUEST_PARAM_DEFAULTS)
+
+
+class RequestError(ValueError):
+    """A malformed request (a row, a field or a request param); the message names it (HTTP 400)."""
+
 
 # MLflow's params-schema enforcement (mlflow.models.utils._enforce_params_schema, mlflow 3.17)
 # drops undeclared params and logs this warning on the calling thread, just before predict.
@@ -120,22 +111,17 @@ def watch_ignored_params() -> None:
 
 
 def refuse_unknown_params(names: Sequence[str]) -> None:
-    """MlflowException INVALID_PARAMETER_VALUE (HTTP 400) naming request params we do not take."""
+    """RequestError (HTTP 400) naming request params we do not take."""
     if names:
-        raise MlflowException.invalid_parameter_value(
+        raise RequestError(
             f"unknown request params {', '.join(repr(n) for n in names)}: the only request param is "
             f"{', '.join(REQUEST_PARAMS)}; sampling (K, temperature, top_p, max_new_tokens) is fixed "
             "at registration (scoring.* in the model config)"
         )
 
 
-def signature() -> ModelSignature:
-    """Input (question + steps), output (step rewards, first error, verdicts) and request params."""
-    return ModelSignature(inputs=INPUT_SCHEMA, outputs=OUTPUT_SCHEMA, params=PARAMS_SCHEMA)
-
-
-def _invalid(row: int, field: str, message: str) -> MlflowException:
-    return MlflowException.invalid_parameter_value(f"row {row}: field '{field}': {message}")
+def _invalid(row: int, field: str, message: str) -> RequestError:
+    return RequestError(f"row {row}: field '{field}': {message}")
 
 
 def _cell(record: dict[str, Any], key: str) -> Any:
@@ -163,9 +149,9 @@ def _content_key(solution: Solution) -> tuple[str, str, tuple[str, ...]]:
 
 
 def parse_request(records: Sequence[dict[str, Any]], max_steps: int, max_chars: int) -> list[Solution]:
-    """Validate request rows into Solutions; MlflowException (HTTP 400) naming row and field."""
+    """Validate request rows into Solutions; RequestError (HTTP 400) naming row and field."""
     if not records:
-        raise MlflowException.invalid_parameter_value("empty request: send at least one row")
+        raise RequestError("empty request: send at least one row")
     solutions: list[Solution] = []
     seen: dict[str, tuple[int, tuple]] = {}
     for i, record in enumerate(records):
@@ -279,21 +265,22 @@ class CombiningBatcher:
             future.set_result([scored[_content_key(s)] for s in solutions])
 
 
-class StepRewardModel(PythonModel):
-    """pyfunc: question + steps -> per-step rewards, predicted first error and verdicts."""
+class StepRewardService:
+    """The PRM as a service: request rows -> per-step rewards, predicted first error and verdicts.
 
-    def load_context(self, context: PythonModelContext) -> None:
-        """Load the HF model folder from the artifacts and build the step scorer from the config."""
+    Built from the model config recorded at registration (`scoring`, `backend`, `dtype`) and the
+    model folder; concurrent `predict` calls share one scorer (`CombiningBatcher`)."""
+
+    def __init__(self, config: dict[str, Any], model_dir: str):
         from components.backends import load_backend
         from components.config import BackendParams, ScoringParams
         from components.scoring import StepScorer
 
-        config = dict(context.model_config or {})
         self.scoring = ScoringParams.model_validate(config["scoring"])
         backend_params = BackendParams.model_validate(config["backend"])
         # openai: the analyses come from the server at backend.openai.base_url, asked for
         # backend.openai.model (not for the artifact's local folder name)
-        model_arg = "" if backend_params.kind == "openai" else context.artifacts[MODEL_ARTIFACT]
+        model_arg = "" if backend_params.kind == "openai" else model_dir
         self.backend = load_backend(backend_params, model_arg, dtype=config["dtype"])
         scorers = {
             flag: StepScorer(self.backend, self.scoring, early_exit=flag, progress=False)
@@ -304,11 +291,9 @@ class StepRewardModel(PythonModel):
         )
         watch_ignored_params()
 
-    def predict(
-        self, context: PythonModelContext, model_input: pd.DataFrame, params: dict[str, Any] | None = None
-    ) -> list[dict[str, Any]]:
-        """Score each row; MlflowException INVALID_PARAMETER_VALUE (HTTP 400) on a malformed row
-        or an unknown request param."""
+    def predict(self, model_input: Any, params: dict[str, Any] | None = None) -> list[dict[str, Any]]:
+        """Score each row (a DataFrame, a list of dicts or one dict); RequestError on a malformed
+        row or an unknown request param."""
         refuse_unknown_params(IGNORED_PARAMS.take())
         refuse_unknown_params(sorted(set(params or {}) - set(REQUEST_PARAMS)))
         if hasattr(model_input, "to_dict"):
@@ -318,10 +303,7 @@ class StepRewardModel(PythonModel):
         else:
             records = list(model_input)
         if not all(isinstance(r, dict) for r in records):
-            raise MlflowException.invalid_parameter_value("each row must be an object with 'question' and 'steps'")
+            raise RequestError("each row must be an object with 'question' and 'steps'")
         solutions = parse_request(records, self.scoring.max_steps, self.scoring.max_chars)
-        early_exit = bool((params or {}).get("early_exit", False))
+        early_exit = bool((params or {}).get("early_exit", REQUEST_PARAM_DEFAULTS["early_exit"]))
         return response_rows(self.batcher.submit(solutions, early_exit), self.scoring.threshold)
-
-
-mlflow.models.set_model(StepRewardModel())

@@ -26,9 +26,12 @@ model versions to the same place under the current folder (:func:`relocate_artif
 Stores behind a server (`http(s)://`) are probed first (:func:`check_store`): an unreachable
 server is a one-line error within seconds instead of minutes of MLflow retries.
 
-Every MLflow call of the stages (runs, metrics, artifacts, the model registry) goes through this
-module (DDP training workers too: `resume_run`); only components/serving.py, the pyfunc MLflow
-loads at serving time, imports MLflow too.
+Every MLflow call (runs, metrics, artifacts, the model registry, the served model) goes through
+this module, the only one that imports MLflow (DDP training workers too: `resume_run`). It is
+also the served model's code file (models from code): the pyfunc class (`_pyfunc_class`) wraps
+`components.serving.StepRewardService`, which knows no MLflow, and the last lines call
+`mlflow.models.set_model` when MLflow executes this file to load the model (not when the stages
+import it). Every import of MLflow here is inside a function, so importing this module is cheap.
 
 Secrets never reach MLflow: only params sections are logged, and API keys live in the
 environment (params hold only the *name* of the variable).
@@ -590,6 +593,60 @@ def log_pyfunc(name: str, spec: Mapping[str, Any]) -> Any:
     return mlflow.pyfunc.log_model(name=name, **spec)
 
 
+def serving_signature() -> Any:
+    """The served PRM's ModelSignature: `components.serving`'s columns and request params."""
+    from mlflow.models import ModelSignature
+    from mlflow.types.schema import Array, ColSpec, DataType, ParamSchema, ParamSpec, Schema
+
+    from components import serving
+
+    def column(name: str, kind: str, required: bool) -> Any:
+        dtype = Array(DataType[kind[:-2]]) if kind.endswith("[]") else DataType[kind]
+        return ColSpec(dtype, name, required=required)
+
+    kinds = {bool: DataType.boolean, int: DataType.long, float: DataType.double, str: DataType.string}
+    return ModelSignature(
+        inputs=Schema([column(*c) for c in serving.INPUT_COLUMNS]),
+        outputs=Schema([column(*c) for c in serving.OUTPUT_COLUMNS]),
+        params=ParamSchema([ParamSpec(n, kinds[type(d)], d) for n, d in serving.REQUEST_PARAM_DEFAULTS.items()]),
+    )
+
+
+def _pyfunc_class() -> type:
+    """The served PRM as an MLflow PythonModel around `serving.StepRewardService` (a RequestError
+    becomes MlflowException INVALID_PARAMETER_VALUE, which the scoring server answers with 400)."""
+    import pandas as pd
+    from mlflow.exceptions import MlflowException
+    from mlflow.pyfunc import PythonModel, PythonModelContext
+
+    from components import serving
+
+    class StepRewardModel(PythonModel):
+        """pyfunc: question + steps -> per-step rewards, predicted first error and verdicts."""
+
+        def load_context(self, context: PythonModelContext) -> None:
+            """Build the reward service from the model config and the `model` artifact."""
+            artifacts = context.artifacts or {}
+            self.service = serving.StepRewardService(
+                dict(context.model_config or {}), artifacts.get(serving.MODEL_ARTIFACT, "")
+            )
+
+        def predict(self, context, model_input, params=None):  # noqa: ANN001, ANN202 (set below)
+            """Rows of step rewards, first error and verdicts; HTTP 400 on a malformed request."""
+            try:
+                return self.service.predict(model_input, params)
+            except serving.RequestError as err:
+                raise MlflowException.invalid_parameter_value(str(err)) from None
+
+        # MLflow reads predict's type hints when the class is created (a DataFrame: no schema
+        # inferred from them, the logged signature rules); this module's annotations are strings
+        # that would not resolve `pd`, so they are given as objects
+        predict.__annotations__ = {"context": PythonModelContext, "model_input": pd.DataFrame,
+                                   "params": dict[str, Any] | None, "return": list[dict[str, Any]]}
+
+    return StepRewardModel
+
+
 def registry_client() -> Any:
     """A client of the current tracking store (MLFLOW_TRACKING_URI or the one `setup` set)."""
     import mlflow
@@ -668,3 +725,9 @@ def download_artifacts(artifact_uri: str, dst_path: str | Path) -> None:
         mlflow.artifacts.download_artifacts(artifact_uri=artifact_uri, dst_path=str(dst_path))
     except MlflowException as err:
         raise RegistryError(str(err)) from err
+
+
+if __name__ != "components.tracking":  # MLflow executes this file as the served model's code
+    import mlflow
+
+    mlflow.models.set_model(_pyfunc_class()())

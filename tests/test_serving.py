@@ -29,7 +29,7 @@ from components import registry
 from components.config import BackendParams, Params
 from components.records import Solution, StepScores
 from components.scoring import StepScorer
-from components.serving import CombiningBatcher, parse_request
+from components.serving import CombiningBatcher, RequestError, parse_request
 
 MAX_STEPS = 6
 MAX_CHARS = 4000
@@ -162,11 +162,11 @@ def test_batcher_combines_concurrent_requests_and_keeps_them_apart(scorer: StepS
 
 
 def test_parse_request_rejects_with_row_and_field() -> None:
-    with pytest.raises(MlflowException, match=r"row 1: field 'steps.0'"):
+    with pytest.raises(RequestError, match=r"row 1: field 'steps.0'"):
         parse_request([{"question": "q", "steps": ["a"]}, {"question": "q", "steps": [""]}], 4, 100)
-    with pytest.raises(MlflowException, match=r"row 0: field 'question': 101 characters; at most 100"):
+    with pytest.raises(RequestError, match=r"row 0: field 'question': 101 characters; at most 100"):
         parse_request([{"question": "q" * 101, "steps": ["a"]}], 4, 100)
-    with pytest.raises(MlflowException, match=r"row 0: field 'steps': question and steps hold 101 characters"):
+    with pytest.raises(RequestError, match=r"row 0: field 'steps': question and steps hold 101 characters"):
         parse_request([{"question": "q" * 50, "steps": ["a" * 30, "b" * 21]}], 4, 100)
     (sol,) = parse_request([{"question": "q", "steps": np.array(["a", "b"]), "id": float("nan")}], 4, 100)
     assert sol.steps == ["a", "b"] and sol.id.startswith("req-")
@@ -316,7 +316,8 @@ print(json.dumps({"pred": pred, "files": files}, default=lambda o: o.tolist()))
 @pytest.mark.filterwarnings("ignore:.*input example was not provided")
 def test_served_model_ships_only_what_serving_imports_and_runs_from_it(
         verdict_model_dir: Path, tmp_path: Path) -> None:
-    """The pyfunc's code/ holds serving's import closure and the package data, nothing else of
+    """The pyfunc's code/ holds its code file's (tracking's) import closure, the reward service
+    included, and the package data, nothing else of
     components/; the staging copy is gone afterwards; the model loads and scores from that code alone."""
     import mlflow
 
@@ -330,7 +331,8 @@ def test_served_model_ships_only_what_serving_imports_and_runs_from_it(
     shipped = {f.relative_to(code) for f in code.rglob("*") if f.is_file()}
     assert shipped == set(registry.serving_code_files())
     assert Path("components/serving.py") in shipped and Path("components/resources/README.md") in shipped
-    for never in ("training", "sft", "best_of_n", "cli", "registry", "tracking"):
+    assert Path("components/tracking.py") in shipped  # the code file MLflow executes
+    for never in ("training", "sft", "best_of_n", "cli", "registry"):
         assert Path(f"components/{never}.py") not in shipped, never
 
     env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
@@ -349,15 +351,15 @@ def test_openai_backend_behind_the_server_asks_for_the_configured_model(tmp_path
     server for backend.openai.model, not for the artifact's local folder."""
     from mlflow.pyfunc import PythonModelContext
 
-    from components.serving import StepRewardModel
+    from components.tracking import _pyfunc_class
 
     params = serving_params()
     params.backend.kind = "openai"
     params.backend.openai.model = "r-prm"
     config = registry.model_config(params)
-    model = StepRewardModel()
+    model = _pyfunc_class()()
     model.load_context(PythonModelContext(artifacts={"model": str(tmp_path)}, model_config=config))
     try:
-        assert model.backend.model == "r-prm"
+        assert model.service.backend.model == "r-prm"
     finally:
-        model.backend.close()
+        model.service.backend.close()
