@@ -9,9 +9,9 @@ points the alias `register.alias` (`challenger`) at it, and tags the version wit
 headline metrics of `reports/processbench.json` and `reports/prmbench.json`, the run, the git
 commit and the model folder's hash. It writes `reports/registration.json`. The code shipped with
 the model (its `code/components/` folder) is what serving imports: the static import closure of
-the code file `components/tracking.py` (components/modules.py; lazy imports included, so the
-reward service and all three backends) and the package data (`components/resources/`), nothing
-else of components/.
+the code file `components/tracking.py` and of the reward service it wraps,
+`components/serving.py` (components/modules.py; lazy imports included, so all three backends),
+and the package data (`components/resources/`), nothing else of components/.
 
 Quality gate (`register.gate`): before anything is logged, the model's verdict-reach rate and
 first-error F1 on the gate's benchmark (the in-domain held-out benchmark by default) must clear
@@ -172,6 +172,7 @@ def benchmark_digests(layout: Layout) -> dict[str, str]:
 def model_config(params: Params) -> dict[str, Any]:
     """What the served model is built from: scoring and backend parameters, weights dtype."""
     return {
+        tracking.SERVICE_KEY: serving.SERVICE,
         "scoring": params.scoring.model_dump(mode="json"),
         "backend": params.backend.model_dump(mode="json"),
         "dtype": params.model.dtype,
@@ -184,9 +185,10 @@ def serving_requirements() -> list[str]:
 
 
 def serving_code_files() -> list[Path]:
-    """The served model's code, relative to CODE_ROOT: the static import closure of its code file
-    (`tracking`, which wraps `serving`) and the package data."""
+    """The served model's code, relative to CODE_ROOT: the static import closures of its code file
+    (`tracking`) and of the service it wraps (`serving`), and the package data."""
     return sorted(modules.import_closure(tracking.__name__, CODE_ROOT)
+                  | modules.import_closure(serving.__name__, CODE_ROOT)
                   | modules.package_data(components.__name__, CODE_ROOT))
 
 
@@ -213,7 +215,8 @@ def pyfunc_spec(params: Params, model_dir: Path, model_hash: str) -> Iterator[di
             "artifacts": {serving.MODEL_ARTIFACT: str(model_dir)},
             "code_paths": [str(code)],
             "model_config": model_config(params),
-            "signature": tracking.serving_signature(),
+            "signature": tracking.serving_signature(serving.INPUT_COLUMNS, serving.OUTPUT_COLUMNS,
+                                                    serving.REQUEST_PARAM_DEFAULTS),
             "pip_requirements": serving_requirements(),
             "metadata": {"rprm": {"model": params.register.model, "model_md5": model_hash,
                                   "scoring": params.scoring.model_dump(mode="json")}},

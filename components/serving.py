@@ -29,10 +29,11 @@ solution and step.
 
 This module knows no MLflow: it is the reward service (`StepRewardService`: request in, rows
 out, `RequestError` for a malformed request) and the description of its columns and request
-params. The MLflow side, the pyfunc class that wraps the service (a `RequestError` becomes an
-MlflowException INVALID_PARAMETER_VALUE, which the scoring server answers with HTTP 400), the
-signature built from the columns below and `mlflow.models.set_model`, lives in
-components/tracking.py, the file MLflow loads as the model's code (models from code).
+params. The MLflow side, the pyfunc class that wraps the service the model config names (`SERVICE`; a
+`RequestError` becomes an MlflowException INVALID_PARAMETER_VALUE, which the scoring server
+answers with HTTP 400), the signature built from the columns below and
+`mlflow.models.set_model`, lives in components/tracking.py, the file MLflow loads as the model's
+code (models from code).
 """
 
 from __future__ import annotations
@@ -54,7 +55,8 @@ MODEL_ARTIFACT = "model"  # key of the HF model folder among the pyfunc's artifa
 MAX_COMBINED_SOLUTIONS = 64  # most solutions one combined scorer call takes from waiting requests
 
 # The request and response columns (name, type, required) and the request params with their
-# defaults; `tracking.serving_signature` turns them into the model's MLflow signature. A type is
+# defaults; `tracking.serving_signature` turns them into the model's MLflow signature.
+SERVICE = f"{__name__}:StepRewardService"  # what the model config names as the served class A type is
 # "string", "double", "long" or "boolean", with "[]" for a list of them.
 INPUT_COLUMNS = (("question", "string", True), ("steps", "string[]", True), ("id", "string", False))
 OUTPUT_COLUMNS = (("id", "string", True), ("step_rewards", "double[]", True), ("first_error", "long", True),
@@ -269,9 +271,12 @@ class StepRewardService:
     """The PRM as a service: request rows -> per-step rewards, predicted first error and verdicts.
 
     Built from the model config recorded at registration (`scoring`, `backend`, `dtype`) and the
-    model folder; concurrent `predict` calls share one scorer (`CombiningBatcher`)."""
+    artifacts (the model folder under `MODEL_ARTIFACT`); concurrent `predict` calls share one
+    scorer (`CombiningBatcher`). `request_error` is what a malformed request raises."""
 
-    def __init__(self, config: dict[str, Any], model_dir: str):
+    request_error = RequestError
+
+    def __init__(self, config: dict[str, Any], artifacts: dict[str, str]):
         from components.backends import load_backend
         from components.config import BackendParams, ScoringParams
         from components.scoring import StepScorer
@@ -280,7 +285,7 @@ class StepRewardService:
         backend_params = BackendParams.model_validate(config["backend"])
         # openai: the analyses come from the server at backend.openai.base_url, asked for
         # backend.openai.model (not for the artifact's local folder name)
-        model_arg = "" if backend_params.kind == "openai" else model_dir
+        model_arg = "" if backend_params.kind == "openai" else artifacts[MODEL_ARTIFACT]
         self.backend = load_backend(backend_params, model_arg, dtype=config["dtype"])
         scorers = {
             flag: StepScorer(self.backend, self.scoring, early_exit=flag, progress=False)

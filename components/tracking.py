@@ -29,9 +29,10 @@ server is a one-line error within seconds instead of minutes of MLflow retries.
 Every MLflow call (runs, metrics, artifacts, the model registry, the served model) goes through
 this module, the only one that imports MLflow (DDP training workers too: `resume_run`). It is
 also the served model's code file (models from code): the pyfunc class (`_pyfunc_class`) wraps
-`components.serving.StepRewardService`, which knows no MLflow, and the last lines call
-`mlflow.models.set_model` when MLflow executes this file to load the model (not when the stages
-import it). Every import of MLflow here is inside a function, so importing this module is cheap.
+the service class the model config names (`components.serving.StepRewardService`, which knows no
+MLflow), and the last lines call `mlflow.models.set_model` when MLflow executes this file to load
+the model (not when the stages import it). Every import of MLflow here is inside a function, so
+importing this module is cheap.
 
 Secrets never reach MLflow: only params sections are logged, and API keys live in the
 environment (params hold only the *name* of the variable).
@@ -593,12 +594,16 @@ def log_pyfunc(name: str, spec: Mapping[str, Any]) -> Any:
     return mlflow.pyfunc.log_model(name=name, **spec)
 
 
-def serving_signature() -> Any:
-    """The served PRM's ModelSignature: `components.serving`'s columns and request params."""
+SERVICE_KEY = "service"  # model config entry naming the served class, "module:Class"
+
+
+def serving_signature(
+    inputs: Sequence[tuple[str, str, bool]], outputs: Sequence[tuple[str, str, bool]], params: Mapping[str, Any]
+) -> Any:
+    """A ModelSignature from plain column descriptions (name, type, required; a type is "string",
+    "double", "long" or "boolean", with "[]" for a list) and request params with their defaults."""
     from mlflow.models import ModelSignature
     from mlflow.types.schema import Array, ColSpec, DataType, ParamSchema, ParamSpec, Schema
-
-    from components import serving
 
     def column(name: str, kind: str, required: bool) -> Any:
         dtype = Array(DataType[kind[:-2]]) if kind.endswith("[]") else DataType[kind]
@@ -606,36 +611,41 @@ def serving_signature() -> Any:
 
     kinds = {bool: DataType.boolean, int: DataType.long, float: DataType.double, str: DataType.string}
     return ModelSignature(
-        inputs=Schema([column(*c) for c in serving.INPUT_COLUMNS]),
-        outputs=Schema([column(*c) for c in serving.OUTPUT_COLUMNS]),
-        params=ParamSchema([ParamSpec(n, kinds[type(d)], d) for n, d in serving.REQUEST_PARAM_DEFAULTS.items()]),
+        inputs=Schema([column(*c) for c in inputs]),
+        outputs=Schema([column(*c) for c in outputs]),
+        params=ParamSchema([ParamSpec(n, kinds[type(d)], d) for n, d in params.items()]),
     )
 
 
 def _pyfunc_class() -> type:
-    """The served PRM as an MLflow PythonModel around `serving.StepRewardService` (a RequestError
-    becomes MlflowException INVALID_PARAMETER_VALUE, which the scoring server answers with 400)."""
+    """The served model as an MLflow PythonModel around the service class its model config names
+    (`SERVICE_KEY`: built with `(config, artifacts)`, `predict(model_input, params)` answering rows;
+    its `request_error` becomes MlflowException INVALID_PARAMETER_VALUE, answered with HTTP 400).
+    The class is looked up by name, so that this module, which every stage imports, does not
+    depend on the service's code."""
+    import importlib
+
     import pandas as pd
     from mlflow.exceptions import MlflowException
     from mlflow.pyfunc import PythonModel, PythonModelContext
 
-    from components import serving
-
-    class StepRewardModel(PythonModel):
-        """pyfunc: question + steps -> per-step rewards, predicted first error and verdicts."""
+    class ServedModel(PythonModel):
+        """pyfunc around the configured service (components.serving.StepRewardService for the PRM)."""
 
         def load_context(self, context: PythonModelContext) -> None:
-            """Build the reward service from the model config and the `model` artifact."""
-            artifacts = context.artifacts or {}
-            self.service = serving.StepRewardService(
-                dict(context.model_config or {}), artifacts.get(serving.MODEL_ARTIFACT, "")
-            )
+            """Build the service from the model config and the artifacts."""
+            config = dict(context.model_config or {})
+            module, _, name = str(config.get(SERVICE_KEY, "")).partition(":")
+            if not module or not name:
+                raise MlflowException(f"model config has no {SERVICE_KEY!r} entry of the form 'module:Class'")
+            service_class = getattr(importlib.import_module(module), name)
+            self.service = service_class(config, dict(context.artifacts or {}))
 
         def predict(self, context, model_input, params=None):  # noqa: ANN001, ANN202 (set below)
-            """Rows of step rewards, first error and verdicts; HTTP 400 on a malformed request."""
+            """The service's rows; HTTP 400 on a malformed request."""
             try:
                 return self.service.predict(model_input, params)
-            except serving.RequestError as err:
+            except self.service.request_error as err:
                 raise MlflowException.invalid_parameter_value(str(err)) from None
 
         # MLflow reads predict's type hints when the class is created (a DataFrame: no schema
@@ -644,7 +654,7 @@ def _pyfunc_class() -> type:
         predict.__annotations__ = {"context": PythonModelContext, "model_input": pd.DataFrame,
                                    "params": dict[str, Any] | None, "return": list[dict[str, Any]]}
 
-    return StepRewardModel
+    return ServedModel
 
 
 def registry_client() -> Any:
