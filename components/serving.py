@@ -54,9 +54,10 @@ from components.scoring import step_verdicts
 MODEL_ARTIFACT = "model"  # key of the HF model folder among the pyfunc's artifacts
 MAX_COMBINED_SOLUTIONS = 64  # most solutions one combined scorer call takes from waiting requests
 
+SERVICE = f"{__name__}:StepRewardService"  # what the model config names as the served class
+
 # The request and response columns (name, type, required) and the request params with their
-# defaults; `tracking.serving_signature` turns them into the model's MLflow signature.
-SERVICE = f"{__name__}:StepRewardService"  # what the model config names as the served class A type is
+# defaults; `tracking.serving_signature` turns them into the model's MLflow signature. A type is
 # "string", "double", "long" or "boolean", with "[]" for a list of them.
 INPUT_COLUMNS = (("question", "string", True), ("steps", "string[]", True), ("id", "string", False))
 OUTPUT_COLUMNS = (("id", "string", True), ("step_rewards", "double[]", True), ("first_error", "long", True),
