@@ -98,12 +98,35 @@ def sample_tokens(logits: Any, rows: Sequence[Row], sampling: SamplingParams) ->
     if sampling.temperature == 0:
         return logits.argmax(dim=-1)
     probs = (logits / sampling.temperature).softmax(dim=-1)
-    if sampling.top_p < 1.0:
-        kept, idx = nucleus(probs, sampling.top_p)
-    else:
-        kept, idx = probs, None
-    cdf = kept.double().cumsum(dim=-1)
     u = torch.tensor([r.uniforms[len(r.ids)] for r in rows], dtype=torch.float64, device=logits.device)
+    if sampling.top_p < 1.0:
+        # A row whose best token alone holds the nucleus takes that token whatever its uniform,
+        # with no top-k or sort. The full path decides this by a cumulative sum, which rounds:
+        # a best token within ALONE_MARGIN of top_p goes that way, so every row takes the token
+        # the full path would give it (above 1/2 the best token is the only one).
+        best, arg = probs.max(dim=-1)
+        alone = best >= max(sampling.top_p, 0.5) + ALONE_MARGIN
+        if bool(alone.all()):
+            return arg
+        if bool(alone.any()):
+            rest = (~alone).nonzero()[:, 0]
+            arg[rest] = _inverse_cdf(*nucleus(probs.index_select(0, rest), sampling.top_p), u[rest])
+            return arg
+        return _inverse_cdf(*nucleus(probs, sampling.top_p), u)
+    return _inverse_cdf(probs, None, u)
+
+
+# How far above top_p the best token's probability must be for `sample_tokens` to take it
+# without the nucleus computation (float32 cumulative sums round by about 1e-7).
+ALONE_MARGIN = 1e-6
+
+
+def _inverse_cdf(kept: Any, idx: Any, u: Any) -> Any:
+    """Token of each row at its uniform `u` under the (descending, zero-padded) kept
+    probabilities `kept` with token ids `idx` (None: `kept` is the whole vocabulary)."""
+    import torch
+
+    cdf = kept.double().cumsum(dim=-1)
     pick = torch.searchsorted(cdf, (u * cdf[:, -1])[:, None], right=True)[:, 0]
     # u < 1, so pick is inside the support but for rounding at the very top: clamp to the
     # last token with probability > 0
