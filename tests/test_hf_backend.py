@@ -439,6 +439,32 @@ def test_encoding_continuing_a_cached_prefix_is_bitwise_the_full_encoding(verdic
                 assert torch.equal(k[:, cut:], rk) and torch.equal(v[:, cut:], rv)
 
 
+def test_continuing_several_pasts_at_once_equals_each_encoding(verdict_backend: HFBackend) -> None:
+    """`continue_many` (the batched fallback pass): sequences of different lengths, each continuing
+    its own past given in pieces (as a prompt's KV and a row's generated KV are), give each one's
+    last-position logits as `encode` with that past does, up to float rounding."""
+    import torch
+
+    fast = verdict_backend.fast
+    assert fast is not None
+    texts = ["Analysis: the diagonal", "Analysis:\n**Now Step Analysis**: It adds 7 and 5, which gives 12 here", "No"]
+    seqs = [verdict_backend._encode_all([verdict_backend.render(conv, t)])[0]
+            for conv, t in zip(CONVERSATIONS, texts, strict=False)]
+    cuts = [len(seqs[0]) - 5, len(seqs[1]) - 19, len(seqs[2]) - 1]
+    with torch.inference_mode():
+        items, expected = [], []
+        for ids, cut in zip(seqs, cuts, strict=True):
+            past, _ = fast.encode(ids[:cut], "cpu")
+            expected.append(fast.encode(ids[cut:], "cpu", past)[1])
+            half = cut // 2  # the past in two pieces
+            items.append((ids[cut:], [[(k[:, :half], v[:, :half]), (k[:, half:], v[:, half:])] for k, v in past]))
+        got = fast.continue_many(items, "cpu")
+    assert got.shape == (len(seqs), expected[0].shape[-1])
+    for row, want in zip(got, expected, strict=True):
+        assert torch.allclose(row, want, atol=1e-4), float((row - want).abs().max())
+    assert not torch.allclose(got[0], got[1], atol=1e-2)  # different sequences, different logits
+
+
 def test_progress_bar(tiny_backend: HFBackend, capsys: pytest.CaptureFixture[str]) -> None:
     sampling = SamplingParams(n=2, temperature=1.0, top_p=1.0, max_new_tokens=2, seed=0)
     tiny_backend.generate(CONVERSATIONS[:2], sampling, progress=True)

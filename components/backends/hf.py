@@ -311,7 +311,10 @@ class HFBackend:
         queue = deque((i, range(j, min(n, j + slots))) for i in order for j in range(0, n, slots))
         dev = self.device
         dtype = self.model.get_input_embeddings().weight.dtype
-        state = self.fast.empty_state(slots, max_new - 1, dtype, dev, max_prompts=self.params.batch_size, budget=budget)
+        # buffers for no more prompts than there are (a 64-prompt batch_size would allocate and
+        # zero 64 prompts' KV at the longest width for 40 prompts: 4% of a bench run)
+        cap = min(self.params.batch_size, len(order))
+        state = self.fast.empty_state(slots, max_new - 1, dtype, dev, max_prompts=cap, budget=budget)
         grid: list[Row | None] = []  # row c * slots + s: sample slot s of prompt c (None: unused)
         logits = torch.zeros((0, self.model.get_output_embeddings().weight.shape[0]), device=dev)  # model vocab (may be padded past the tokenizer)
         done: list[Row] = []
@@ -346,13 +349,15 @@ class HFBackend:
                 keep = [c for c in range(state.prompts) if any(active(r) for r in grid[c * slots : (c + 1) * slots])]
                 if len(keep) < state.prompts:
                     kept = set(keep)
-                    for c in range(state.prompts):
-                        if c not in kept:
-                            finished = [r for r in grid[c * slots : (c + 1) * slots] if r is not None]
-                            if forced is not None:
-                                self._forced_from_cache(state, c, finished, prompts, forced, stop)
-                            done += finished
-                            bar.update(len(finished))
+                    leaving = [
+                        (c, [r for r in grid[c * slots : (c + 1) * slots] if r is not None])
+                        for c in range(state.prompts) if c not in kept
+                    ]
+                    if forced is not None:
+                        self._forced_from_cache(state, leaving, prompts, forced, stop)
+                    for _, finished in leaving:
+                        done += finished
+                        bar.update(len(finished))
                     keep = fill_holes(keep)
                     state.keep(keep)
                     select = torch.tensor([c * slots + s for c in keep for s in range(slots)], dtype=torch.long)
@@ -366,66 +371,105 @@ class HFBackend:
         return done
 
     def _forced_from_cache(
-        self, state: SharedState, c: int, rows: Sequence[Row], prompts: Sequence[list[int]], forced: Any,
-        stop: Sequence[str],
+        self, state: SharedState, leaving: Sequence[tuple[int, Sequence[Row]]], prompts: Sequence[list[int]],
+        forced: Any, stop: Sequence[str],
     ) -> None:
-        """`forced_p_yes` of the rows of batch prompt `c` that ended without the one-pass verdict:
-        the teacher-forced pass `verdict_probability(conversation, teacher_forced(text))`, run
-        only over the tokens past the longest prefix it shares with what was decoded (the
-        prompt's KV and the row's generated KV are reused; typically only the fallback question
-        is encoded). Same number as the separate pass up to float rounding (the generated KV
-        comes from the batched decoding step, not the prompt encoder). A row keeps None when
-        the template's last special token does not split the tokenization (the scorer then runs
-        the separate pass)."""
-        import torch
+        """`forced_p_yes` of the rows of the leaving batch prompts (position `c`, its rows) that
+        ended without the one-pass verdict: the teacher-forced pass `verdict_probability(conversation,
+        teacher_forced(text))`, run only over the tokens past the longest prefix it shares with
+        what was decoded (the prompt's KV and the row's generated KV are read in place; typically
+        only the fallback question is encoded), for all those rows in batched passes
+        (`SharedPromptLM.continue_many`). Same number as the separate pass up to float rounding
+        (the reused KV comes from the batched decoding step, not the prompt encoder). A row keeps
+        None when the template's last special token does not split the tokenization (the scorer
+        then runs the separate pass)."""
 
         templates, teacher_forced = forced
-        todo = [r for r in rows if r.p_yes is None]
+        todo = [(c, r) for c, rows in leaving for r in rows if r.p_yes is None]
         if not todo:
             return
         room = state.gen_k[0].shape[3]
-        plen = state.prompt_len[c]
         dev = state.prompt_bias.device
-        for r in todo:
-            template, prompt = templates[r.conv], prompts[r.conv]
-            ids = self._tail_ids(template, prompt, r.prefix, teacher_forced(self._finish(r, stop).text))
+        tails = self._tail_ids_many([
+            (templates[r.conv], prompts[r.conv], r.prefix, teacher_forced(self._finish(r, stop).text)) for _, r in todo
+        ])
+        items: list[tuple[Row, list[int], list[list[tuple[Any, Any]]]]] = []
+        for (c, r), ids in zip(todo, tails, strict=True):
             if ids is None:
                 continue
             # KV is valid for the prompt and generated tokens [0, min(len - 1, room - 1)): a
             # finished row's later (pad) feeds overwrite the position after its last token
+            prompt, plen = prompts[r.conv], state.prompt_len[c]
             decoded = prompt + r.ids[: max(0, min(len(r.ids) - 1, room - 1))]
             limit = min(len(decoded), len(ids) - 1)
             n = 0
             while n < limit and decoded[n] == ids[n]:
                 n += 1
-            s = r.index % state.slots
-            past = []
+            if n == 0:  # nothing to reuse: the separate pass's own encoding
+                _, logits = self.fast.encode(ids, dev)
+                r.forced_p_yes = float(self._p_yes(logits))
+                continue
+            s, cut = r.index % state.slots, min(n, plen)
+            segments = []
             for layer in range(len(state.prompt_k)):
-                pk, pv = state.prompt_k[layer][c, :, : min(n, plen)], state.prompt_v[layer][c, :, : min(n, plen)]
+                segs = [(state.prompt_k[layer][c, :, :cut], state.prompt_v[layer][c, :, :cut])]
                 if n > plen:
-                    pk = torch.cat([pk, state.gen_k[layer][c, :, s, : n - plen]], dim=1)
-                    pv = torch.cat([pv, state.gen_v[layer][c, :, s, : n - plen]], dim=1)
-                past.append((pk, pv))
-            _, logits = self.fast.encode(ids[n:], dev, past if n else None)
-            r.forced_p_yes = float(self._p_yes(logits))
+                    segs.append((state.gen_k[layer][c, :, s, : n - plen], state.gen_v[layer][c, :, s, : n - plen]))
+                segments.append(segs)
+            items.append((r, ids[n:], segments))
+        for group in self._continuation_groups(items):
+            logits = self.fast.continue_many([(ids, segs) for _, ids, segs in group], dev)
+            for (r, _, _), p in zip(group, self._p_yes(logits).tolist(), strict=True):
+                r.forced_p_yes = float(p)
 
-    def _tail_ids(self, template: str, prompt: list[int], prefix: str, text: str) -> list[int] | None:
-        """Token ids of `template + text` (what `verdict_probability` encodes), tokenizing only
-        from the template's last special token on (the tokenizer splits there); None when the
-        prompt's own ids (`template + prefix`) do not tokenize that way."""
-        cut = self._last_special(template)
-        if cut is None:
-            return None
-        at, pos = cut
-        head = len(prompt) - 1
-        while head >= 0 and prompt[head] != self._special_ids[template[at : at + pos]]:
-            head -= 1
-        if head < 0:
-            return None
-        tails = self._encode_all([template[at:] + prefix, template[at:] + text])
-        if prompt[head:] != tails[0]:
-            return None
-        return prompt[:head] + tails[1]
+    def _continuation_groups(self, items: Sequence[tuple[Row, list[int], Any]]) -> list[list[Any]]:
+        """`items` (row, new ids, past segments) in batches for `continue_many`: by increasing
+        number of new tokens, a batch ending where the next item has more than twice the first's
+        (padding), or where its padded KV would pass `token_budget`."""
+        order = sorted(items, key=lambda it: len(it[1]))
+        groups: list[list[Any]] = []
+        widest = 0
+        for it in order:
+            past = sum(int(k.shape[1]) for k, _ in it[2][0])
+            if groups:
+                g = groups[-1]
+                width = max(widest, past + len(it[1]))
+                if 4 * len(it[1]) <= 5 * max(8, len(g[0][1])) and (len(g) + 1) * width <= self.params.token_budget:
+                    g.append(it)
+                    widest = width
+                    continue
+            groups.append([it])
+            widest = past + len(it[1])
+        return groups
+
+    def _tail_ids_many(self, requests: Sequence[tuple[str, list[int], str, str]]) -> list[list[int] | None]:
+        """For each (template, prompt ids, prefix, text): the token ids of `template + text` (what
+        `verdict_probability` encodes), tokenizing only from the template's last special token on
+        (the tokenizer splits there), all texts in one tokenizer call; None where the prompt's own
+        ids (`template + prefix`) do not tokenize that way."""
+        heads: list[tuple[int, int] | None] = []  # (position in the prompt ids, in the template)
+        texts: list[str] = []
+        for template, prompt, prefix, text in requests:
+            cut = self._last_special(template)
+            head = len(prompt) - 1
+            if cut is not None:
+                at, size = cut
+                while head >= 0 and prompt[head] != self._special_ids[template[at : at + size]]:
+                    head -= 1
+            if cut is None or head < 0:
+                heads.append(None)
+                continue
+            heads.append((head, cut[0]))
+            texts += [template[cut[0] :] + prefix, template[cut[0] :] + text]
+        encoded = iter(self._encode_all(texts))
+        out: list[list[int] | None] = []
+        for (_, prompt, _, _), at in zip(requests, heads, strict=True):
+            if at is None:
+                out.append(None)
+                continue
+            own, tail = next(encoded), next(encoded)
+            out.append(prompt[: at[0]] + tail if prompt[at[0] :] == own else None)
+        return out
 
     def _last_special(self, template: str) -> tuple[int, int] | None:
         """(position, length) of the last added special token in a rendered prompt."""

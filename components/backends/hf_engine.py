@@ -234,6 +234,65 @@ class SharedPromptLM:
             x = x + layer.mlp(layer.post_attention_layernorm(x))
         return kvs, self.lm_head(self.norm(x[0, -1:]))[0].float()
 
+    def continue_many(
+        self, items: Sequence[tuple[Sequence[int], Sequence[Sequence[tuple[Any, Any]]]]], device: str
+    ) -> Any:
+        """Last-position logits [B, vocab] of several sequences at once, each `ids` continuing
+        its own past: per layer, a list of (keys, values) [kv heads, L, d] segments that
+        concatenate to the KV of its first P >= 1 tokens (e.g. a batch prompt's KV and a row's
+        generated KV, read in place).
+
+        One pass for the batch: the tails are right-padded to the longest, the pasts copied
+        into one padded buffer; each layer attends to the past (padding masked) and to the
+        tail (causal) through the fused kernel, merged by log-sum-exp. The same attention as
+        `encode` with that past, up to float rounding."""
+        import torch
+
+        assert items and all(ids for ids, _ in items)
+        b, kvh, g, d = len(items), self.kv_heads, self.groups, self.head_dim
+        lens = [len(ids) for ids, _ in items]
+        pasts = [sum(int(k.shape[1]) for k, _ in segs[0]) for _, segs in items]
+        assert min(pasts) >= 1
+        m, width = max(lens), max(pasts)
+        flash = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu
+        ids = torch.tensor([list(t) + [t[-1]] * (m - len(t)) for t, _ in items], dtype=torch.long, device=device)
+        x = self.embed(ids)
+        positions = torch.tensor(pasts, device=device)[:, None] + torch.arange(m, device=device)[None]
+        cos, sin = self.rotary(x, positions)
+        cos, sin = cos[:, None], sin[:, None]
+        bias = torch.full((b, 1, 1, width), float("-inf"), dtype=x.dtype, device=device)
+        for r, n in enumerate(pasts):
+            bias[r, ..., :n] = 0.0
+        # queries fold their group into the query axis ([B, kv heads, g x M, d]), so the tail's
+        # causal mask repeats per group
+        causal = torch.full((m, m), float("-inf"), dtype=x.dtype, device=device).triu_(1).repeat(g, 1)
+        pk = torch.zeros((b, kvh, width, d), dtype=x.dtype, device=device)
+        pv = torch.zeros_like(pk)
+        for layer, block in enumerate(self.layers):
+            a = block.self_attn
+            h = block.input_layernorm(x)
+            q = self._rope(a.q_proj(h).view(b, m, self.heads, d).transpose(1, 2), cos, sin)
+            k = self._rope(a.k_proj(h).view(b, m, kvh, d).transpose(1, 2), cos, sin)
+            v = a.v_proj(h).view(b, m, kvh, d).transpose(1, 2)
+            for r, (_, segs) in enumerate(items):
+                at = 0
+                for sk, sv in segs[layer]:
+                    n = int(sk.shape[1])
+                    pk[r, :, at : at + n] = sk
+                    pv[r, :, at : at + n] = sv
+                    at += n
+            qf = q.reshape(b, kvh, g * m, d)
+            past = flash(qf, pk, pv, 0.0, False, attn_mask=bias, scale=self.scaling)
+            own = flash(qf, k.contiguous(), v.contiguous(), 0.0, False, attn_mask=causal, scale=self.scaling)
+            o = _merge_attention(
+                (past[0], past[1].unsqueeze(-1)), (own[0], own[1].unsqueeze(-1))
+            ).to(x.dtype)
+            o = o.view(b, self.heads, m, d).transpose(1, 2).reshape(b, m, self.heads * d)
+            x = x + a.o_proj(o)
+            x = x + block.mlp(block.post_attention_layernorm(x))
+        last = x[torch.arange(b, device=device), torch.tensor(lens, device=device) - 1]
+        return self.lm_head(self.norm(last)).float()
+
     def _causal_mask(self, lo: int, hi: int, dtype: Any, device: Any) -> Any:
         """Additive causal mask [hi - lo, hi] of the queries at positions lo .. hi - 1 over the keys
         0 .. hi - 1 (-inf on a key after its query): a view of one band kept per dtype and device,
