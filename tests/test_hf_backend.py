@@ -312,6 +312,24 @@ def test_batches_respect_batch_size_and_token_budget(tiny_model_dir: Path) -> No
         assert len(batch) == 1 or len(batch) * width <= 1000
 
 
+def test_fallback_passes_group_by_tail_length_within_the_token_budget(tiny_model_dir: Path) -> None:
+    """`_continuation_groups`: every row once, tails within 5/4 of their group's shortest (or 10
+    tokens, for short ones), and a group's padded KV (rows x longest past + tail) within
+    `token_budget` unless it is one row."""
+    import torch
+
+    backend = _backend(tiny_model_dir, token_budget=600)
+    pasts, tails = [100, 40, 250, 90, 500, 60, 80], [3, 14, 40, 9, 12, 33, 45]
+    items = [(i, [0] * t, [[(torch.zeros(2, p, 4), torch.zeros(2, p, 4))]]) for i, (p, t) in enumerate(zip(pasts, tails, strict=True))]
+    groups = backend._continuation_groups(items)
+    assert sorted(it[0] for g in groups for it in g) == list(range(len(items)))
+    for g in groups:
+        lens = [len(it[1]) for it in g]
+        assert lens == sorted(lens) and 4 * max(lens) <= 5 * max(8, lens[0])
+        assert len(g) == 1 or len(g) * max(pasts[it[0]] + len(it[1]) for it in g) <= 600
+    assert len(groups) < len(items)  # and some rows do share a pass
+
+
 def test_shared_prompt_batches_stay_within_batch_size_and_token_budget(tiny_model_dir: Path) -> None:
     """Continuous batching holds each prompt once plus max_new_tokens per sample slot."""
     sampling = SamplingParams(n=3, temperature=1.0, top_p=0.9, max_new_tokens=20, seed=4)
