@@ -106,13 +106,10 @@ def sample_tokens(logits: Any, rows: Sequence[Row], sampling: SamplingParams) ->
         # the full path would give it (above 1/2 the best token is the only one).
         best, arg = probs.max(dim=-1)
         alone = best >= max(sampling.top_p, 0.5) + ALONE_MARGIN
-        if bool(alone.all()):
-            return arg
-        if bool(alone.any()):
+        if not bool(alone.all()):
             rest = (~alone).nonzero()[:, 0]
             arg[rest] = _inverse_cdf(*nucleus(probs.index_select(0, rest), sampling.top_p), u[rest])
-            return arg
-        return _inverse_cdf(*nucleus(probs, sampling.top_p), u)
+        return arg
     return _inverse_cdf(probs, None, u)
 
 
