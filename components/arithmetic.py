@@ -269,20 +269,34 @@ def training_solutions(params: ArithmeticDomainParams, train: Sequence[Problem])
     return out
 
 
-def heldout_benchmark(params: ArithmeticDomainParams, heldout: Sequence[Problem]) -> list[ProcessBenchItem]:
-    """ProcessBench-format held-out solutions: `heldout_correct_share` all-correct, the rest with a
-    first error at a uniformly drawn step."""
+ANSWER_COPY = "wrong_copy_answer"  # a held-out first error in the final step: the boxed answer miscopied
+
+
+def heldout_solutions(params: ArithmeticDomainParams,
+                      heldout: Sequence[Problem]) -> list[tuple[ProcessBenchItem, str | None]]:
+    """ProcessBench-format held-out solutions, each with the kind of its first error (None if all correct).
+
+    `heldout_correct_share` are all correct, the rest have a first error at a uniformly drawn step; a
+    first error in the final step has the kind `ANSWER_COPY`, the others one of `ERROR_KINDS`.
+    """
     rng = random.Random(f"{params.seed}:heldout-labels")
     out = []
     for p in heldout:
         first = -1 if rng.random() < params.heldout_correct_share else rng.randrange(len(p.ops) + 1)
         steps = rollout(p, rng, params, 0.0, first_error=first)
         # after the first error the solution carries on without further errors (one error each)
-        out.append(ProcessBenchItem(
+        item = ProcessBenchItem(
             id=p.id, generator=POLICY_NAME, problem=p.question, steps=[s.text for s in steps],
             final_answer_correct=first == -1, label=first, subset=SUBSET,
-        ))
+        )
+        kind = None if first == -1 else ANSWER_COPY if first == len(p.ops) else steps[first].kind
+        out.append((item, kind))
     return out
+
+
+def heldout_benchmark(params: ArithmeticDomainParams, heldout: Sequence[Problem]) -> list[ProcessBenchItem]:
+    """The held-out solutions of :func:`heldout_solutions` without their error kinds."""
+    return [item for item, _ in heldout_solutions(params, heldout)]
 
 
 def bon_pools(params: ArithmeticDomainParams, bon: Sequence[Problem]) -> list[CandidatePool]:

@@ -44,7 +44,7 @@ from __future__ import annotations
 import json
 import warnings
 from collections import Counter
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -53,7 +53,14 @@ from rich.console import Console
 
 from components import benchmarks, plots
 from components.config import Params, ScoringParams
-from components.io import DataError, read_jsonl, stat_digest, write_json, write_jsonl
+from components.io import (
+    DataError,
+    read_json_object,
+    read_jsonl,
+    stat_digest,
+    write_json,
+    write_jsonl,
+)
 from components.paths import Layout
 from components.records import PRMBenchItem, ProcessBenchItem, Solution, processbench_subset
 from components.scoring import ScoredSolution, StepScorer
@@ -166,6 +173,20 @@ def processbench_at(items: Sequence[ProcessBenchItem], scored: Sequence[ScoredSo
     return benchmarks.processbench_metrics(rows, subsets)
 
 
+def accuracy_by_error_kind(items: Sequence[ProcessBenchItem], scored: Sequence[ScoredSolution],
+                           kinds: Mapping[str, str], k: int, threshold: float) -> dict[str, dict[str, Any]]:
+    """Per kind of first error (`none`: all-correct solutions; `unknown`: an erroneous one `kinds` lacks),
+    how many solutions there are and how many the PRM gets exactly right (ProcessBench's criterion)."""
+    tally: dict[str, list[int]] = {}
+    for it, s in zip(items, scored, strict=True):
+        kind = "none" if it.label < 0 else kinds.get(it.id, "unknown")
+        n_found = tally.setdefault(kind, [0, 0])
+        n_found[0] += 1
+        n_found[1] += s.first_error(threshold, k) == it.label
+    return {kind: {"solutions": n, "found": found, "accuracy": 100.0 * found / n}
+            for kind, (n, found) in sorted(tally.items())}
+
+
 def processbench_cost(items: Sequence[ProcessBenchItem], scored: Sequence[ScoredSolution],
                       plan: SweepPlan, early_exit: bool) -> dict[str, Any]:
     """Steps and analyses used, against full scoring and a plain headline-only early exit."""
@@ -222,6 +243,17 @@ def trivial_predictors(items: Sequence[ProcessBenchItem]) -> dict[str, Any]:
         m = benchmarks.processbench_subset_metrics([it.label for it in items], [pred] * len(items))
         out[name] = {"f1": m["f1"], "acc_erroneous": m["acc_erroneous"], "acc_correct": m["acc_correct"]}
     return out
+
+
+def _load_heldout_kinds(layout: Layout) -> dict[str, str]:
+    """The first-error kind of each erroneous held-out solution, as `prepare` wrote it ({} if absent)."""
+    if not layout.heldout_kinds.exists():
+        return {}
+    kinds = read_json_object(layout.heldout_kinds)
+    bad = next((k for k, v in kinds.items() if not isinstance(v, str)), None)
+    if bad is not None:
+        raise DataError(layout.heldout_kinds, None, bad, "expected an error kind (a string) for each solution id")
+    return kinds
 
 
 def _load_heldout(layout: Layout) -> list[ProcessBenchItem]:
@@ -317,7 +349,9 @@ def _evaluate_model(params: Params, name: str, plan: SweepPlan, pb_items: list[P
                                for k in plan.ks},
                    "f1_vs_threshold": {f"{t:g}": processbench_at(heldout_items, heldout_scored, hsubsets, plan.k, t)["avg_f1"]
                                        for t in plan.thresholds},
-                   "cost": processbench_cost(heldout_items, heldout_scored, plan, ev.early_exit)}
+                   "cost": processbench_cost(heldout_items, heldout_scored, plan, ev.early_exit),
+                   "by_first_error_kind": accuracy_by_error_kind(heldout_items, heldout_scored,
+                                                                 _load_heldout_kinds(layout), plan.k, plan.threshold)}
     prmb = {**info, "k": plan.k, "threshold": thr, "comparison": cmp_,
             **prmbench_at(prmb_items, prmb_scored, plan.k, thr, cmp_),
             **verdict_reach(prmb_scored)}
@@ -347,6 +381,8 @@ def _evaluate_model(params: Params, name: str, plan: SweepPlan, pb_items: list[P
         console.print(f"{name}: held-out ({len(heldout_items)} solutions) first-error F1 {num(heldout['f1'])} "
                       f"(erroneous {num(heldout.get('acc_erroneous'))}, correct {num(heldout.get('acc_correct'))}), "
                       f"verdict reach {_pct(heldout['verdict_reach_rate'])}")
+        console.print(f"{name}: found exactly, by first error: " + ", ".join(
+            f"{kind} {v['found']}/{v['solutions']}" for kind, v in heldout["by_first_error_kind"].items()))
     console.print(benchmarks.processbench_table(pb, f"ProcessBench: {name} (K={plan.k}, threshold {plan.threshold})"))
     console.print(benchmarks.prmbench_table(prmb, f"PRMBench: {name} (K={plan.k}, score {cmp_} {thr})"))
     c = pb["cost"]
@@ -441,7 +477,8 @@ def run(params: Params, layout: Layout = Layout()) -> dict[str, Any]:
     heldout_items = _load_heldout(layout)
     seen = {processbench_subset(it) for it in pb_items}
     subsets = [s for s in ev.processbench.subsets if s in seen] + sorted(seen - set(ev.processbench.subsets))
-    inputs = [layout.processbench, layout.prmbench, *([layout.heldout] if heldout_items else []),
+    held_inputs = [p for p in (layout.heldout, layout.heldout_kinds) if p.exists()] if heldout_items else []
+    inputs = [layout.processbench, layout.prmbench, *held_inputs,
               *dict.fromkeys(resolve_model(m, layout)[0] for m in ev.models)]
     with tracking.stage_run("evaluate", params, sections=["backend", "scoring", "evaluate"], inputs=inputs,
                             root=layout.root):

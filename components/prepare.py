@@ -75,6 +75,7 @@ class Prepared:
     prmbench: list[PRMBenchItem]
     report: dict[str, Any] = field(default_factory=dict)
     heldout: list[ProcessBenchItem] = field(default_factory=list)  # in-domain benchmark (arithmetic)
+    heldout_kinds: dict[str, str] = field(default_factory=dict)  # erroneous held-out solution id -> first error kind
     bon_pool: list[CandidatePool] = field(default_factory=list)  # in-domain Best-of-N pool (arithmetic)
 
 
@@ -314,9 +315,12 @@ def build(params: Params, labelled: Path = paths.LABELLED) -> Prepared:
                              "removed_problems": 0, "removed_samples": 0}
     contamination: dict[str, Any]
     heldout: list[ProcessBenchItem] = []
+    heldout_kinds: dict[str, str] = {}
     bon_pool: list[CandidatePool] = []
     if arith:  # generated problems cannot be in MATH-500 or ProcessBench; held-out ones avoid training's
-        heldout = arithmetic.heldout_benchmark(params.domain.arithmetic, splits["heldout"])
+        solved = arithmetic.heldout_solutions(params.domain.arithmetic, splits["heldout"])
+        heldout = [item for item, _ in solved]
+        heldout_kinds = {item.id: kind for item, kind in solved if kind is not None}
         bon_pool = arithmetic.bon_pools(params.domain.arithmetic, splits["bon"])
         trained = {s.problem for s in solutions}
         if any(it.problem in trained for it in heldout) or any(p.problem in trained for p in bon_pool):
@@ -387,7 +391,7 @@ def build(params: Params, labelled: Path = paths.LABELLED) -> Prepared:
         }
         bench["out_of_domain"] = True
     return Prepared(train=train, val=val, processbench=pb, prmbench=prmb, report=report,
-                    heldout=heldout, bon_pool=bon_pool)
+                    heldout=heldout, heldout_kinds=heldout_kinds, bon_pool=bon_pool)
 
 
 def _print_counts(report: dict[str, Any]) -> None:
@@ -482,6 +486,7 @@ def run(params: Params, layout: Layout = Layout()) -> dict[str, Any]:
         write_jsonl(layout.processbench, prepared.processbench)
         write_jsonl(layout.prmbench, prepared.prmbench)
         write_jsonl(layout.heldout, prepared.heldout)
+        write_json(layout.heldout_kinds, prepared.heldout_kinds)
         write_jsonl(layout.bon_arithmetic, prepared.bon_pool)
         write_json(layout.prepare_counts, prepared.report)
         tracking.log_report(prepared.report, "prepare.json")

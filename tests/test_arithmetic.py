@@ -89,6 +89,26 @@ def test_heldout_benchmark_has_correct_and_erroneous_solutions_with_first_error_
             assert _claim_holds(step), (it.id, i)
 
 
+def test_heldout_solutions_name_the_kind_of_their_first_error() -> None:
+    """Each erroneous held-out solution carries the kind the generator gave its first error; the
+    step text agrees with it (a wrong result fails its arithmetic, an extra term has no source)."""
+    params = ArithmeticDomainParams(train_problems=60, heldout_problems=120, bon_problems=10)
+    solved = arithmetic.heldout_solutions(params, arithmetic.problem_splits(params)["heldout"])
+    assert [it for it, _ in solved] == arithmetic.heldout_benchmark(params, arithmetic.problem_splits(params)["heldout"])
+    kinds = Counter(kind for _, kind in solved)
+    assert kinds[None] == sum(1 for it, _ in solved if it.label == -1)
+    assert set(kinds) - {None} <= {*arithmetic.ERROR_KINDS, arithmetic.ANSWER_COPY}
+    assert kinds["wrong_result"] and kinds["no_source"] and kinds[arithmetic.ANSWER_COPY]
+    for it, kind in solved:
+        if kind is None:
+            continue
+        step = it.steps[it.label]
+        assert (kind == arithmetic.ANSWER_COPY) == (it.label == len(it.steps) - 1), it.id
+        assert (kind == "wrong_result") == (not _claim_holds(step)), (it.id, kind, step)
+        if kind == "no_source":
+            assert len(find_claims(step)[0].lhs.split()) == 5, step  # x op b + c
+
+
 def test_offline_teacher_catches_what_it_can_check_and_misses_wrong_operations() -> None:
     params = small()
     teacher, rng = OfflineTeacher(), random.Random(0)

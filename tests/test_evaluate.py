@@ -178,3 +178,29 @@ def test_prmbench_sampling_override_is_used_for_prmbench_only(default_params: Pa
 
     with pytest.raises(ParamsError, match=r"evaluate\.prmbench\.sampling\.n must equal scoring\.sampling\.n"):
         params_from_dict(raw)
+
+
+def test_accuracy_by_error_kind_splits_the_processbench_accuracies() -> None:
+    """Per kind of first error, solutions whose first error the PRM finds exactly; all-correct ones as `none`."""
+    from components.records import ProcessBenchItem
+    from components.scoring import ScoredSolution
+
+    def item(i: int, label: int) -> ProcessBenchItem:
+        return ProcessBenchItem(id=f"s{i}", problem="p", steps=["a", "b", "c"], label=label)
+
+    items = [item(0, 1), item(1, 1), item(2, 2), item(3, -1), item(4, 0)]
+    scored = [ScoredSolution("s0", 3, [[1.0, 1.0], [0.0, 0.0]]),  # first error found at step 1
+              ScoredSolution("s1", 3, [[0.0, 1.0], [0.0, 0.0]]),  # step 0: 0.5 over two analyses, 0 over one
+              ScoredSolution("s2", 3, [[1.0], [1.0], [1.0]]),  # missed
+              ScoredSolution("s3", 3, [[1.0], [1.0], [0.9]]),  # all correct, right
+              ScoredSolution("s4", 3, [[0.0]])]  # found, but its kind is not in the map
+    kinds = {"s0": "wrong_result", "s1": "wrong_result", "s2": "wrong_copy_answer"}
+    by_kind = evaluate.accuracy_by_error_kind(items, scored, kinds, k=2, threshold=0.5)
+    assert by_kind == {
+        "none": {"solutions": 1, "found": 1, "accuracy": 100.0},
+        "unknown": {"solutions": 1, "found": 1, "accuracy": 100.0},
+        "wrong_copy_answer": {"solutions": 1, "found": 0, "accuracy": 0.0},
+        "wrong_result": {"solutions": 2, "found": 2, "accuracy": 100.0},
+    }
+    at_one = evaluate.accuracy_by_error_kind(items, scored, kinds, k=1, threshold=0.5)
+    assert at_one["wrong_result"] == {"solutions": 2, "found": 1, "accuracy": 50.0}  # s1 now stops at step 0

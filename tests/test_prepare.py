@@ -278,6 +278,8 @@ def test_arithmetic_domain_stages_training_heldout_and_bon_pool(in_tmp: Path) ->
     pools = read_jsonl(layout.bon_arithmetic, CandidatePool)
     assert len(heldout) == 20 and report["heldout"]["items"] == 20 and len(pools) == 6
     assert {it.label == -1 for it in heldout} == {True, False}
+    kinds = json.loads(layout.heldout_kinds.read_text())  # the generator's kind of each first error
+    assert set(kinds) == {it.id for it in heldout if it.label >= 0}
     train_q = {s.question for s in read_jsonl(layout.steps_train, StepSample) + read_jsonl(layout.steps_val, StepSample)}
     assert not train_q & {it.problem for it in heldout} and not train_q & {p.problem for p in pools}
     assert 0 < report["bon_pool"]["policy_correct_rate"] < 1

@@ -274,7 +274,7 @@ def test_gate_refuses_a_model_that_never_reaches_a_verdict_end_to_end(
 
     from components import arithmetic, evaluate, paths
     from components.cli import app
-    from components.io import write_jsonl
+    from components.io import write_json, write_jsonl
 
     data = default_params.model_dump()
     data["tracking"]["tracking_uri"] = os.environ["MLFLOW_TRACKING_URI"]
@@ -282,8 +282,10 @@ def test_gate_refuses_a_model_that_never_reaches_a_verdict_end_to_end(
     data["scoring"]["sampling"].update(n=1, max_new_tokens=8)
     data["evaluate"].update(models=["dpo"], k_sweep=[1], thresholds=[])
     p = Params.model_validate(data)
-    domain = p.domain.arithmetic.model_copy(update={"heldout_problems": 4})
-    write_jsonl(paths.HELDOUT, arithmetic.heldout_benchmark(domain, arithmetic.problem_splits(domain)["heldout"]))
+    domain = p.domain.arithmetic.model_copy(update={"heldout_problems": 5})  # 4 with an error, 1 without
+    solved = arithmetic.heldout_solutions(domain, arithmetic.problem_splits(domain)["heldout"])
+    write_jsonl(paths.HELDOUT, [item for item, _ in solved])
+    write_json(paths.HELDOUT_KINDS, {item.id: kind for item, kind in solved if kind})
     bench = json.loads((ROOT / "data/bundled/processbench/gsm8k.jsonl").read_text().splitlines()[0])
     write_jsonl(paths.PROCESSBENCH, [ProcessBenchItem(**{**bench, "steps": bench["steps"][:2], "label": 1},
                                                       subset="gsm8k")])
@@ -292,6 +294,13 @@ def test_gate_refuses_a_model_that_never_reaches_a_verdict_end_to_end(
     evaluate.run(p)
     held = json.loads(Path("reports/heldout.json").read_text())
     assert held["models"]["dpo"]["verdict_reach_rate"] == 0.0
+    by_kind = held["models"]["dpo"]["by_first_error_kind"]  # the same solutions, split by their first error
+    assert {kind or "none" for _, kind in solved} == set(by_kind) and {None, "no_source"} <= {k for _, k in solved}
+    assert sum(v["solutions"] for v in by_kind.values()) == len(solved)
+    assert by_kind["none"]["accuracy"] == pytest.approx(held["models"]["dpo"]["acc_correct"])
+    erroneous = [v for kind, v in by_kind.items() if kind != "none"]
+    assert 100.0 * sum(v["found"] for v in erroneous) / sum(v["solutions"] for v in erroneous) == pytest.approx(
+        held["models"]["dpo"]["acc_erroneous"])
     Path("params.yaml").write_text(yaml.safe_dump(p.model_dump(mode="json")))
     result = CliRunner().invoke(app, ["register", "-p", "params.yaml"])
     assert result.exit_code == 2
