@@ -301,7 +301,8 @@ def _prediction_rows(model: str, pb_items: Sequence[ProcessBenchItem], pb_scored
 
 def _evaluate_model(params: Params, name: str, plan: SweepPlan, pb_items: list[ProcessBenchItem],
                     prmb_items: list[PRMBenchItem], subsets: list[str],
-                    heldout_items: list[ProcessBenchItem], layout: Layout) -> dict[str, Any]:
+                    heldout_items: list[ProcessBenchItem], heldout_kinds: Mapping[str, str],
+                    layout: Layout) -> dict[str, Any]:
     from components.backends import load_backend
 
     ev = params.evaluate
@@ -350,8 +351,8 @@ def _evaluate_model(params: Params, name: str, plan: SweepPlan, pb_items: list[P
                    "f1_vs_threshold": {f"{t:g}": processbench_at(heldout_items, heldout_scored, hsubsets, plan.k, t)["avg_f1"]
                                        for t in plan.thresholds},
                    "cost": processbench_cost(heldout_items, heldout_scored, plan, ev.early_exit),
-                   "by_first_error_kind": accuracy_by_error_kind(heldout_items, heldout_scored,
-                                                                 _load_heldout_kinds(layout), plan.k, plan.threshold)}
+                   "by_first_error_kind": accuracy_by_error_kind(heldout_items, heldout_scored, heldout_kinds,
+                                                                 plan.k, plan.threshold)}
     prmb = {**info, "k": plan.k, "threshold": thr, "comparison": cmp_,
             **prmbench_at(prmb_items, prmb_scored, plan.k, thr, cmp_),
             **verdict_reach(prmb_scored)}
@@ -475,6 +476,7 @@ def run(params: Params, layout: Layout = Layout()) -> dict[str, Any]:
     plan = sweep_plan(params)
     pb_items, prmb_items = _load_benchmarks(layout)
     heldout_items = _load_heldout(layout)
+    heldout_kinds = _load_heldout_kinds(layout) if heldout_items else {}
     seen = {processbench_subset(it) for it in pb_items}
     subsets = [s for s in ev.processbench.subsets if s in seen] + sorted(seen - set(ev.processbench.subsets))
     held_inputs = [p for p in (layout.heldout, layout.heldout_kinds) if p.exists()] if heldout_items else []
@@ -482,7 +484,8 @@ def run(params: Params, layout: Layout = Layout()) -> dict[str, Any]:
               *dict.fromkeys(resolve_model(m, layout)[0] for m in ev.models)]
     with tracking.stage_run("evaluate", params, sections=["backend", "scoring", "evaluate"], inputs=inputs,
                             root=layout.root):
-        results = {m: _evaluate_model(params, m, plan, pb_items, prmb_items, subsets, heldout_items, layout)
+        results = {m: _evaluate_model(params, m, plan, pb_items, prmb_items, subsets, heldout_items,
+                                      heldout_kinds, layout)
                    for m in dict.fromkeys(ev.models)}
         models = list(results)
         head = models[-1]
