@@ -6,13 +6,16 @@ from __future__ import annotations
 import importlib.util
 import math
 import shutil
+from collections.abc import Sequence
 from pathlib import Path
+from typing import Any
 
 import pytest
 
 from components.backends import BackendError, load_backend
 from components.backends.base import GenerationBackend, StreamingBackend
 from components.backends.hf import HFBackend
+from components.backends.prefix_cache import ATTENTION_CHUNK
 from components.backends.sampler import SAMPLER
 from components.config import BackendParams, SamplingParams
 from components.prompts import (
@@ -398,6 +401,36 @@ def test_decoding_steps_compute_only_live_rows_bitwise(verdict_model_dir: Path, 
     assert _full(skipping) == _full(every)
 
 
+@pytest.mark.parametrize("threads", [1, 2])
+def test_products_over_min_rows_round_each_row_as_a_larger_batch(verdict_model_dir: Path, threads: int) -> None:
+    """What `MIN_ROWS` assumes, at the verdict model's sizes: every linear layer gives each row
+    the same bits over MIN_ROWS rows or more as over a batch of 128, on one and on two torch
+    threads (while some products over fewer rows do round apart: the floor is needed)."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    from components.backends.hf_engine import MIN_ROWS
+
+    model = AutoModelForCausalLM.from_pretrained(verdict_model_dir).eval()
+    layers = {name: m for name, m in model.named_modules() if isinstance(m, torch.nn.Linear)}
+    previous = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        torch.manual_seed(0)
+        rounding_apart = 0
+        with torch.inference_mode():
+            for name, layer in layers.items():
+                x = torch.randn(128, layer.in_features)
+                whole = layer(x)
+                for rows in range(1, 48):
+                    same = torch.equal(layer(x[:rows]), whole[:rows])
+                    assert same or rows < MIN_ROWS, (name, rows)
+                    rounding_apart = max(rounding_apart, 0 if same else rows)
+        assert rounding_apart > 1  # one row is a matrix-vector product: it never rounds alike
+    finally:
+        torch.set_num_threads(previous)
+
+
 def test_continuous_batching_equals_each_prompt_alone(verdict_backend: HFBackend) -> None:
     """Prompts entering the running batch as others leave (batch_size 2 of 6 prompts, K=4) get
     the samples they get alone; verdict and fallback probabilities agree within float rounding
@@ -442,19 +475,52 @@ def test_fused_attention_equals_the_dense_softmax(tiny_backend: HFBackend) -> No
 def test_encoding_continuing_a_cached_prefix_is_bitwise_the_full_encoding(verdict_backend: HFBackend) -> None:
     """Resumed runs reproduce uninterrupted ones byte for byte only if a prompt's KV and logits
     do not depend on whether part of it came from the prefix cache."""
-    import torch
 
     fast = verdict_backend.fast
     assert fast is not None
     ids = verdict_backend._encode_all([verdict_backend.render(CONVERSATIONS[1], "Analysis: the diagonal")])[0]
+    assert len(ids) > 70
+    _assert_cache_invariant(fast, ids, lengths=(33, 34, 37, 65, 69, 70, len(ids)))
+
+
+def _assert_cache_invariant(fast: Any, ids: list[int], lengths: Sequence[int]) -> None:
+    """Every prefix length in `lengths`, continued from every cached cut (multiples of 32, down to
+    a one-token tail, where a CPU matrix product over so few rows rounds unlike the whole
+    prompt's), gives the KV and logits of encoding it whole."""
+    import torch
+
     with torch.inference_mode():
-        full_kv, full_logits = fast.encode(ids, "cpu")
-        for cut in (32, 64):
-            past, _ = fast.encode(ids[:cut], "cpu")
-            rest_kv, logits = fast.encode(ids[cut:], "cpu", past)
-            assert torch.equal(logits, full_logits)
-            for (k, v), (rk, rv) in zip(full_kv, rest_kv, strict=True):
-                assert torch.equal(k[:, cut:], rk) and torch.equal(v[:, cut:], rv)
+        for n in lengths:
+            full_kv, full_logits = fast.encode(ids[:n], "cpu")
+            for cut in range(ATTENTION_CHUNK, n, ATTENTION_CHUNK):
+                past, _ = fast.encode(ids[:cut], "cpu")
+                rest_kv, logits = fast.encode(ids[cut:n], "cpu", past)
+                assert torch.equal(logits, full_logits), (n, cut)
+                for (k, v), (rk, rv) in zip(full_kv, rest_kv, strict=True):
+                    assert torch.equal(k[:, cut:], rk) and torch.equal(v[:, cut:], rv), (n, cut)
+
+
+@pytest.mark.parametrize("threads", [1, 2])
+def test_cache_invariance_holds_at_small_model_sizes(threads: int) -> None:
+    """The same at SmolLM2-135M's widths (hidden 576, MLP 1536, 9 heads over 3 KV heads; random
+    weights, two layers), where CPU matrix products round by row count for up to 15 rows and, on
+    two threads, for some counts in the tens: one and two torch threads."""
+    import torch
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from components.backends.hf_engine import SharedPromptLM
+
+    previous = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        torch.manual_seed(0)
+        config = LlamaConfig(vocab_size=512, hidden_size=576, intermediate_size=1536, num_hidden_layers=2,
+                             num_attention_heads=9, num_key_value_heads=3, max_position_embeddings=512)
+        fast = SharedPromptLM(LlamaForCausalLM(config).eval())
+        ids = torch.randint(0, 512, (200,)).tolist()
+        _assert_cache_invariant(fast, ids, lengths=(33, 37, 69, 111, 200))
+    finally:
+        torch.set_num_threads(previous)
 
 
 def test_continuing_several_pasts_at_once_equals_each_encoding(verdict_backend: HFBackend) -> None:

@@ -18,7 +18,8 @@ Decoding is our own KV-cache loop (no `generate()`), which gives what R-PRM scor
   flash kernel, one call for the prompt part and one for the generated part, merged by their
   log-sum-exp. The prefix cache holds at most `token_budget` tokens more. Only encoder-computed
   KV enters the cache, and an encoding continuing a cached prefix is bitwise the encoding from
-  scratch, so samples and verdict probabilities do not depend on what the cache held (resumed
+  scratch (its query chunks and matrix-product blocks sit at the same absolute positions:
+  `hf_engine.blocked_linear`), so samples and verdict probabilities do not depend on what the cache held (resumed
   runs reproduce uninterrupted ones byte for byte).
 - other models use the generic loop: left-padded batches through `model(...)`, the prompt's
   cache repeated for its K samples;

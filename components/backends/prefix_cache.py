@@ -1,8 +1,9 @@
 """The hf backend's prefix cache: KV of recently encoded token blocks, found again by a sequence's
 longest cached prefix (`PrefixCache`).
 
-Blocks are `ATTENTION_CHUNK` tokens long, the query chunk of `hf_engine.SharedPromptLM.encode`, so
-an encoding continuing a cached prefix is bitwise the encoding from scratch (see `hf.py`).
+Blocks are `ATTENTION_CHUNK` tokens long, the query chunk and matrix-product block of
+`hf_engine.SharedPromptLM.encode`, so an encoding continuing a cached prefix is bitwise the encoding
+from scratch (see `hf.py`).
 """
 
 from __future__ import annotations
