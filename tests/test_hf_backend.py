@@ -431,6 +431,18 @@ def test_products_over_min_rows_round_each_row_as_a_larger_batch(verdict_model_d
         torch.set_num_threads(previous)
 
 
+def test_the_load_time_warm_up_leaves_nothing_behind(verdict_model_dir: Path) -> None:
+    """The warm-up generation at load (so that no caller's work is a process's first generation)
+    leaves an empty prefix cache and no batch record, and a generation after it is the same as
+    one after another."""
+    backend = _backend(verdict_model_dir, batch_size=2)
+    assert backend.prefix_cache.tokens == 0 and backend.peak_batch == (0, 0)
+    sampling = SamplingParams(n=2, temperature=1.0, top_p=0.95, max_new_tokens=40, seed=5)
+    first = backend.generate(CONVERSATIONS[:2], sampling, seeds=[1, 2])
+    backend.reset_prefix_cache()
+    assert _texts(backend.generate(CONVERSATIONS[:2], sampling, seeds=[1, 2])) == _texts(first)
+
+
 def test_continuous_batching_equals_each_prompt_alone(verdict_backend: HFBackend) -> None:
     """Prompts entering the running batch as others leave (batch_size 2 of 6 prompts, K=4) get
     the samples they get alone; verdict and fallback probabilities agree within float rounding
