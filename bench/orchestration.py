@@ -2,8 +2,10 @@
 
 A no-op `dvc repro` is timed in a temporary copy, never in the working tree (a stray rerun of
 real stages in a shared checkout would be costly): a copy of the completed real pipeline when
-`dvc status` in the project says everything is up to date, else a copy of the project's DAG
-(same stages, deps, params and outs) whose commands only write small placeholder outputs.
+`dvc status` in the project says everything is up to date and the copy says so too, else a copy
+of the project's DAG (same stages, deps, params and outs) whose commands only write small
+placeholder outputs. The Prefect flow's overhead is always measured on that placeholder DAG:
+with stages that do almost nothing, what is left of a run is the orchestration.
 """
 
 from __future__ import annotations
@@ -23,9 +25,12 @@ import yaml
 
 from bench.common import ROOT, SectionResult, median
 
-COPY_IGNORE = shutil.ignore_patterns(
+# Left out of the copy of a completed project unless a stage's deps or outs need them (the
+# trainers' persistent `checkpoints/` are outs, so they are copied: without them `dvc status`
+# sees the training stages as changed and the "no-op" reruns SFT and DPO).
+COPY_IGNORE = (
     ".venv*", ".git", "mlruns*", "mlartifacts", "cache", "tmp", "__pycache__", ".pytest_cache",
-    ".ruff_cache", "bench", "*.egg-info", ".prefect", "checkpoints",
+    ".ruff_cache", "bench", "*.egg-info", ".prefect",
 )
 
 STARTUP_TIMEOUT = "PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS"
@@ -69,21 +74,60 @@ def _paths(entries: list[Any] | None) -> list[str]:
     return out
 
 
-def project_pipeline_complete(root: Path = ROOT) -> bool:
-    """True when the project has a dvc.lock and `dvc status` reports nothing to rerun."""
+def changed_stages(root: Path) -> list[str] | None:
+    """Stages `dvc status` in `root` says would rerun ([] when up to date); None without a
+    dvc.lock or when `dvc status` fails."""
     if not (root / "dvc.lock").exists():
-        return False
+        return None
     try:
         out = _run([*dvc_cmd(), "status", "--json"], root, timeout=300)
     except (RuntimeError, subprocess.TimeoutExpired):
-        return False
-    return json.loads(out.stdout or "{}") == {}
+        return None
+    return sorted(name.split(":")[-1] for name in json.loads(out.stdout or "{}"))
+
+
+def project_pipeline_complete(root: Path = ROOT) -> bool:
+    """True when the project has a dvc.lock and `dvc status` reports nothing to rerun."""
+    return changed_stages(root) == []
+
+
+def pipeline_paths(root: Path = ROOT) -> list[str]:
+    """Every path dvc.yaml names as a stage's dep, out, metric or plot."""
+    dvc = yaml.safe_load((root / "dvc.yaml").read_text(encoding="utf-8"))
+    return sorted({
+        p.rstrip("/")
+        for st in dvc["stages"].values()
+        for key in ("deps", "outs", "metrics", "plots")
+        for p in _paths(st.get(key))
+    })
+
+
+def _copy_ignore(root: Path, keep: Sequence[str]) -> Any:
+    """A copytree `ignore` that leaves out COPY_IGNORE's names, except on the way to a kept path
+    or inside one."""
+    skip = shutil.ignore_patterns(*COPY_IGNORE)
+    kept = [Path(k) for k in keep]
+
+    def ignore(directory: str, names: list[str]) -> set[str]:
+        rel = Path(directory).resolve().relative_to(root.resolve())
+        out = set()
+        for name in skip(directory, names):
+            path = rel / name
+            if not any(path == k or path in k.parents or k in path.parents for k in kept):
+                out.add(name)
+        return out
+
+    return ignore
 
 
 def copy_completed_project(dest: Path, root: Path = ROOT) -> None:
-    """Copy the project with its pipeline outputs (not the caches, venvs or git) into `dest`."""
-    shutil.copytree(root, dest, ignore=COPY_IGNORE, symlinks=True)
+    """Copy the project with its pipeline's deps and outputs (not venvs, git or runs) into
+    `dest`, a fresh git repository that reads the project's DVC cache in place (`dvc status`
+    needs a cached out's cache entry; a no-op repro writes none)."""
+    cache = _run([*dvc_cmd(), "cache", "dir"], root).stdout.strip()
+    shutil.copytree(root, dest, ignore=_copy_ignore(root, pipeline_paths(root)), symlinks=True)
     _run(["git", "init", "-q"], dest)
+    _run([*dvc_cmd(), "cache", "dir", "--local", str(Path(root, cache).resolve())], dest)
 
 
 def placeholder_dag(dest: Path, root: Path = ROOT) -> int:
@@ -126,10 +170,15 @@ def placeholder_dag(dest: Path, root: Path = ROOT) -> int:
     return len(stages)
 
 
+def _ran(stdout: str) -> list[str]:
+    """Stage names a `dvc repro` output says it ran."""
+    return [line.split("'")[1] for line in stdout.splitlines() if line.startswith("Running stage '")]
+
+
 def time_noop_repro(workdir: Path, repeats: int) -> dict[str, Any]:
     """Run `dvc repro` once to complete the pipeline, then time `repeats` no-op reruns."""
     first = time.perf_counter()
-    _run([*dvc_cmd(), "repro", "-q"], workdir)
+    ran_first = _ran(_run([*dvc_cmd(), "repro"], workdir).stdout)
     first_s = time.perf_counter() - first
     times: list[float] = []
     for _ in range(repeats):
@@ -143,23 +192,32 @@ def time_noop_repro(workdir: Path, repeats: int) -> dict[str, Any]:
     startup = time.perf_counter() - t0
     return {
         "first_repro_s": round(first_s, 3),
+        "first_repro_ran": ran_first,
         "noop_repro_s": [round(t, 3) for t in times],
         "noop_repro_median_s": round(median(times), 3),
         "dvc_startup_s": round(startup, 3),
     }
 
 
-def _prepare_project(work: Path) -> tuple[str, int]:
-    """A completed pipeline in `work` (copy of the real one, else the placeholder DAG)."""
-    if project_pipeline_complete():
-        copy_completed_project(work)
-        mode = "copy of the project after a completed real pipeline"
-        n_stages = len(yaml.safe_load((work / "dvc.yaml").read_text(encoding="utf-8"))["stages"])
-    else:
-        n_stages = placeholder_dag(work)
-        mode = ("temp git+dvc copy of the project's DAG (same stages, deps, params, outs) with "
-                "placeholder commands: the real pipeline outputs do not exist")
-    return mode, n_stages
+PLACEHOLDER_MODE = ("temp git+dvc copy of the project's DAG (same stages, deps, params, outs) "
+                    "with placeholder commands")
+
+
+def prepare_project(work: Path, root: Path = ROOT) -> tuple[str, int]:
+    """A pipeline to time no-op reruns in, at `work`: a copy of the completed real one when the
+    copy is up to date too, else the placeholder DAG; returns (how it was made, stages)."""
+    n_stages = len(yaml.safe_load((root / "dvc.yaml").read_text(encoding="utf-8"))["stages"])
+    if project_pipeline_complete(root):
+        copy_completed_project(work, root)
+        changed = changed_stages(work)
+        if changed == []:
+            return "copy of the project after a completed real pipeline", n_stages
+        shutil.rmtree(work)
+        placeholder_dag(work, root)
+        return (f"{PLACEHOLDER_MODE}: the copy of the completed pipeline was not up to date "
+                f"(dvc status: {', '.join(changed or ['failed'])})"), n_stages
+    placeholder_dag(work, root)
+    return f"{PLACEHOLDER_MODE}: the real pipeline outputs do not exist", n_stages
 
 
 def _dirty(work: Path, stamp: int) -> None:
@@ -235,12 +293,18 @@ def bench_orchestration(repeats: int = 3) -> SectionResult:
     res = SectionResult("c_orchestration")
     with tempfile.TemporaryDirectory(prefix="rprm-bench-orch-") as tmp:
         work = Path(tmp) / "project"
-        mode, n_stages = _prepare_project(work)
+        mode, n_stages = prepare_project(work)
         dvc = time_noop_repro(work, repeats)
+        if not mode.startswith(PLACEHOLDER_MODE):
+            if dvc["first_repro_ran"]:
+                raise RuntimeError(f"dvc repro in the up-to-date copy {work} ran {dvc['first_repro_ran']}")
+            work = Path(tmp) / "placeholder"
+            placeholder_dag(work)
+            _run([*dvc_cmd(), "repro", "-q"], work)
         prefect = bench_prefect(work, ["base-model", "prepare"], max(1, repeats - 1))
     met = dvc["noop_repro_median_s"] < 5.0
     res.data = {"mode": mode, "stages": n_stages, "dvc": {**dvc, "target_s": 5.0, "target_met": met},
-                "prefect": prefect}
+                "prefect": {**prefect, "mode": PLACEHOLDER_MODE}}
     res.rows = [
         ("no-op `dvc repro` (median)", f"{dvc['noop_repro_median_s']:.2f} s",
          f"target < 5 s: {'met' if met else 'MISSED'}; {n_stages} stages; {mode}"),
@@ -249,6 +313,6 @@ def bench_orchestration(repeats: int = 3) -> SectionResult:
          f"{prefect['flow_warm_median_s']:.2f} s vs {prefect['direct_median_s']:.2f} s",
          f"overhead +{prefect['overhead_warm_s']:.2f} s warm ({prefect['overhead_warm_ratio']}x); "
          f"first run {prefect['flow_first_s']:.2f} s incl. API start ({prefect['api']}); "
-         "flow adds the MLflow parent run and the markdown artifact"),
+         "flow adds the MLflow parent run and the markdown artifact; placeholder stage commands"),
     ]
     return res
