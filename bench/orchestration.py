@@ -199,6 +199,7 @@ def time_noop_repro(workdir: Path, repeats: int) -> dict[str, Any]:
     }
 
 
+COPY_MODE = "copy of the project after a completed real pipeline"
 PLACEHOLDER_MODE = ("temp git+dvc copy of the project's DAG (same stages, deps, params, outs) "
                     "with placeholder commands")
 
@@ -211,7 +212,7 @@ def prepare_project(work: Path, root: Path = ROOT) -> tuple[str, int]:
         copy_completed_project(work, root)
         changed = changed_stages(work)
         if changed == []:
-            return "copy of the project after a completed real pipeline", n_stages
+            return COPY_MODE, n_stages
         shutil.rmtree(work)
         placeholder_dag(work, root)
         return (f"{PLACEHOLDER_MODE}: the copy of the completed pipeline was not up to date "
@@ -295,9 +296,7 @@ def bench_orchestration(repeats: int = 3) -> SectionResult:
         work = Path(tmp) / "project"
         mode, n_stages = prepare_project(work)
         dvc = time_noop_repro(work, repeats)
-        if not mode.startswith(PLACEHOLDER_MODE):
-            if dvc["first_repro_ran"]:
-                raise RuntimeError(f"dvc repro in the up-to-date copy {work} ran {dvc['first_repro_ran']}")
+        if mode == COPY_MODE:  # the Prefect runs rerun stages: placeholder ones, not the real
             work = Path(tmp) / "placeholder"
             placeholder_dag(work)
             _run([*dvc_cmd(), "repro", "-q"], work)

@@ -60,7 +60,8 @@ def test_the_copy_of_a_completed_pipeline_is_up_to_date(orchestration, tmp_path:
     assert orchestration.project_pipeline_complete(root)
     work = tmp_path / "copy"
     mode, n_stages = orchestration.prepare_project(work, root)
-    assert mode == "copy of the project after a completed real pipeline" and n_stages == 1
+    assert mode == orchestration.COPY_MODE == "copy of the project after a completed real pipeline"
+    assert n_stages == 1
     assert (work / "checkpoints" / "train" / "ckpt.txt").read_text() == "step 10"
     assert (work / "data" / "cache" / "x.txt").exists()  # a dep under a name the copy skips
     assert not (work / "tmp").exists() and not (work / ".dvc" / "cache").exists()
